@@ -1,0 +1,15 @@
+"""raydpo: Direct Preference Optimization at cluster scale on Ray."""
+
+from raydpo.config import Config, ConfigError, load as load_config
+
+__version__ = "0.1.0"
+
+
+def run(config):
+    """Run the whole pipeline; ``config`` is a :class:`Config` or a path to a YAML file."""
+    from raydpo.pipeline import run as _run
+
+    return _run(load_config(config) if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") else config)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "run", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from raydpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The ``raydpo`` command line (also ``python -m raydpo``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _load(args):
+    from raydpo.config import load
+
+    return load(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from raydpo.pipeline import run
+
+    result = run(_load(args))
+    s = result.summary
+    ev = s.get("final_eval_metrics") or {}
+    print(
+        f"[raydpo] done: {s['steps']} steps, {s['rows_used']} pairs used of {s['rows_read']} read "
+        f"({s['rows_quarantined']} quarantined, {s['rows_filtered']} filtered)"
+        + (f", eval reward accuracy {ev['eval/rewards/accuracies']:.3f}" if ev else "")
+    )
+    print(f"[raydpo] model: {result.model_path}")
+    print(f"[raydpo] run directory: {result.output_dir}")
+    return 0
+
+
+def cmd_precompute(args) -> int:
+    from raydpo.data.stats import export_reference
+    from raydpo.pipeline import precompute
+
+    data, refs = precompute(_load(args))
+    if args.export:
+        n = export_reference(data.processed, data.files, [r.dataset for r in refs.values()], args.export)
+        print(f"[raydpo] exported {n} pairs to {args.export}", file=sys.stderr)
+    for split, r in refs.items():
+        state = "cache hit" if r.cache_hit else f"scored {r.pairs_scored} pairs"
+        print(f"[raydpo] {split}: {state}", file=sys.stderr)
+    print(refs["train"].entry)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from raydpo.data.stats import token_length_stats
+    from raydpo.pipeline import _paths, _start, _write_json, prepare_data
+
+    cfg = _load(args)
+    paths = _start(cfg)
+    data = prepare_data(cfg)
+    pairs = [data.train] + ([data.eval] if data.eval is not None else [])
+    stats = token_length_stats(pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0])
+    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], "token_lengths": stats}
+    _write_json(_paths(cfg)["summary"], summary)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from raydpo.tiny import TinyModelSpec, write_tiny_model
+
+    spec = TinyModelSpec(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size or 2 * args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        seed=args.seed,
+    )
+    print(write_tiny_model(args.out_dir, spec))
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    from raydpo.synthetic import write_task
+
+    for path in write_task(args.out_dir, args.n_train, args.n_eval, args.seed):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydpo", description="DPO and relatives at cluster scale on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.05")
+        return sp
+
+    with_config("train", "run data, reference and train stages").set_defaults(fn=cmd_train)
+    pc = with_config("precompute", "data and reference stages only; prints the cache directory")
+    pc.add_argument("--export", metavar="FILE.jsonl", help="write reference log-probs per kept pair, in input order")
+    pc.set_defaults(fn=cmd_precompute)
+    with_config("validate-data", "read, validate and tokenize; no model").set_defaults(fn=cmd_validate)
+
+    tm = sub.add_parser("tiny-model", help="write a tiny random Llama + trained BPE tokenizer")
+    tm.add_argument("out_dir")
+    tm.add_argument("--vocab-size", type=int, default=1024)
+    tm.add_argument("--hidden-size", type=int, default=128)
+    tm.add_argument("--intermediate-size", type=int, default=0, help="default: 2 x hidden size")
+    tm.add_argument("--num-layers", type=int, default=2)
+    tm.add_argument("--num-heads", type=int, default=2)
+    tm.add_argument("--seed", type=int, default=0)
+    tm.set_defaults(fn=cmd_tiny_model)
+
+    sd = sub.add_parser("synthetic-data", help="write the synthetic preference task (train.jsonl, eval.jsonl)")
+    sd.add_argument("out_dir")
+    sd.add_argument("--n-train", type=int, default=2000)
+    sd.add_argument("--n-eval", type=int, default=200)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.set_defaults(fn=cmd_synthetic)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"raydpo: error: {e}", file=sys.stderr)
+        return 2

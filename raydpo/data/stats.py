@@ -1,0 +1,63 @@
+"""Token-length statistics of kept pairs and the input-order export of reference log-probs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from raydpo.data.stage import where
+
+
+def token_length_stats(pairs) -> dict[str, dict[str, float]]:
+    """p50 / p95 / max / mean token counts of prompt, chosen and rejected (after truncation)."""
+    lengths = {"prompt": [], "chosen": [], "rejected": []}
+    for batch in pairs.iter_batches(batch_format="pyarrow", batch_size=4096):
+        for name in lengths:
+            lengths[name].append(np.asarray(batch[f"{name}_ids"].combine_chunks().value_lengths()))
+    stats = {}
+    for name, parts in lengths.items():
+        arr = np.concatenate(parts) if parts else np.zeros(0)
+        stats[name] = (
+            {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max()), "mean": float(arr.mean())}
+            if arr.size
+            else {}
+        )
+    return stats
+
+
+def input_order(processed, files: list[str]) -> list[tuple[str, str, int]]:
+    """(pair_id, source, index) of kept pairs sorted by input file order, then position."""
+    rank = {f: i for i, f in enumerate(files)}
+    rows = []
+    for batch in where(processed, "status", "ok").select_columns(["pair_id", "source", "index"]).iter_batches(batch_format="pyarrow"):
+        rows.extend(zip(batch["pair_id"].to_pylist(), batch["source"].to_pylist(), batch["index"].to_pylist()))
+    return sorted(rows, key=lambda r: (rank.get(r[1], len(rank)), r[1], r[2]))
+
+
+def export_reference(processed, files: list[str], scored: list, path: str) -> int:
+    """Write one JSON line per kept pair in input order with its reference log-probs and token counts.
+
+    ``scored``: datasets with ``CACHED_COLUMNS`` (train and eval). Returns lines written.
+    """
+    by_id = {}
+    for ds in scored:
+        for b in ds.iter_batches(batch_format="pyarrow"):
+            for row in zip(
+                b["pair_id"].to_pylist(),
+                b["ref_chosen_logps"].to_pylist(),
+                b["ref_rejected_logps"].to_pylist(),
+                b["prompt_ids"].combine_chunks().value_lengths().to_pylist(),
+                b["chosen_ids"].combine_chunks().value_lengths().to_pylist(),
+                b["rejected_ids"].combine_chunks().value_lengths().to_pylist(),
+            ):
+                by_id[row[0]] = row[1:]
+    n = 0
+    with open(path, "w") as f:
+        for pid, _, _ in input_order(processed, files):
+            rc, rr, pt, ct, rt = by_id[pid]
+            line = {"pair_id": pid, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
+                    "prompt_tokens": pt, "chosen_tokens": ct, "rejected_tokens": rt}
+            f.write(json.dumps(line) + "\n")
+            n += 1
+    return n

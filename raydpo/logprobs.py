@@ -1,0 +1,61 @@
+"""Sequence log-probabilities of completions, the quantity every preference loss is built on.
+
+Convention (TRL's): the log-prob of a completion is the **sum** over its tokens of
+``log p(token | prefix)``, logits shifted by one so position t predicts token t+1, the prompt
+and padding masked out, accumulated in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left and right padding give the same logits.
+
+    attention_mask: [B, T] (1 = token, 0 = pad) -> position_ids: [B, T] (pads get 0).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
+
+    logits: [B, T, V] (any dtype), input_ids: [B, T] -> [B, T-1] float32.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    # gather - logsumexp avoids materialising a second [B, T, V] float32 log-softmax tensor.
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of completion-token log-probs per sequence.
+
+    logits: [B, T, V]; input_ids, completion_mask: [B, T], the mask aligned to ``input_ids``
+    (1 on completion tokens, 0 on prompt and padding) -> [B] float32.
+    The mask is shifted with the targets, so the first completion token is scored (from the
+    last prompt position) and no pad token is.
+    """
+    per_token = token_logps(logits, input_ids)
+    return (per_token * completion_mask[:, 1:].float()).sum(-1)
+
+
+def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward of a collated batch (see :func:`raydpo.data.collate.collate_pairs`) -> [2B] logps.
+
+    The first half of the rows are chosen sequences, the second half rejected ones.
+    """
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"])
+
+
+def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2B] -> ([B] chosen, [B] rejected), undoing the chosen-then-rejected concatenation."""
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]

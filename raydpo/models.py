@@ -1,0 +1,61 @@
+"""Loading policies, references and tokenizers from local directories or hub ids."""
+
+from __future__ import annotations
+
+import os
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_local(name_or_path: str) -> str:
+    """A local directory for ``name_or_path``: itself if it is one, else the hub snapshot (downloaded once).
+
+    Resolving hub ids to a snapshot directory lets the cache fingerprint the exact files used.
+    """
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if os.path.exists(path) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path {name_or_path!r} is not a Hugging Face model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path)
+    except Exception as e:  # offline machines, private repos, typos: say which id and why
+        raise FileNotFoundError(f"cannot resolve model {name_or_path!r} locally or on the hub: {e}") from e
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer, which must define a pad token (or EOS to fall back on) for batching."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_local(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, frozen: bool = False):
+    """``AutoModelForCausalLM`` in ``dtype`` with dropout off (DPO compares log-probs of two passes)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_local(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model

@@ -1,0 +1,143 @@
+"""The Python API: the three stages as functions on ``ray.data.Dataset``, and ``run`` chaining them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from raydpo import config as config_mod
+from raydpo.config import Config
+
+
+@dataclass
+class RunResult:
+    """What ``run`` produced."""
+
+    output_dir: str
+    model_path: str
+    summary: dict
+    metrics: list[dict] = field(default_factory=list)
+
+
+def _paths(cfg: Config) -> dict[str, str]:
+    out = os.path.abspath(cfg.output.dir)
+    return {
+        "dir": out,
+        "config": os.path.join(out, "config.yaml"),
+        "metrics": os.path.join(out, "metrics.jsonl"),
+        "quarantine": os.path.join(out, "quarantine.jsonl"),
+        "summary": os.path.join(out, "summary.json"),
+        "model": os.path.join(out, "model"),
+        "train_result": os.path.join(out, "train_result.json"),
+    }
+
+
+def _start(cfg: Config) -> dict[str, str]:
+    from raydpo.cluster import ensure_ray
+
+    paths = _paths(cfg)
+    os.makedirs(paths["dir"], exist_ok=True)
+    config_mod.dump(cfg, paths["config"])
+    ensure_ray(cfg)
+    return paths
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg: Config):
+    """Stage 1 (Ray Data): returns :class:`raydpo.data.stage.PreparedData`."""
+    from raydpo.data.stage import prepare
+
+    return prepare(cfg, _paths(cfg)["quarantine"])
+
+
+def score_reference(data, cfg: Config) -> dict:
+    """Stage 2: the reference pool (or the cache) for each split -> {split: ReferenceResult}."""
+    from raydpo.models import load_tokenizer
+    from raydpo.reference.stage import run_reference
+
+    pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
+    settings = data.settings.__dict__
+    results = {"train": run_reference(data.train, cfg, pad_id, settings)}
+    if data.eval is not None:
+        results["eval"] = run_reference(data.eval, cfg, pad_id, settings)
+    return results
+
+
+def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
+    """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (ray Result, TrainPlan)."""
+    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.train.stage import run_training
+
+    pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
+    eval_ds = refs["eval"].dataset if "eval" in refs else None
+    return run_training(cfg, refs["train"].dataset, eval_ds, n_train, n_eval, pad_id, resolve_local(cfg.model.name_or_path))
+
+
+def _reference_summary(refs: dict) -> dict:
+    return {
+        split: {"cache_hit": r.cache_hit, "pairs_scored": r.pairs_scored, "key": r.key, "entry": r.entry, "seconds": round(r.seconds, 3)}
+        for split, r in refs.items()
+    }
+
+
+def precompute(cfg: Config) -> tuple[object, dict]:
+    """Data and reference stages only; returns (PreparedData, {split: ReferenceResult})."""
+    paths = _start(cfg)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    t1 = time.perf_counter()
+    refs = score_reference(data, cfg)
+    summary = {
+        **data.summary.as_dict(),
+        "quarantine_file": paths["quarantine"],
+        "reference": _reference_summary(refs),
+        "timings_s": {"data": round(t1 - t0, 3), "reference": round(time.perf_counter() - t1, 3)},
+    }
+    _write_json(paths["summary"], summary)
+    return data, refs
+
+
+def run(cfg: Config) -> RunResult:
+    """The whole run: data -> reference (cached) -> train -> export. Writes the run directory."""
+    from raydpo.models import load_tokenizer
+
+    paths = _start(cfg)
+    for stale in (paths["metrics"], paths["train_result"]):
+        if os.path.exists(stale):
+            os.remove(stale)
+    timings = {}
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    timings["data"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    refs = score_reference(data, cfg)
+    timings["reference"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    _, plan = train_policy(cfg, refs, data.n_train, data.n_eval)
+    timings["train"] = time.perf_counter() - t2
+    load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(paths["model"])
+    timings["total"] = time.perf_counter() - t0
+    with open(paths["train_result"]) as f:
+        trained = json.load(f)
+    summary = {
+        **data.summary.as_dict(),
+        "quarantine_file": paths["quarantine"],
+        "reference": _reference_summary(refs),
+        "steps": trained["steps"],
+        "steps_per_epoch": plan.steps_per_epoch,
+        "final_metrics": trained["final"],
+        "final_eval_metrics": trained["final_eval"],
+        "model_dir": paths["model"],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    _write_json(paths["summary"], summary)
+    metrics = [json.loads(line) for line in open(paths["metrics"])] if os.path.exists(paths["metrics"]) else []
+    return RunResult(paths["dir"], paths["model"], summary, metrics)

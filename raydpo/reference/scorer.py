@@ -1,0 +1,36 @@
+"""The frozen reference model as a Ray Data actor: pairs in, reference log-probs out."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+class ReferenceScorer:
+    """Callable class for ``Dataset.map_batches`` on an ``ActorPoolStrategy``.
+
+    Each actor loads the reference once (weights in ``dtype``, log-softmax in float32) and adds
+    ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch, scoring chosen and
+    rejected sequences in one concatenated forward pass.
+    """
+
+    def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False):
+        import torch
+
+        from raydpo.models import load_causal_lm
+
+        self.torch = torch
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True)
+        self.pad_id = pad_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raydpo.data.collate import collate_pairs
+        from raydpo.logprobs import forward_logps, split_pairs
+
+        # Arrow in and out keeps the id columns list<int32>; a numpy round trip would turn them
+        # into Ray's tensor extension type.
+        ids = [batch[name].to_pylist() for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        inputs = collate_pairs(*ids, self.pad_id)
+        with self.torch.inference_mode():
+            chosen, rejected = split_pairs(forward_logps(self.model, inputs))
+        batch = batch.append_column("ref_chosen_logps", pa.array(chosen.numpy(), pa.float32()))
+        return batch.append_column("ref_rejected_logps", pa.array(rejected.numpy(), pa.float32()))

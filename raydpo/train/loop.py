@@ -1,0 +1,182 @@
+"""The per-worker training loop run by Ray Train (one DeepSpeed rank per worker).
+
+Each worker reads its shard of the scored pairs (token ids + cached reference log-probs), runs
+one concatenated chosen+rejected forward of the policy per micro-batch and the preference loss
+against the cached reference; there is no reference model in the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _global_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """All-reduce per-rank metric sums (a fixed key order on every rank)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    packed = torch.stack([sums[k].float() for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def _add(acc: dict, new: dict) -> dict:
+    return {k: acc.get(k, 0.0) + v for k, v in new.items()}
+
+
+def step_metrics(engine, batch: dict, loss_cfg: dict) -> tuple[torch.Tensor, dict]:
+    """Loss (mean over pairs) and metric sums of one micro-batch. batch from ``collate_rows``."""
+    from raydpo.logprobs import forward_logps, split_pairs
+    from raydpo.losses import compute_loss, pair_metrics
+
+    policy_chosen, policy_rejected = split_pairs(forward_logps(engine, batch))
+    losses, chosen_r, rejected_r = compute_loss(
+        loss_cfg["type"],
+        policy_chosen,
+        policy_rejected,
+        batch["ref_chosen_logps"],
+        batch["ref_rejected_logps"],
+        beta=loss_cfg["beta"],
+        label_smoothing=loss_cfg["label_smoothing"],
+    )
+    sums = pair_metrics(losses, chosen_r, rejected_r, policy_chosen, policy_rejected)
+    sums["tokens"] = batch["attention_mask"].sum().float()
+    return losses.mean(), sums
+
+
+def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, float]:
+    """Metric means over this worker's whole eval shard, reduced over all workers."""
+    from raydpo.data.collate import collate_rows
+    from raydpo.losses import mean_metrics
+
+    engine.eval()
+    sums: dict = {}
+    with torch.no_grad():
+        for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
+            _, s = step_metrics(engine, collate_rows(raw, pad_id), loss_cfg)
+            sums = _add(sums, s)
+    engine.train()
+    if not sums:  # an empty shard still joins the collective with zeros
+        sums = {k: torch.tensor(0.0) for k in ("count", "loss", "tokens", "rewards/chosen", "rewards/rejected",
+                                             "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")}
+    totals = _global_sums({k: torch.as_tensor(v) for k, v in sums.items()})
+    totals.pop("tokens")
+    return {f"eval/{k}": v for k, v in mean_metrics(totals).items()} | {"eval/pairs": totals["count"]}
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train patches print into a logger *and* tees it to stdout, doubling every line.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class MetricsLog:
+    """metrics.jsonl writer and console progress, active on rank 0 only."""
+
+    def __init__(self, path: str, active: bool, total_steps: int):
+        self.path, self.active, self.total = path, active, total_steps
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "loss" in row:
+            _say(
+                f"[raydpo] step {row['step']:>4}/{self.total} loss {row['loss']:.4f} "
+                f"acc {row['rewards/accuracies']:.2f} margin {row['rewards/margins']:+.4f} "
+                f"lr {row['learning_rate']:.2e} {row['pairs_per_s']:.1f} pairs/s"
+            )
+        else:
+            _say(
+                f"[raydpo] eval @ step {row['step']:>4}: loss {row['eval/loss']:.4f} "
+                f"acc {row['eval/rewards/accuracies']:.3f} margin {row['eval/rewards/margins']:+.4f} "
+                f"({int(row['eval/pairs'])} pairs)"
+            )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config``: the resolved run config plus driver-computed sizes."""
+    import ray.train
+
+    from raydpo.config import from_dict
+    from raydpo.data.collate import collate_rows
+    from raydpo.losses import mean_metrics
+    from raydpo.models import load_causal_lm
+    from raydpo.train.engine import build_engine
+    from raydpo.train.export import export_model
+
+    cfg = from_dict(config["cfg"])
+    t, pad_id = cfg.train, config["pad_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed + rank)
+    loss_cfg = {"type": cfg.loss.type, "beta": cfg.loss.beta, "label_smoothing": cfg.loss.label_smoothing}
+
+    model = load_causal_lm(config["model_path"], cfg.model.dtype, cfg.model.trust_remote_code)
+    engine, scheduler = build_engine(model, t, cfg.model.dtype)
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None
+    log = MetricsLog(os.path.join(config["output_dir"], "metrics.jsonl"), rank == 0, config["total_steps"])
+
+    def run_eval(step: int) -> dict:
+        if eval_shard is None:
+            return {}
+        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg)}
+        log.write(row)
+        return row
+
+    last_eval = run_eval(0)
+    step, micro, sums, last_train = 0, 0, {}, {}
+    step_start = time.perf_counter()
+    epoch = 0
+    while step < config["total_steps"]:
+        batches = train_shard.iter_batches(
+            batch_size=t.micro_batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * t.micro_batch_size, 64),
+            local_shuffle_seed=t.seed + epoch,
+        )
+        for raw in batches:
+            if step >= config["total_steps"] or micro >= config["steps_per_epoch"] * t.gradient_accumulation_steps:
+                continue  # drain the epoch so every shard iterator finishes together
+            loss, s = step_metrics(engine, collate_rows(raw, pad_id), loss_cfg)
+            engine.backward(loss)
+            lr = scheduler.get_last_lr()[0]
+            engine.step()
+            sums = _add(sums, {k: v.detach() for k, v in s.items()})
+            micro += 1
+            if micro % t.gradient_accumulation_steps:
+                continue
+            step += 1
+            totals = _global_sums(sums)
+            elapsed = time.perf_counter() - step_start
+            if step % t.log_every == 0 or step == config["total_steps"]:
+                last_train = {
+                    "step": step,
+                    "epoch": epoch,
+                    **{k: v for k, v in mean_metrics(totals).items() if k != "tokens"},
+                    "learning_rate": lr,
+                    "pairs_per_s": totals["count"] / elapsed,
+                    "tokens_per_s": totals["tokens"] / elapsed,
+                    "step_time_s": elapsed,
+                }
+                log.write(last_train)
+            if t.eval_every and step % t.eval_every == 0 and step != config["total_steps"]:
+                last_eval = run_eval(step)
+            sums, step_start = {}, time.perf_counter()
+        epoch, micro = epoch + 1, 0
+    last_eval = run_eval(step)
+    export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0)
+    if rank == 0:
+        with open(os.path.join(config["output_dir"], "train_result.json"), "w") as f:
+            json.dump({"steps": step, "epochs_started": epoch, "final": last_train, "final_eval": last_eval}, f)
+    # Every worker reports once, so Ray Train sees the same number of reports on each rank.
+    ray.train.report({"steps": step, **{k: v for k, v in last_train.items() if isinstance(v, (int, float))}})

@@ -1,0 +1,71 @@
+"""The train stage: a Ray Train TorchTrainer whose workers run DeepSpeed ZeRO on the policy."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from raydpo.config import Config, to_dict
+
+
+@dataclass
+class TrainPlan:
+    """Step counts derived from the data size, identical on every worker."""
+
+    steps_per_epoch: int
+    """Optimizer steps in one pass over the (equally split) training pairs."""
+    total_steps: int
+    """Optimizer steps of the run."""
+
+
+def plan_steps(cfg: Config, n_train: int) -> TrainPlan:
+    """Each worker gets ``n_train // num_workers`` pairs (equal split); partial batches are dropped."""
+    t = cfg.train
+    per_worker = n_train // t.num_workers
+    steps_per_epoch = per_worker // t.micro_batch_size // t.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        need = t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps
+        raise ValueError(
+            f"{n_train} training pairs cannot fill one optimizer step: num_workers x micro_batch_size x "
+            f"gradient_accumulation_steps = {need}; add data or lower those settings"
+        )
+    total = t.max_steps or steps_per_epoch * t.num_epochs
+    return TrainPlan(steps_per_epoch, total)
+
+
+def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str):
+    """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir."""
+    import ray.train
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydpo.train.loop import train_loop_per_worker
+
+    plan = plan_steps(cfg, n_train)
+    out = os.path.abspath(cfg.output.dir)
+    datasets = {"train": train_ds}
+    if n_eval:
+        # Materialized: the eval set is re-read at every evaluation and is small.
+        datasets["eval"] = eval_ds.materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "pad_id": pad_id,
+            "model_path": model_path,
+            "n_train": n_train,
+            "n_eval": n_eval,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": plan.total_steps,
+            "output_dir": out,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(name="train", storage_path=os.path.join(out, "ray_train"), failure_config=ray.train.FailureConfig(max_failures=0)),
+    )
+    return trainer.fit(), plan

@@ -1,0 +1,65 @@
+"""Shared fixtures: one local Ray cluster per session, a tiny model and the synthetic task on disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# A local ray.init() in Ray 2.60 turns on token auth; the suite's cluster is private to it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from raydpo.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from raydpo.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> str:
+    from raydpo.synthetic import write_task
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_task(out, n_train=256, n_eval=64, seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray cluster for the whole session (starting one costs seconds)."""
+    import ray
+
+    from raydpo.cluster import configure_data
+
+    ray.init(num_cpus=8, log_to_driver=True)
+    configure_data()
+    yield ray
+    ray.shutdown()
+
+
+def make_config(tiny_model_dir: str, train, tmp_path, **sections):
+    """A Config for ``tiny_model_dir`` writing under ``tmp_path``; ``sections`` override per section."""
+    from raydpo.config import from_dict
+
+    raw = {
+        "model": {"name_or_path": tiny_model_dir},
+        "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 16},
+        "data": {"train": train, "max_length": 64, "num_workers": 1},
+        "train": {"num_workers": 2, "micro_batch_size": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return from_dict(raw)

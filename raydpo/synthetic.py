@@ -47,7 +47,14 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> str:
 
 
 def write_task(out_dir: str | os.PathLike, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> tuple[str, str]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` (disjoint seeds) under ``out_dir``."""
-    train = write_jsonl(make_pairs(n_train, seed), os.path.join(out_dir, "train.jsonl"))
-    evals = write_jsonl(make_pairs(n_eval, seed + 1_000_003), os.path.join(out_dir, "eval.jsonl"))
-    return train, evals
+    """Write ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``; no eval pair also appears in train."""
+    train_rows = make_pairs(n_train, seed)
+    seen = {json.dumps(r, sort_keys=True) for r in train_rows}
+    rng = random.Random(seed + 1_000_003)
+    eval_rows: list[dict] = []
+    while len(eval_rows) < n_eval:
+        row = make_pair(rng)
+        if json.dumps(row, sort_keys=True) not in seen:
+            eval_rows.append(row)
+    train = write_jsonl(train_rows, os.path.join(out_dir, "train.jsonl"))
+    return train, write_jsonl(eval_rows, os.path.join(out_dir, "eval.jsonl"))

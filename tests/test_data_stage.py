@@ -1,0 +1,98 @@
+"""The Ray Data stage: readers, validation, quarantine, accounting, deterministic eval split."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_config
+from raydpo.pipeline import prepare_data
+
+GOOD = [{"prompt": f"Count on from apple{i}:", "chosen": " tiger river", "rejected": " river tiger"} for i in range(20)]
+
+
+def write_jsonl(path, lines):
+    path.write_bytes(b"".join((l if isinstance(l, bytes) else json.dumps(l).encode()) + b"\n" for l in lines))
+    return str(path)
+
+
+def kept_ids(ds):
+    return sorted(r["pair_id"] for r in ds.take_all())
+
+
+def test_bad_rows_are_quarantined_with_reasons(ray_cluster, tiny_model_dir, tmp_path):
+    bad = [
+        b'{"prompt": "p", "chosen": " a"',  # line 21: not JSON
+        {"prompt": "p", "chosen": " a"},  # missing rejected
+        {"prompt": "p", "chosen": 3, "rejected": " b"},
+        {"prompt": "p", "chosen": "  ", "rejected": " b"},
+        {"prompt": "p", "chosen": " same", "rejected": " same"},
+        b'{"prompt": "p", "chosen": " \xff\xfe", "rejected": " b"}',
+        [1, 2],
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", GOOD + bad)
+    cfg = make_config(tiny_model_dir, path, tmp_path, data={"max_bad_fraction": 0.5})
+    data = prepare_data(cfg)
+    s = data.summary.as_dict()
+    assert s["rows_read"] == 27 and s["rows_used"] == 20 and s["rows_quarantined"] == 7
+    assert s["counts_add_up"]
+    assert s["quarantined_by_reason"] == {
+        "invalid_json": 1, "missing_field": 1, "wrong_type": 1, "empty_completion": 1,
+        "identical_completions": 1, "undecodable_bytes": 1, "not_an_object": 1,
+    }
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "quarantine.jsonl")]
+    assert sorted(r["index"] for r in rows) == list(range(21, 28))  # 1-based line numbers
+    by_line = {r["index"]: r for r in rows}
+    assert by_line[22]["reason"] == "missing_field: rejected" and by_line[22]["source"] == path
+    assert by_line[23]["reason"].startswith("wrong_type: chosen is int")
+    assert json.loads(by_line[24]["row"])["chosen"] == "  "
+    assert data.n_train == 20 and data.train.count() == 20
+
+
+def test_too_many_bad_rows_fail_the_run(ray_cluster, tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", GOOD[:5] + [b"not json"] * 2)
+    cfg = make_config(tiny_model_dir, path, tmp_path, data={"max_bad_fraction": 0.1})
+    with pytest.raises(ValueError, match=r"2 of 7 rows .* data.max_bad_fraction=0.1.*quarantine.jsonl"):
+        prepare_data(cfg)
+    assert len(open(tmp_path / "run" / "quarantine.jsonl").readlines()) == 2
+
+
+def test_prompt_too_long_is_filtered_and_counted(ray_cluster, tiny_model_dir, tmp_path):
+    long_prompt = {"prompt": "Count on from apple " * 20, "chosen": " a", "rejected": " b"}
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD + [long_prompt])
+    data = prepare_data(make_config(tiny_model_dir, path, tmp_path, data={"max_length": 32}))
+    s = data.summary.as_dict()
+    assert s["filtered_by_reason"] == {"prompt_too_long": 1}
+    assert s["rows_read"] == s["rows_used"] + s["rows_filtered"] + s["rows_quarantined"] == 21
+
+
+def test_readers_agree_jsonl_gz_json_parquet(ray_cluster, tiny_model_dir, tmp_path):
+    files = [write_jsonl(tmp_path / "a.jsonl", GOOD)]
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
+        f.write(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD))
+    (tmp_path / "c.json").write_text(json.dumps(GOOD))
+    pq.write_table(pa.Table.from_pylist(GOOD), tmp_path / "d.parquet")
+    results = []
+    for name in ("a.jsonl", "b.jsonl.gz", "c.json", "d.parquet"):
+        out = tmp_path / name.replace(".", "_")
+        data = prepare_data(make_config(tiny_model_dir, str(tmp_path / name), out))
+        results.append(kept_ids(data.train))
+    assert all(r == results[0] for r in results) and len(results[0]) == 20
+    # A directory reads every data file under it.
+    both = prepare_data(make_config(tiny_model_dir, str(tmp_path), tmp_path / "all"))
+    assert both.summary.read == 80
+
+
+def test_eval_fraction_split_is_deterministic(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
+    path = f"{synthetic_dir}/train.jsonl"
+    runs = [prepare_data(make_config(tiny_model_dir, path, tmp_path / str(i), data={"eval_fraction": 0.25})) for i in (1, 2)]
+    assert kept_ids(runs[0].eval) == kept_ids(runs[1].eval)
+    assert 30 < runs[0].n_eval < 100 and runs[0].n_train + runs[0].n_eval == 256
+    assert not set(kept_ids(runs[0].eval)) & set(kept_ids(runs[0].train))
+
+
+def test_missing_file_is_a_clear_error(ray_cluster, tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_data(make_config(tiny_model_dir, str(tmp_path / "nope.jsonl"), tmp_path))

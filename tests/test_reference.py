@@ -1,0 +1,135 @@
+"""The reference actor pool and its content-addressed cache."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+
+from conftest import make_config
+from raydpo.pipeline import precompute
+
+
+def scorer_actors() -> int:
+    """Reference actors ever created in this cluster (alive or dead)."""
+    from ray.util.state import list_actors
+
+    return sum("ReferenceScorer" in a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One cache for the module, so the baseline entry is scored once."""
+    return str(tmp_path_factory.mktemp("refcache"))
+
+
+@pytest.fixture
+def base(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path, cache_dir):
+    def cfg(model=tiny_model_dir, train=f"{synthetic_dir}/train.jsonl", **sections):
+        sections.setdefault("reference", {}).setdefault("cache_dir", cache_dir)
+        return make_config(model, train, tmp_path, **sections)
+
+    return cfg
+
+
+def test_cached_logps_equal_in_process_computation(base, tiny_model_dir):
+    from raydpo.data.collate import collate_pairs
+    from raydpo.logprobs import forward_logps, split_pairs
+    from raydpo.models import load_causal_lm, load_tokenizer
+
+    _, refs = precompute(base(reference={"num_actors": 2, "batch_size": 7}))
+    rows = refs["train"].dataset.take_all()
+    assert len(rows) == 256  # the synthetic task repeats some pairs: each copy is scored
+    model = load_causal_lm(tiny_model_dir, frozen=True)
+    pad = load_tokenizer(tiny_model_dir).pad_token_id
+    for i in range(0, len(rows), 64):  # different batch composition than the pool's
+        chunk = rows[i : i + 64]
+        batch = collate_pairs(*([r[k] for r in chunk] for k in ("prompt_ids", "chosen_ids", "rejected_ids")), pad)
+        with torch.no_grad():
+            chosen, rejected = split_pairs(forward_logps(model, batch))
+        assert torch.allclose(chosen, torch.tensor([r["ref_chosen_logps"] for r in chunk]), atol=1e-5)
+        assert torch.allclose(rejected, torch.tensor([r["ref_rejected_logps"] for r in chunk]), atol=1e-5)
+
+
+def test_second_run_hits_cache_and_loads_no_model(base, tmp_path):
+    first = precompute(base(reference={"cache_dir": str(tmp_path / "fresh")}))[1]["train"]
+    assert not first.cache_hit and first.pairs_scored == 256
+    actors = scorer_actors()
+    assert actors >= 1
+    second = precompute(base(reference={"cache_dir": str(tmp_path / "fresh")}))[1]["train"]
+    assert second.cache_hit and second.pairs_scored == 0 and second.key == first.key
+    assert scorer_actors() == actors  # no reference actor (so no reference model) was started
+    a = sorted((r["pair_id"], r["ref_chosen_logps"]) for r in first.dataset.take_all())
+    b = sorted((r["pair_id"], r["ref_chosen_logps"]) for r in second.dataset.take_all())
+    assert a == b
+    manifest = json.load(open(f"{second.entry}/manifest.json"))
+    assert set(manifest["inputs"]) >= {"reference", "tokenizer", "tokenization", "data", "dtype", "backend"}
+
+
+def _perturbed_weights(src, dst):
+    from raydpo.models import load_causal_lm
+
+    shutil.copytree(src, dst)
+    model = load_causal_lm(src)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3
+    model.save_pretrained(dst)
+    return str(dst)
+
+
+def _other_chat_template(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").write_text((dst / "chat_template.jinja").read_text() + "{# v2 #}")
+    return str(dst)
+
+
+def _one_row_changed(src, dst):
+    lines = open(src).read().splitlines()
+    row = json.loads(lines[3])
+    row["chosen"] += " apple"
+    lines[3] = json.dumps(row)
+    dst.write_text("\n".join(lines) + "\n")
+    return str(dst)
+
+
+@pytest.mark.parametrize("change", ["weights", "tokenizer", "data", "max_length", "dtype"])
+def test_changing_any_key_input_misses(base, tiny_model_dir, synthetic_dir, tmp_path, change):
+    baseline = precompute(base())[1]["train"]
+    if change == "weights":
+        cfg = base(reference={"name_or_path": _perturbed_weights(tiny_model_dir, tmp_path / "w")})
+    elif change == "tokenizer":
+        cfg = base(model=_other_chat_template(tiny_model_dir, tmp_path / "t"), reference={"name_or_path": tiny_model_dir})
+    elif change == "data":
+        cfg = base(train=_one_row_changed(f"{synthetic_dir}/train.jsonl", tmp_path / "d.jsonl"))
+    elif change == "max_length":
+        cfg = base(data={"max_length": 9})
+    else:
+        cfg = base(reference={"dtype": "bfloat16"})
+    changed = precompute(cfg)[1]["train"]
+    assert not changed.cache_hit and changed.key != baseline.key and changed.pairs_scored > 0
+
+
+def test_export_is_in_input_order(ray_cluster, tiny_model_dir, tmp_path):
+    from raydpo.cli import main
+
+    rows = [{"prompt": f"Count on from apple {i}:", "chosen": " tiger", "rejected": " river"} for i in range(40)]
+    rows[5] = {"prompt": "bad", "chosen": " x", "rejected": " x"}  # quarantined: not exported
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
+    cfg = {
+        "model": {"name_or_path": tiny_model_dir},
+        "reference": {"cache_dir": str(tmp_path / "cache"), "num_actors": 2, "batch_size": 3},
+        "data": {"train": [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "max_bad_fraction": 0.1},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["precompute", str(tmp_path / "cfg.yaml"), "--export", str(tmp_path / "out.jsonl")]) == 0
+    exported = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+    from raydpo.data.tokenize import pair_id
+
+    expected = [pair_id(r["prompt"], r["chosen"], r["rejected"]) for i, r in enumerate(rows) if i != 5]
+    assert [e["pair_id"] for e in exported] == expected
+    assert set(exported[0]) == {"pair_id", "ref_chosen_logps", "ref_rejected_logps", "prompt_tokens", "chosen_tokens", "rejected_tokens"}
+    assert exported[0]["chosen_tokens"] == 2 and exported[0]["ref_chosen_logps"] < 0

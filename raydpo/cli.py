@@ -46,17 +46,9 @@ def cmd_precompute(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from raydpo.data.stats import token_length_stats
-    from raydpo.pipeline import _paths, _start, _write_json, prepare_data
+    from raydpo.pipeline import validate_data
 
-    cfg = _load(args)
-    paths = _start(cfg)
-    data = prepare_data(cfg)
-    pairs = [data.train] + ([data.eval] if data.eval is not None else [])
-    stats = token_length_stats(pairs[0].union(*pairs[1:]) if len(pairs) > 1 else pairs[0])
-    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], "token_lengths": stats}
-    _write_json(_paths(cfg)["summary"], summary)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(validate_data(_load(args)), indent=1))
     return 0
 
 

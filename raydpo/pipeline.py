@@ -105,6 +105,18 @@ def precompute(cfg: Config) -> tuple[object, dict]:
     return data, refs
 
 
+def validate_data(cfg: Config) -> dict:
+    """Read, validate and tokenize only (no model); writes and returns summary.json's content."""
+    from raydpo.data.stats import token_length_stats
+
+    paths = _start(cfg)
+    data = prepare_data(cfg)
+    pairs = data.train if data.eval is None else data.train.union(data.eval)
+    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], "token_lengths": token_length_stats(pairs)}
+    _write_json(paths["summary"], summary)
+    return summary
+
+
 def run(cfg: Config) -> RunResult:
     """The whole run: data -> reference (cached) -> train -> export. Writes the run directory."""
     from raydpo.models import load_tokenizer

@@ -96,3 +96,15 @@ def test_eval_fraction_split_is_deterministic(ray_cluster, tiny_model_dir, synth
 def test_missing_file_is_a_clear_error(ray_cluster, tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare_data(make_config(tiny_model_dir, str(tmp_path / "nope.jsonl"), tmp_path))
+
+
+def test_validate_data_reports_lengths(ray_cluster, tiny_model_dir, tmp_path):
+    from raydpo.pipeline import validate_data
+
+    path = write_jsonl(tmp_path / "v.jsonl", GOOD + [b"{oops"])
+    summary = validate_data(make_config(tiny_model_dir, path, tmp_path, data={"max_bad_fraction": 0.1}))
+    assert summary["rows_read"] == 21 and summary["rows_quarantined"] == 1
+    # "Count on from apple0:" -> <s> Count on from apple 0 : ; " tiger river" + EOS -> 3 tokens
+    assert summary["token_lengths"]["chosen"]["max"] == 3
+    assert summary["token_lengths"]["prompt"]["p50"] > 4
+    assert json.load(open(tmp_path / "run" / "summary.json")) == summary

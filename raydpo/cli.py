@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -113,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray Data announces every dataset execution at INFO; raydpo prints its own progress.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:

@@ -13,6 +13,7 @@ def ensure_ray(cfg: Config) -> str:
     import ray
 
     if ray.is_initialized():
+        configure_data(progress_bars=None)
         return "existing"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -24,14 +25,19 @@ def ensure_ray(cfg: Config) -> str:
         num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, log_to_driver=True)
         kind = "embedded"
-    configure_data()
+    configure_data(progress_bars=True)
     return kind
 
 
-def configure_data() -> None:
-    """Ray Data settings raydpo relies on: deterministic order, quiet progress when not on a terminal."""
+def configure_data(progress_bars: bool | None = False) -> None:
+    """Ray Data settings raydpo relies on.
+
+    Order is preserved so quarantine files and exports list rows the way the input does, run after
+    run. Progress bars are shown on a terminal only (``None`` leaves the caller's setting alone).
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    if progress_bars is not None:
+        ctx.enable_progress_bars = progress_bars and sys.stderr.isatty()

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RAYDPO := $(VENV)/bin/raydpo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench-tokenize clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ test: install
 # The suite without the long DeepSpeed training runs.
 test-fast: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Tokenization throughput against TRL's DPOTrainer data preparation (needs ../shared/data).
+bench-tokenize: install
+	$(PY) bench/tokenize_vs_trl.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -53,12 +53,33 @@ class ReferenceConfig:
     """Root of the content-addressed reference log-prob cache."""
 
 
+DataFormat = Literal["auto", "standard", "conversational", "implicit"]
+TruncationMode = Literal["keep_start", "keep_end"]
+
+
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)
-    """Path(s) of training preference data (jsonl, json, parquet; .gz allowed)."""
+    """Training data: files (jsonl, json, parquet, csv; .gz allowed), globs, directories, ``datasets``
+    ``save_to_disk`` directories, or hub data set ids (``org/name`` or ``org/name:split``)."""
     eval: list[str] = field(default_factory=list)
-    """Path(s) of evaluation data; empty means hold out ``eval_fraction`` of train."""
+    """Evaluation data, as ``train``; empty means hold out ``eval_fraction`` of train."""
+    format: DataFormat = "auto"
+    """Row format: standard {prompt, chosen, rejected} strings, conversational message lists,
+    implicit (only chosen/rejected, prompt = their common part); ``auto`` detects it per row."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping for data sets that name fields differently, e.g. ``{prompt: question, chosen: response_j}``."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (or a path to a .jinja file) replacing the tokenizer's for conversational rows."""
+    prompt_marker: str = "\n\nAssistant:"
+    """Implicit-prompt text rows: the prompt ends after the last marker inside the common prefix."""
+    max_prompt_length: Optional[int] = None
+    """Max prompt tokens; longer prompts keep their end (keep_start) or start (keep_end) as TRL did."""
+    truncation_mode: TruncationMode = "keep_start"
+    """Which end of prompt + completion survives ``max_length``: keep_start cuts completions,
+    keep_end cuts the shared prompt's start (and the completion's start if it alone is too long)."""
+    deduplicate: bool = False
+    """Drop exact duplicate pairs (same prompt, chosen and rejected) after the first, counted as filtered."""
     eval_fraction: float = 0.0
     """Fraction of train pairs held out for eval when ``eval`` is empty, chosen by pair content."""
     max_length: int = 512
@@ -166,6 +187,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key}: expected a mapping of strings, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = [value] if isinstance(value, str) else value
@@ -254,6 +279,10 @@ def validate(cfg: Config) -> None:
         (cfg.reference.num_actors >= 1, "reference.num_actors must be >= 1"),
         (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
+        (cfg.data.max_prompt_length is None or 1 <= cfg.data.max_prompt_length < cfg.data.max_length,
+         "data.max_prompt_length must be >= 1 and < data.max_length"),
+        (set(cfg.data.columns) <= {"prompt", "chosen", "rejected"},
+         "data.columns maps prompt / chosen / rejected to your column names, e.g. {chosen: response_j}"),
         (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (cfg.loss.beta > 0, "loss.beta must be > 0"),

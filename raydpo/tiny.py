@@ -66,8 +66,8 @@ def corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE on :func:`corpus` and wrap it as a ``PreTrainedTokenizerFast``."""
+def build_tokenizer(vocab_size: int = 1024, texts: list[str] | None = None):
+    """Train a byte-level BPE on ``texts`` (default :func:`corpus`) as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +80,7 @@ def build_tokenizer(vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else corpus(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # Like Llama: every tokenizer call with add_special_tokens=True starts with BOS.
     tok.post_processor = processors.TemplateProcessing(
@@ -120,10 +120,10 @@ def build_model(spec: TinyModelSpec, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def write_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None) -> str:
-    """Write the tiny model and tokenizer as a Hugging Face directory; returns its path."""
+def write_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, tokenizer=None) -> str:
+    """Write the tiny model and tokenizer (built from ``spec`` unless given) as a Hugging Face directory."""
     spec = spec or TinyModelSpec()
-    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
     model = build_model(spec, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -108,3 +108,57 @@ def test_validate_data_reports_lengths(ray_cluster, tiny_model_dir, tmp_path):
     assert summary["token_lengths"]["chosen"]["max"] == 3
     assert summary["token_lengths"]["prompt"]["p50"] > 4
     assert json.load(open(tmp_path / "run" / "summary.json")) == summary
+
+
+def test_csv_saved_dataset_and_ray_dataset_sources(ray_cluster, tiny_model_dir, tmp_path):
+    import csv
+
+    import datasets
+    import ray.data
+
+    from raydpo.data.stage import prepare
+
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerows(GOOD)
+    datasets.Dataset.from_list(GOOD).save_to_disk(str(tmp_path / "saved"))
+    expected = None
+    for spec in ("p.csv", "saved"):
+        data = prepare_data(make_config(tiny_model_dir, str(tmp_path / spec), tmp_path / spec.replace(".", "_")))
+        ids = kept_ids(data.train)
+        assert len(ids) == 20 and (expected is None or ids == expected)
+        expected = ids
+    cfg = make_config(tiny_model_dir, [], tmp_path / "api", data={"max_bad_fraction": 0.1})
+    data = prepare(cfg, str(tmp_path / "api" / "q.jsonl"), train=ray.data.from_items(GOOD + [{"prompt": "p"}]))
+    assert kept_ids(data.train) == expected
+    assert data.summary.quarantined == {"missing_field": 1}
+
+
+def test_saved_dataset_dict_asks_for_a_split(ray_cluster, tiny_model_dir, tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(GOOD)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match="DatasetDict; name one split directory: train"):
+        prepare_data(make_config(tiny_model_dir, str(tmp_path / "dd"), tmp_path))
+
+
+def test_unreachable_hub_id_is_a_clear_error(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="'nobody/no-such-set' is neither a local path nor a loadable hub data set"):
+        prepare_data(make_config(tiny_model_dir, "nobody/no-such-set", tmp_path))
+
+
+def test_conversational_implicit_and_dedup(ray_cluster, tiny_model_dir, tmp_path):
+    conv = [{"prompt": [{"role": "user", "content": f"Count on from apple {i}"}],
+             "chosen": [{"role": "assistant", "content": "tiger river"}],
+             "rejected": [{"role": "assistant", "content": "river tiger"}]} for i in range(6)]
+    implicit = [{"chosen": f"\n\nHuman: hi {i}\n\nAssistant: a", "rejected": f"\n\nHuman: hi {i}\n\nAssistant: b"} for i in range(4)]
+    path = write_jsonl(tmp_path / "mixed.jsonl", conv + implicit + conv[:2] + GOOD[:1] + GOOD[:1])
+    data = prepare_data(make_config(tiny_model_dir, path, tmp_path, data={"deduplicate": True}))
+    s = data.summary.as_dict()
+    assert s["rows_read"] == 14 and s["rows_used"] == 11 and s["filtered_by_reason"] == {"duplicate": 3}
+    assert s["counts_add_up"]
+    first = next(r for r in data.train.take_all() if len(r["prompt_ids"]) > 8)
+    assert first["prompt_ids"][0] == 1  # BOS written once, by the template

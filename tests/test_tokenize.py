@@ -63,3 +63,21 @@ def test_batched_equals_one_by_one(tokenizer):
 def test_pair_id_is_content_addressed():
     assert pair_id("p", "c", "r") == pair_id("p", "c", "r")
     assert len({pair_id("p", "c", "r"), pair_id("p", "r", "c"), pair_id("pc", "", "r")}) == 3
+
+
+def test_common_prefix_length_paths():
+    from raydpo.data.tokenize import common_prefix_length
+
+    a = list(range(100))
+    assert common_prefix_length(a, a + [5]) == 100  # prefix
+    assert common_prefix_length(a, a[:97] + [0, 0, 0, 0]) == 97  # boundary merge near the end
+    assert common_prefix_length(a, a[:10] + [-1] * 90) == 10  # early divergence: the fallback scan
+    assert common_prefix_length([], a) == 0 and common_prefix_length([1], [2]) == 0
+
+
+def test_backend_encoding_equals_tokenizer_call(tokenizer):
+    from raydpo.data.tokenize import encode
+
+    texts = ["Count on from apple: tiger", "<s>hi</s> there", "", "Human: x\n\nAssistant: y"]
+    for special in (True, False):
+        assert encode(tokenizer, texts, special) == tokenizer(texts, add_special_tokens=special)["input_ids"]

@@ -1,9 +1,13 @@
-"""Ray Data reader for preference files that keeps every row's origin.
+"""Ray Data readers for preference data that keep every row's origin.
 
-Every input row becomes ``{source, index, raw}``: the file it came from, its position (1-based
-line for jsonl, 0-based index for json arrays and parquet) and its raw bytes as JSON. Nothing is
-parsed here, so a malformed row reaches validation, which quarantines it with its position,
-instead of failing the whole read the way ``ray.data.read_json`` would.
+Every input row becomes ``{source, index, raw}``: where it came from, its position (1-based line
+for jsonl, 0-based row for json arrays, parquet, csv and ``datasets`` data sets) and its raw bytes
+as JSON. Nothing is parsed here, so a malformed row reaches validation, which quarantines it with
+its position, instead of failing the whole read the way ``ray.data.read_json`` would.
+
+Sources: files (jsonl, json, parquet, csv, each optionally .gz), globs, directories, ``datasets``
+directories written by ``save_to_disk``, hub data set ids (``org/name`` or ``org/name:split``) and,
+through the Python API, an existing ``ray.data.Dataset``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-EXTENSIONS = (".jsonl", ".json", ".parquet")
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 CHUNK_ROWS = 2048
 SCHEMA = pa.schema([("source", pa.string()), ("index", pa.int64()), ("raw", pa.binary())])
 
@@ -89,6 +93,11 @@ class PreferenceFiles(FileBasedDatasource):
             if not isinstance(rows, list):
                 raise ValueError(f"{path}: a .json file must hold a list of rows")
             yield from self._chunks(path, (json.dumps(r).encode() for r in rows), start=0)
+        elif kind == "csv":
+            import csv
+
+            text = io.StringIO(f.readall().decode("utf-8"), newline="")
+            yield from self._chunks(path, (json.dumps(r).encode() for r in csv.DictReader(text)), start=0)
         else:
             import pyarrow.parquet as pq
 
@@ -118,9 +127,82 @@ def _table_positions(source: str, items: list[tuple[int, bytes]]) -> pa.Table:
     )
 
 
-def read_preferences(paths: list[str]):
-    """A ``ray.data.Dataset`` of ``{source, index, raw}`` rows from preference files."""
+def is_saved_dataset(path: str) -> bool:
+    """A directory written by ``datasets.Dataset.save_to_disk``."""
+    return os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def _raw_rows(source: str):
+    """map_batches fn: any columns -> ``{source, index, raw}`` (``__index`` holds positions if present)."""
+
+    def fn(batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        items = [(r.pop("__index", -1), json.dumps(r, default=str).encode()) for r in rows]
+        return _table_positions(source, items)
+
+    return fn
+
+
+def from_hf(ds, source: str):
+    """A ``datasets.Dataset`` as ``{source, index, raw}`` rows, positions kept."""
     import ray.data
 
-    files = resolve_paths(paths)
-    return ray.data.read_datasource(PreferenceFiles(files))
+    ds = ds.add_column("__index", list(range(len(ds))))
+    return ray.data.from_huggingface(ds).map_batches(_raw_rows(source), batch_format="pyarrow")
+
+
+def from_ray(ds, source: str = "<ray.data.Dataset>"):
+    """An existing ``ray.data.Dataset`` of preference rows as ``{source, index, raw}`` (index -1)."""
+    return ds.map_batches(_raw_rows(source), batch_format="pyarrow")
+
+
+def _hub_or_saved(spec: str, default_split: str):
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise ValueError(f"reading {spec!r} needs the 'datasets' package: pip install datasets")
+    import datasets
+
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "dataset_dict.json")):
+            splits = sorted(d for d in os.listdir(spec) if is_saved_dataset(os.path.join(spec, d)))
+            raise ValueError(f"{spec} holds a DatasetDict; name one split directory: {', '.join(splits)}")
+        return from_hf(datasets.load_from_disk(spec), os.path.abspath(spec))
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or default_split)
+    except Exception as e:  # offline, unknown id, missing split: say which and why
+        raise FileNotFoundError(f"{spec!r} is neither a local path nor a loadable hub data set: {e}") from e
+    return from_hf(ds, f"hub:{name}:{split or default_split}")
+
+
+def _is_hub_id(spec: str) -> bool:
+    name = spec.partition(":")[0]
+    return name.count("/") == 1 and not spec.startswith((".", "/", "~")) and not glob.has_magic(spec) and not os.path.exists(name)
+
+
+def read_preferences(specs: list[str], default_split: str = "train"):
+    """A ``ray.data.Dataset`` of ``{source, index, raw}`` rows from files, saved or hub data sets.
+
+    Returns (dataset, resolved source names in input order).
+    """
+    import ray.data
+
+    parts, names, files = [], [], []
+
+    def flush():
+        if files:
+            parts.append(ray.data.read_datasource(PreferenceFiles(list(files))))
+            names.extend(files)
+            files.clear()
+
+    for spec in specs:
+        path = os.path.expanduser(spec)
+        if (os.path.isdir(path) and (is_saved_dataset(path) or os.path.isfile(os.path.join(path, "dataset_dict.json")))) or _is_hub_id(spec):
+            flush()
+            parts.append(_hub_or_saved(path if os.path.isdir(path) else spec, default_split))
+            names.append(os.path.abspath(path) if os.path.isdir(path) else f"hub:{spec if ':' in spec else spec + ':' + default_split}")
+        else:
+            files.extend(resolve_paths([spec]))
+    flush()
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), names

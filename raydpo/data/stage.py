@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydpo.data.tokenize import TokenizeSettings, pair_id, token_digest, tokenize_pairs
+from raydpo.data.tokenize import TokenizeSettings, pair_key, token_digest, tokenize_normalized
 from raydpo.data.validate import parse_row
 
 IDS = pa.list_(pa.int32())
@@ -46,33 +46,29 @@ def eval_bucket(pid: str, eval_fraction: float) -> bool:
 class Preprocess:
     """Ray Data callable: raw rows -> validated, tokenized rows with a status (one tokenizer per actor)."""
 
-    def __init__(self, tokenizer_path: str, settings: TokenizeSettings, split: str, eval_fraction: float = 0.0):
+    def __init__(self, tokenizer_path: str, settings: TokenizeSettings, split: str, eval_fraction: float = 0.0,
+                 columns: dict | None = None, fmt: str = "auto", marker: str = "\n\nAssistant:"):
         from raydpo.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.settings = settings
         self.split = split
         self.eval_fraction = eval_fraction
+        self.parse = lambda raw: parse_row(raw, columns, fmt, marker)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = {name: batch.column(name).to_pylist() for name in ("source", "index", "raw")}
-        parsed = [parse_row(raw) for raw in rows["raw"]]
-        good = [i for i, (triple, _) in enumerate(parsed) if triple is not None]
-        tokens = tokenize_pairs(
-            self.tokenizer,
-            [parsed[i][0][0] for i in good],
-            [parsed[i][0][1] for i in good],
-            [parsed[i][0][2] for i in good],
-            self.settings,
-        ) if good else []
+        parsed = [self.parse(raw) for raw in rows["raw"]]
+        good = [i for i, (pair, _) in enumerate(parsed) if pair is not None]
+        tokens = tokenize_normalized(self.tokenizer, [parsed[i][0] for i in good], self.settings)
         tokenized = dict(zip(good, tokens))
         out = {name: [] for name in OUT_SCHEMA.names}
-        for i, (triple, reason) in enumerate(parsed):
+        for i, (pair, reason) in enumerate(parsed):
             tok = tokenized.get(i)
-            if triple is None:
+            if pair is None:
                 status, pid = "quarantined", ""
             else:
-                pid = pair_id(*triple)
+                pid = pair_key(pair)
                 status, reason = ("filtered", tok["filtered"]) if tok["filtered"] else ("ok", "")
             ok = status == "ok"
             split = self.split
@@ -97,9 +93,63 @@ class Preprocess:
         return pa.table(out, schema=OUT_SCHEMA)
 
 
-def where(ds, column: str, value: str):
-    """Rows of ``ds`` whose ``column`` equals ``value`` (vectorized, keeps order)."""
-    return ds.map_batches(lambda t: t.filter(pc.equal(t[column], value)), batch_format="pyarrow", zero_copy_batch=True)
+def _pick_block(t: pa.Table, status: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    mask = pc.equal(t["status"], status)
+    if split is not None:
+        mask = pc.and_(mask, pc.equal(t["split"], split))
+    t = t.filter(mask)
+    return t.select(columns) if columns else t
+
+
+def blocks(processed):
+    """The blocks of a materialized dataset, fetched one at a time.
+
+    The accounting passes (counts, quarantine, split) run on the driver over these: on one node the
+    blocks come from shared memory without a copy, which is an order of magnitude faster than a
+    Ray Data pass or a task per block on a small machine (measured: 0.3 s vs 6-8 s for 50k rows).
+    """
+    import ray
+
+    for ref in processed.to_arrow_refs():
+        yield ray.get(ref)
+
+
+def pick(processed, status: str, split: str | None = None, columns: list[str] | None = None):
+    """The rows of a materialized dataset with ``status`` (and ``split``), as a materialized dataset."""
+    return processed.map_batches(
+        _pick_block, fn_args=(status, split, columns), batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+    ).materialize()
+
+
+def input_order(processed, files: list[str]) -> list[tuple[str, str, int]]:
+    """(pair_id, source, index) of kept pairs sorted by input source order, then position."""
+    rank = {f: i for i, f in enumerate(files)}
+    rows = []
+    for batch in pick(processed, "ok", columns=["pair_id", "source", "index"]).iter_batches(batch_format="pyarrow"):
+        rows.extend(zip(batch["pair_id"].to_pylist(), batch["source"].to_pylist(), batch["index"].to_pylist()))
+    return sorted(rows, key=lambda r: (rank.get(r[1], len(rank)), r[1], r[2]))
+
+
+DUPLICATE = "duplicate"
+
+
+def mark_duplicates(processed, files: list[str]):
+    """Re-label every kept pair whose content appeared earlier in input order as filtered 'duplicate'."""
+    seen, dups = set(), set()
+    for pid, src, idx in input_order(processed, files):
+        (dups.add((src, idx)) if pid in seen else seen.add(pid))
+    if not dups:
+        return processed
+
+    def relabel(t: pa.Table) -> pa.Table:
+        hit = [(s, i) in dups for s, i in zip(t["source"].to_pylist(), t["index"].to_pylist())]
+        mask = pa.array(hit)
+        status = pc.if_else(mask, pa.scalar("filtered"), t["status"])
+        reason = pc.if_else(mask, pa.scalar(DUPLICATE), t["reason"])
+        return t.set_column(t.schema.get_field_index("status"), "status", status).set_column(
+            t.schema.get_field_index("reason"), "reason", reason)
+
+    return processed.map_batches(relabel, batch_format="pyarrow").materialize()
 
 
 @dataclass
@@ -131,27 +181,28 @@ def reason_kind(reason: str) -> str:
 
 
 def summarize(processed) -> DataSummary:
-    """Count rows by status, split and reason kind in one aggregation pass."""
+    """Count rows by status, split and reason kind."""
     summary = DataSummary()
-    counts = processed.select_columns(["status", "reason", "split"]).to_pandas()
-    summary.read = len(counts)
-    for (status, reason, split), n in counts.groupby(["status", "reason", "split"]).size().items():
-        if status == "ok":
-            summary.used[split] = summary.used.get(split, 0) + int(n)
-        else:
-            bucket = summary.quarantined if status == "quarantined" else summary.filtered
-            kind = reason_kind(reason)
-            bucket[kind] = bucket.get(kind, 0) + int(n)
+    for block in blocks(processed):
+        counts = block.select(["status", "reason", "split"]).group_by(["status", "reason", "split"]).aggregate([([], "count_all")])
+        for status, reason, split, n in zip(*(counts[c].to_pylist() for c in ("status", "reason", "split", "count_all"))):
+            summary.read += n
+            if status == "ok":
+                summary.used[split] = summary.used.get(split, 0) + n
+            else:
+                bucket = summary.quarantined if status == "quarantined" else summary.filtered
+                kind = reason_kind(reason)
+                bucket[kind] = bucket.get(kind, 0) + n
     return summary
 
 
 def write_quarantine(processed, path: str) -> int:
-    """Append every quarantined row (source, position, reason, the row itself) to ``path``."""
+    """Write every quarantined row (source, position, reason, the row itself) to ``path``."""
     n = 0
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        for batch in where(processed, "status", "quarantined").iter_batches(batch_format="pyarrow"):
-            for row in batch.select(["source", "index", "reason", "raw"]).to_pylist():
+        for block in blocks(processed):
+            for row in _pick_block(block, "quarantined", columns=["source", "index", "reason", "raw"]).to_pylist():
                 row["row"] = row.pop("raw").decode("utf-8", errors="backslashreplace")
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
@@ -177,44 +228,64 @@ class PreparedData:
 
 
 def tokenize_settings(cfg) -> TokenizeSettings:
-    return TokenizeSettings(max_length=cfg.data.max_length)
+    d = cfg.data
+    template = d.chat_template
+    if template and template.endswith(".jinja") and os.path.exists(os.path.expanduser(template)):
+        with open(os.path.expanduser(template)) as f:
+            template = f.read()
+    return TokenizeSettings(
+        max_length=d.max_length,
+        truncation_mode=d.truncation_mode,
+        max_prompt_length=d.max_prompt_length,
+        chat_template=template,
+    )
 
 
-def _process(paths: list[str], split: str, cfg, num_actors: int):
+def _process(raw_rows, split: str, cfg, eval_fraction: float):
     import ray.data
 
-    from raydpo.data.sources import read_preferences
-
-    return read_preferences(paths).map_batches(
+    return raw_rows.map_batches(
         Preprocess,
         fn_constructor_kwargs={
             "tokenizer_path": cfg.model.name_or_path,
             "settings": tokenize_settings(cfg),
             "split": split,
-            "eval_fraction": cfg.data.eval_fraction if not cfg.data.eval else 0.0,
+            "eval_fraction": eval_fraction,
+            "columns": cfg.data.columns,
+            "fmt": cfg.data.format,
+            "marker": cfg.data.prompt_marker,
         },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(size=cfg.data.num_workers),
         batch_size=cfg.data.tokenize_batch_size,
         batch_format="pyarrow",
     )
 
 
-def prepare(cfg, quarantine_path: str) -> PreparedData:
+def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
     """Read, validate and tokenize ``data.train`` (and ``data.eval``); write the quarantine file.
 
+    ``train`` / ``eval``: optional ``ray.data.Dataset`` s of preference rows used instead of the
+    configured paths (the Python API's way to hand data from an earlier pipeline stage).
     Raises ValueError when the quarantined fraction exceeds ``data.max_bad_fraction`` (after the
     quarantine file is written, so the user can see why) or when no training pair is left.
     """
-    from raydpo.data.sources import resolve_paths
+    from raydpo.data.sources import from_ray, read_preferences
 
-    if not cfg.data.train:
+    def source(given, specs, split):
+        if given is not None:
+            return from_ray(given, f"<ray.data.Dataset:{split}>"), [f"<ray.data.Dataset:{split}>"]
+        return read_preferences(specs, default_split="train" if split == "train" else "test") if specs else (None, [])
+
+    if train is None and not cfg.data.train:
         raise ValueError("data.train is empty: give at least one preference data file")
-    train_files = resolve_paths(cfg.data.train)
-    eval_files = resolve_paths(cfg.data.eval) if cfg.data.eval else []
-    ds = _process(train_files, "train", cfg, cfg.data.num_workers)
-    if eval_files:
-        ds = ds.union(_process(eval_files, "eval", cfg, cfg.data.num_workers))
+    train_raw, train_files = source(train, cfg.data.train, "train")
+    eval_raw, eval_files = source(eval, cfg.data.eval, "eval")
+    ds = _process(train_raw, "train", cfg, cfg.data.eval_fraction if eval_raw is None else 0.0)
+    if eval_raw is not None:
+        ds = ds.union(_process(eval_raw, "eval", cfg, 0.0))
     processed = ds.materialize()
+    if cfg.data.deduplicate:
+        processed = mark_duplicates(processed, train_files + eval_files)
     summary = summarize(processed)
     write_quarantine(processed, quarantine_path)
     bad = sum(summary.quarantined.values())
@@ -223,11 +294,10 @@ def prepare(cfg, quarantine_path: str) -> PreparedData:
             f"{bad} of {summary.read} rows ({bad / summary.read:.2%}) are malformed, more than "
             f"data.max_bad_fraction={cfg.data.max_bad_fraction}; see {quarantine_path} for each row and its reason"
         )
-    kept = where(processed, "status", "ok")
-    train = where(kept, "split", "train").select_columns(PAIR_COLUMNS).materialize()
+    train = pick(processed, "ok", "train", PAIR_COLUMNS)
     n_train = summary.used.get("train", 0)
     if n_train == 0:
         raise ValueError(f"no usable training pair in {summary.read} rows read; see {quarantine_path}")
     n_eval = summary.used.get("eval", 0)
-    evals = where(kept, "split", "eval").select_columns(PAIR_COLUMNS).materialize() if n_eval else None
+    evals = pick(processed, "ok", "eval", PAIR_COLUMNS) if n_eval else None
     return PreparedData(train, evals, n_train, n_eval, summary, train_files + eval_files, processed, tokenize_settings(cfg))

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from raydpo.data.stage import where
+from raydpo.data.stage import input_order
 
 
 def token_length_stats(pairs) -> dict[str, dict[str, float]]:
@@ -24,15 +24,6 @@ def token_length_stats(pairs) -> dict[str, dict[str, float]]:
             else {}
         )
     return stats
-
-
-def input_order(processed, files: list[str]) -> list[tuple[str, str, int]]:
-    """(pair_id, source, index) of kept pairs sorted by input file order, then position."""
-    rank = {f: i for i, f in enumerate(files)}
-    rows = []
-    for batch in where(processed, "status", "ok").select_columns(["pair_id", "source", "index"]).iter_batches(batch_format="pyarrow"):
-        rows.extend(zip(batch["pair_id"].to_pylist(), batch["source"].to_pylist(), batch["index"].to_pylist()))
-    return sorted(rows, key=lambda r: (rank.get(r[1], len(rank)), r[1], r[2]))
 
 
 def export_reference(processed, files: list[str], scored: list, path: str) -> int:

@@ -1,20 +1,23 @@
-"""Tokenization of standard preference rows with TRL's DPOTrainer convention (pure functions).
+"""Tokenization of normalized pairs with TRL's DPOTrainer convention (pure functions).
 
-For each row ``{prompt, chosen, rejected}`` (strings):
-1. EOS is appended to each completion that does not already end with it;
-2. ``prompt``, ``prompt + chosen`` and ``prompt + rejected`` are tokenized with special tokens
-   (one batched tokenizer call for all three lists);
-3. the prompt is the longest common token prefix of the tokenized prompt with *both* full
+For each pair:
+1. text pairs: EOS is appended to each completion that does not already end with it, and
+   ``prompt``, ``prompt + chosen``, ``prompt + rejected`` are tokenized with special tokens;
+   chat pairs: the prompt is rendered with the chat template and ``add_generation_prompt=True``,
+   prompt + completion without it, and the rendered texts are tokenized without special tokens
+   (the template writes them). One batched tokenizer call per kind.
+2. The prompt is the longest common token prefix of the tokenized prompt with *both* full
    sequences, so ``prompt_ids + chosen_ids`` is exactly the tokenization of prompt + chosen
-   (a BPE merge across the boundary moves the merged token into the completions);
-4. ``keep_start`` truncation: each ``prompt + completion`` is cut to ``max_length`` tokens; a pair
-   whose prompt alone has ``max_length`` tokens or more is filtered (reason ``prompt_too_long``).
+   (a BPE merge across the boundary moves the merged token into the completions).
+3. Truncation (see :func:`truncate_pair`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+
+import numpy as np
 from dataclasses import dataclass
 
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -27,27 +30,36 @@ class TokenizeSettings:
     max_length: int
     """Max tokens of prompt + completion per sequence."""
     truncation_mode: str = "keep_start"
-    """Which end of an over-long sequence is kept."""
+    """Which end of an over-long sequence is kept: keep_start or keep_end."""
+    max_prompt_length: int | None = None
+    """Max prompt tokens (None: no separate prompt limit)."""
     add_eos: bool = True
-    """Append EOS to completions that lack it (TRL does for standard rows)."""
+    """Append EOS to text completions that lack it (TRL does for standard rows)."""
+    chat_template: str | None = None
+    """Chat template replacing the tokenizer's, or None."""
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists.
+
+    Hot path of tokenization: the prompt is almost always a prefix of prompt + completion, or
+    differs only in its last few tokens (a merge across the boundary), so slice comparisons (C
+    speed) from the end come first and the element-wise scan is the fallback.
+    """
     n = min(len(a), len(b))
+    for k in range(n, max(n - 16, 0) - 1, -1):
+        if a[:k] == b[:k]:
+            return k
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i
 
 
-def pair_id(prompt: str, chosen: str, rejected: str) -> str:
+def pair_id(prompt, chosen, rejected) -> str:
     """Content address of a pair: the same strings give the same id on every run and machine."""
     blob = json.dumps([prompt, chosen, rejected], ensure_ascii=False).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
-
-
-def with_eos(text: str, eos: str | None) -> str:
-    return text if not eos or text.endswith(eos) else text + eos
 
 
 def split_tokens(prompt: list[int], full_chosen: list[int], full_rejected: list[int]) -> tuple[list, list, list]:
@@ -56,38 +68,89 @@ def split_tokens(prompt: list[int], full_chosen: list[int], full_rejected: list[
     return full_chosen[:k], full_chosen[k:], full_rejected[k:]
 
 
-def truncate(prompt_ids: list[int], completion: list[int], max_length: int) -> list[int]:
-    """keep_start: the completion keeps what fits after the prompt in ``max_length`` tokens."""
-    return completion[: max(0, max_length - len(prompt_ids))]
+def truncate_pair(p: list[int], c: list[int], r: list[int], settings: TokenizeSettings):
+    """Apply ``max_prompt_length`` then ``max_length`` -> (p, c, r, filtered_reason or None).
+
+    keep_start (TRL's default): the prompt keeps its first ``max_prompt_length`` tokens, each
+    completion keeps what fits after the prompt; a pair whose prompt alone has ``max_length``
+    tokens or more has no completion token left and is filtered (``prompt_too_long``).
+    keep_end: the prompt keeps its last ``max_prompt_length`` tokens; when prompt + the longer
+    completion exceed ``max_length``, the shared prompt loses its start (and a completion that
+    alone exceeds ``max_length`` keeps its end). Unlike TRL, which cuts each sequence on its own,
+    chosen and rejected keep the same prompt, so both are scored in the same context.
+    """
+    L, mpl, keep_start = settings.max_length, settings.max_prompt_length, settings.truncation_mode == "keep_start"
+    if mpl is not None and len(p) > mpl:
+        p = p[:mpl] if keep_start else p[-mpl:]
+    if keep_start:
+        if len(p) >= L:
+            return p, [], [], PROMPT_TOO_LONG
+        return p, c[: L - len(p)], r[: L - len(p)], None
+    need = max(len(c), len(r))
+    if len(p) + need > L:
+        p = p[len(p) + need - L :] if need < L else []
+        c, r = c[-L:], r[-L:]
+    return p, c, r, None
+
+
+def with_eos(text: str, eos: str | None) -> str:
+    return text if not eos or text.endswith(eos) else text + eos
+
+
+def render(pair, tokenizer, settings: TokenizeSettings) -> tuple[str, str, str]:
+    """(prompt, prompt + chosen, prompt + rejected) as text to tokenize."""
+    if pair.kind == "text":
+        eos = tokenizer.eos_token if settings.add_eos else None
+        return pair.prompt, pair.prompt + with_eos(pair.chosen, eos), pair.prompt + with_eos(pair.rejected, eos)
+    template = settings.chat_template
+    apply = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
+        msgs, tokenize=False, add_generation_prompt=gen, chat_template=template
+    )
+    return apply(pair.prompt, True), apply(pair.prompt + pair.chosen, False), apply(pair.prompt + pair.rejected, False)
+
+
+def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of ``texts`` in one batched call.
+
+    Fast tokenizers go straight to the Rust backend, which is what ``tokenizer(texts)`` calls too,
+    minus the conversion of every encoding into a Python dict of lists (half of the time there).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def tokenize_normalized(tokenizer, pairs: list, settings: TokenizeSettings) -> list[dict]:
+    """Tokenize normalized :class:`raydpo.data.validate.Pair` s (text and chat mixed).
+
+    Returns one dict per pair: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (after
+    truncation) and ``filtered`` (None or the reason the pair is dropped).
+    """
+    out: list[dict | None] = [None] * len(pairs)
+    for kind, special in (("text", True), ("chat", False)):
+        idx = [i for i, p in enumerate(pairs) if p.kind == kind]
+        if not idx:
+            continue
+        rendered = [render(pairs[i], tokenizer, settings) for i in idx]
+        n = len(idx)
+        texts = [t[0] for t in rendered] + [t[1] for t in rendered] + [t[2] for t in rendered]
+        ids = encode(tokenizer, texts, special)
+        for j, i in enumerate(idx):
+            p, c, r, why = truncate_pair(*split_tokens(ids[j], ids[n + j], ids[2 * n + j]), settings)
+            out[i] = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "filtered": why}
+    return out
 
 
 def tokenize_pairs(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], settings: TokenizeSettings):
-    """Tokenize a batch of pairs.
+    """Tokenize standard text pairs given as three lists (see :func:`tokenize_normalized`)."""
+    from raydpo.data.validate import Pair
 
-    Returns one dict per pair: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int,
-    after truncation) and ``filtered`` (``None`` or the reason the pair is dropped).
-    """
-    eos = tokenizer.eos_token if settings.add_eos else None
-    chosen = [with_eos(c, eos) for c in chosen]
-    rejected = [with_eos(r, eos) for r in rejected]
-    n = len(prompts)
-    texts = list(prompts) + [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    out = []
-    for i in range(n):
-        p, c, r = split_tokens(ids[i], ids[n + i], ids[2 * n + i])
-        if len(p) >= settings.max_length:
-            out.append({"prompt_ids": p, "chosen_ids": [], "rejected_ids": [], "filtered": PROMPT_TOO_LONG})
-            continue
-        out.append(
-            {
-                "prompt_ids": p,
-                "chosen_ids": truncate(p, c, settings.max_length),
-                "rejected_ids": truncate(p, r, settings.max_length),
-                "filtered": None,
-            }
-        )
-    return out
+    return tokenize_normalized(tokenizer, [Pair(p, c, r, "text") for p, c, r in zip(prompts, chosen, rejected)], settings)
+
+
+def pair_key(pair) -> str:
+    """Content address of a normalized pair (text or messages)."""
+    return pair_id(pair.prompt, pair.chosen, pair.rejected)
 
 
 def token_digest(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]) -> bytes:
@@ -95,5 +158,5 @@ def token_digest(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: lis
     h = hashlib.blake2b(digest_size=16)
     for part in (prompt_ids, chosen_ids, rejected_ids):
         h.update(len(part).to_bytes(4, "little"))
-        h.update(b"".join(int(t).to_bytes(4, "little") for t in part))
+        h.update(np.asarray(part, dtype=np.int32).tobytes())
     return h.digest()

@@ -1,18 +1,143 @@
-"""Parse and validate raw preference rows (pure functions).
+"""Parse, validate and normalize raw preference rows (pure functions).
 
-A row either becomes a normalized ``(prompt, chosen, rejected)`` triple or gets a reason; the
-reason goes to quarantine.jsonl with the row, so no row is ever dropped without a word.
+Every format becomes one of two normalized shapes:
+- text: ``prompt``, ``chosen``, ``rejected`` strings (standard rows, and implicit-prompt dialogues
+  such as hh-rlhf split at the last assistant marker inside their common prefix);
+- chat: ``prompt`` a list of messages, ``chosen`` / ``rejected`` lists of assistant messages
+  (conversational rows, and implicit-prompt message lists split at their common messages).
+A row that fits none gets a reason instead; the reason goes to quarantine.jsonl with the row.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any, Union
 
 FIELDS = ("prompt", "chosen", "rejected")
+ROLES = ("system", "user", "assistant", "tool")
+
+Messages = list[dict[str, str]]
+Part = Union[str, Messages]
 
 
-def parse_row(raw: bytes) -> tuple[tuple[str, str, str] | None, str | None]:
-    """raw JSON bytes -> ((prompt, chosen, rejected), None) or (None, reason)."""
+@dataclass(frozen=True)
+class Pair:
+    """A normalized pair; ``kind`` is 'text' (strings) or 'chat' (message lists)."""
+
+    prompt: Part
+    chosen: Part
+    rejected: Part
+    kind: str
+
+
+class Bad(Exception):
+    """A row that cannot be used; ``str(self)`` is the quarantine reason ('kind: detail')."""
+
+
+def _messages(value: Any, name: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise Bad(f"wrong_type: {name} must be a non-empty list of messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise Bad(f"bad_message: {name}[{i}] must be an object with role and content")
+        if m["role"] not in ROLES:
+            raise Bad(f"unknown_role: {name}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise Bad(f"wrong_type: {name}[{i}].content is {type(m['content']).__name__}, expected str")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def split_text(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
+    """Implicit prompt of two whole dialogues: their common prefix cut back to the end of the last
+    ``marker`` inside it. A plain character-level prefix would cut inside the responses whenever
+    both begin with the same words; ``chosen.rfind(marker)`` alone breaks on responses that quote
+    the marker. ``prompt + response`` rebuilds each string exactly."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(marker, 0, n)
+    # The marker must lie wholly inside the common prefix.
+    while cut >= 0 and cut + len(marker) > n:
+        cut = chosen.rfind(marker, 0, cut)
+    if cut < 0:
+        raise Bad(f"no_prompt: no {marker!r} inside the common prefix of chosen and rejected")
+    end = cut + len(marker)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def split_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    """Implicit prompt of two message lists: their common messages, cut back to the start of the last
+    assistant turn (the completions must start with the assistant)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    while k > 0 and chosen[k - 1]["role"] == "assistant":
+        k -= 1
+    if k == 0:
+        raise Bad("no_prompt: chosen and rejected share no prompt messages")
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def _completion(value: Any, name: str) -> Messages:
+    msgs = _messages(value, name)
+    if msgs[0]["role"] != "assistant":
+        raise Bad(f"bad_message: {name} must start with an assistant message, got {msgs[0]['role']!r}")
+    return msgs
+
+
+def _detect(row: dict) -> str:
+    if "prompt" not in row:
+        return "implicit"
+    return "conversational" if isinstance(row["prompt"], list) else "standard"
+
+
+def normalize(row: dict, fmt: str = "auto", marker: str = "\n\nAssistant:") -> Pair:
+    """A parsed JSON object (already column-mapped) -> Pair, or raise Bad."""
+    fmt = _detect(row) if fmt == "auto" else fmt
+    needed = ("chosen", "rejected") if fmt == "implicit" else FIELDS
+    for name in needed:
+        if name not in row or row[name] is None:
+            raise Bad(f"missing_field: {name}")
+    if fmt == "standard":
+        for name in FIELDS:
+            if not isinstance(row[name], str):
+                raise Bad(f"wrong_type: {name} is {type(row[name]).__name__}, expected str")
+        pair = Pair(row["prompt"], row["chosen"], row["rejected"], "text")
+    elif fmt == "conversational":
+        pair = Pair(_messages(row["prompt"], "prompt"), _completion(row["chosen"], "chosen"),
+                    _completion(row["rejected"], "rejected"), "chat")
+    elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        if row["chosen"] == row["rejected"]:
+            raise Bad("identical_completions")
+        pair = Pair(*split_text(row["chosen"], row["rejected"], marker), "text")
+    elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
+        c, r = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+        if c == r:
+            raise Bad("identical_completions")
+        pair = Pair(*split_messages(c, r), "chat")
+    else:
+        raise Bad("wrong_type: chosen and rejected must both be strings or both be message lists")
+    _check_completions(pair)
+    return pair
+
+
+def _text_of(part: Part) -> str:
+    return part if isinstance(part, str) else "".join(m["content"] for m in part)
+
+
+def _check_completions(pair: Pair) -> None:
+    for name in ("chosen", "rejected"):
+        if not _text_of(getattr(pair, name)).strip():
+            raise Bad(f"empty_completion: {name}")
+    if pair.chosen == pair.rejected:
+        raise Bad("identical_completions")
+
+
+def parse_row(raw: bytes, columns: dict[str, str] | None = None, fmt: str = "auto",
+              marker: str = "\n\nAssistant:") -> tuple[Pair | None, str | None]:
+    """raw JSON bytes -> (Pair, None) or (None, reason)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -23,15 +148,10 @@ def parse_row(raw: bytes) -> tuple[tuple[str, str, str] | None, str | None]:
         return None, f"invalid_json: {e.msg} at column {e.colno}"
     if not isinstance(row, dict):
         return None, f"not_an_object: got {type(row).__name__}"
-    for name in FIELDS:
-        if name not in row:
-            return None, f"missing_field: {name}"
-        if not isinstance(row[name], str):
-            return None, f"wrong_type: {name} is {type(row[name]).__name__}, expected str"
-    prompt, chosen, rejected = (row[name] for name in FIELDS)
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            return None, f"empty_completion: {name}"
-    if chosen == rejected:
-        return None, "identical_completions"
-    return (prompt, chosen, rejected), None
+    for ours, theirs in (columns or {}).items():
+        if theirs in row:
+            row[ours] = row.pop(theirs)
+    try:
+        return normalize(row, fmt, marker), None
+    except Bad as e:
+        return None, str(e)

@@ -41,7 +41,7 @@ def cmd_precompute(args) -> int:
         print(f"[raydpo] exported {n} pairs to {args.export}", file=sys.stderr)
     for split, r in refs.items():
         state = "cache hit" if r.cache_hit else f"scored {r.pairs_scored} pairs"
-        print(f"[raydpo] {split}: {state}", file=sys.stderr)
+        print(f"[raydpo] {split}: {state}, cache entry {r.entry}", file=sys.stderr)
     print(refs["train"].entry)
     return 0
 
@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray Data announces every dataset execution at INFO; raydpo prints its own progress.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    import yaml
+
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, yaml.YAMLError) as e:  # bad config, data or paths: the message says it all
         print(f"raydpo: error: {e}", file=sys.stderr)
         return 2

@@ -74,7 +74,7 @@ class DataConfig:
     prompt_marker: str = "\n\nAssistant:"
     """Implicit-prompt text rows: the prompt ends after the last marker inside the common prefix."""
     max_prompt_length: Optional[int] = None
-    """Max prompt tokens; longer prompts keep their end (keep_start) or start (keep_end) as TRL did."""
+    """Max prompt tokens; a longer prompt keeps its first tokens under keep_start, its last under keep_end."""
     truncation_mode: TruncationMode = "keep_start"
     """Which end of prompt + completion survives ``max_length``: keep_start cuts completions,
     keep_end cuts the shared prompt's start (and the completion's start if it alone is too long)."""
@@ -121,7 +121,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
-    """Linear warm-up steps from 0 to ``learning_rate``; constant afterwards."""
+    """Linear warm-up over this many steps (step k uses (k+1)/(warmup+1) of ``learning_rate``); constant afterwards."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     max_steps: int = 0

@@ -62,7 +62,7 @@ def pair_metrics(
     """
     s = lambda t: t.detach().float().sum()  # noqa: E731
     return {
-        "count": torch.tensor(float(losses.shape[0])),
+        "count": torch.tensor(float(losses.shape[0]), device=losses.device),
         "loss": s(losses),
         "rewards/chosen": s(chosen_rewards),
         "rewards/rejected": s(rejected_rewards),

@@ -120,6 +120,7 @@ def validate_data(cfg: Config) -> dict:
 def run(cfg: Config) -> RunResult:
     """The whole run: data -> reference (cached) -> train -> export. Writes the run directory."""
     from raydpo.models import load_tokenizer
+    from raydpo.train.stage import check_eval
 
     paths = _start(cfg)
     for stale in (paths["metrics"], paths["train_result"]):
@@ -145,6 +146,7 @@ def run(cfg: Config) -> RunResult:
         "reference": _reference_summary(refs),
         "steps": trained["steps"],
         "steps_per_epoch": plan.steps_per_epoch,
+        "eval_pairs_evaluated": check_eval(cfg, data.n_eval),
         "final_metrics": trained["final"],
         "final_eval_metrics": trained["final_eval"],
         "model_dir": paths["model"],

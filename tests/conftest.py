@@ -49,14 +49,14 @@ def ray_cluster():
     ray.shutdown()
 
 
-def make_config(tiny_model_dir: str, train, tmp_path, **sections):
+def make_config(tiny_model_dir: str, data_path, tmp_path, **sections):
     """A Config for ``tiny_model_dir`` writing under ``tmp_path``; ``sections`` override per section."""
     from raydpo.config import from_dict
 
     raw = {
         "model": {"name_or_path": tiny_model_dir},
         "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 16},
-        "data": {"train": train, "max_length": 64, "num_workers": 1},
+        "data": {"train": data_path, "max_length": 64, "num_workers": 1},
         "train": {"num_workers": 2, "micro_batch_size": 4},
         "output": {"dir": str(tmp_path / "run")},
     }

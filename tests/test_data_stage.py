@@ -162,3 +162,26 @@ def test_conversational_implicit_and_dedup(ray_cluster, tiny_model_dir, tmp_path
     assert s["counts_add_up"]
     first = next(r for r in data.train.take_all() if len(r["prompt_ids"]) > 8)
     assert first["prompt_ids"][0] == 1  # BOS written once, by the template
+
+
+def test_dataset_input_positions_and_dedup(ray_cluster, tiny_model_dir, tmp_path):
+    import ray.data
+
+    from raydpo.data.stage import prepare
+
+    rows = GOOD[:3] + [{"prompt": "p"}] + GOOD[:2]
+    cfg = make_config(tiny_model_dir, [], tmp_path, data={"deduplicate": True, "max_bad_fraction": 0.5})
+    data = prepare(cfg, str(tmp_path / "q.jsonl"), train=ray.data.from_items(rows))
+    s = data.summary.as_dict()
+    assert (s["rows_used"], s["rows_quarantined"], s["filtered_by_reason"]) == (3, 1, {"duplicate": 2})
+    assert [json.loads(l)["index"] for l in open(tmp_path / "q.jsonl")] == [3]
+    assert sorted(r["index"] for r in data.train.take_all()) == [0, 1, 2]
+
+
+def test_eval_smaller_than_worker_count_is_an_error(tiny_model_dir, tmp_path):
+    from raydpo.train.stage import check_eval
+
+    cfg = make_config(tiny_model_dir, "x.jsonl", tmp_path, train={"num_workers": 4})
+    with pytest.raises(ValueError, match="3 eval pairs cannot be split over train.num_workers=4"):
+        check_eval(cfg, 3)
+    assert check_eval(cfg, 10) == 8 and check_eval(cfg, 0) == 0

@@ -14,9 +14,13 @@ from raydpo.pipeline import precompute
 
 def scorer_actors() -> int:
     """Reference actors ever created in this cluster (alive or dead)."""
+    import ray
     from ray.util.state import list_actors
 
-    return sum("ReferenceScorer" in a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
+    # The bootstrap address of *this* session's cluster, in case another Ray instance runs on the machine.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, limit=10_000, raise_on_missing_output=False)
+    return sum("ReferenceScorer" in a.class_name for a in actors)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +31,9 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def base(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path, cache_dir):
-    def cfg(model=tiny_model_dir, train=f"{synthetic_dir}/train.jsonl", **sections):
+    def cfg(model=tiny_model_dir, data_path=f"{synthetic_dir}/train.jsonl", **sections):
         sections.setdefault("reference", {}).setdefault("cache_dir", cache_dir)
-        return make_config(model, train, tmp_path, **sections)
+        return make_config(model, data_path, tmp_path, **sections)
 
     return cfg
 
@@ -94,6 +98,13 @@ def _one_row_changed(src, dst):
     return str(dst)
 
 
+def test_training_settings_do_not_touch_the_key(base):
+    """A sweep over loss.beta or trainer settings reuses the scored pairs."""
+    baseline = precompute(base())[1]["train"]
+    swept = precompute(base(loss={"beta": 0.5}, train={"num_workers": 1, "learning_rate": 0.1}))[1]["train"]
+    assert swept.cache_hit and swept.key == baseline.key
+
+
 @pytest.mark.parametrize("change", ["weights", "tokenizer", "data", "max_length", "dtype"])
 def test_changing_any_key_input_misses(base, tiny_model_dir, synthetic_dir, tmp_path, change):
     baseline = precompute(base())[1]["train"]
@@ -102,7 +113,7 @@ def test_changing_any_key_input_misses(base, tiny_model_dir, synthetic_dir, tmp_
     elif change == "tokenizer":
         cfg = base(model=_other_chat_template(tiny_model_dir, tmp_path / "t"), reference={"name_or_path": tiny_model_dir})
     elif change == "data":
-        cfg = base(train=_one_row_changed(f"{synthetic_dir}/train.jsonl", tmp_path / "d.jsonl"))
+        cfg = base(data_path=_one_row_changed(f"{synthetic_dir}/train.jsonl", tmp_path / "d.jsonl"))
     elif change == "max_length":
         cfg = base(data={"max_length": 9})
     else:
@@ -133,3 +144,12 @@ def test_export_is_in_input_order(ray_cluster, tiny_model_dir, tmp_path):
     assert [e["pair_id"] for e in exported] == expected
     assert set(exported[0]) == {"pair_id", "ref_chosen_logps", "ref_rejected_logps", "prompt_tokens", "chosen_tokens", "rejected_tokens"}
     assert exported[0]["chosen_tokens"] == 2 and exported[0]["ref_chosen_logps"] < 0
+    # The same pairs written with an explicit EOS tokenize identically: a cache hit, and the export
+    # (joined on token digests) still covers every pair under the new ids.
+    with_eos = [r if i == 5 else {**r, "chosen": r["chosen"] + "</s>"} for i, r in enumerate(rows)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in with_eos[:30]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in with_eos[30:]))
+    assert main(["precompute", str(tmp_path / "cfg.yaml"), "--export", str(tmp_path / "out2.jsonl")]) == 0
+    again = [json.loads(l) for l in open(tmp_path / "out2.jsonl")]
+    assert [e["ref_chosen_logps"] for e in again] == [e["ref_chosen_logps"] for e in exported]
+    assert [e["pair_id"] for e in again] != [e["pair_id"] for e in exported]

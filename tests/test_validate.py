@@ -122,5 +122,25 @@ def test_truncation_modes(mode, mpl, expect):
 
 def test_keep_end_long_completion_and_keep_start_filter():
     s = TokenizeSettings(max_length=3, truncation_mode="keep_end")
-    assert truncate_pair([1, 2], [10, 11, 12, 13], [20], s) == ([], [11, 12, 13], [20], None)
+    # A completion longer than max_length keeps its end, and one prompt token stays as its context.
+    assert truncate_pair([1, 2], [10, 11, 12, 13], [20], s) == ([2], [12, 13], [20], None)
     assert truncate_pair([1, 2, 3], [10], [20], TokenizeSettings(max_length=3))[3] == "prompt_too_long"
+
+
+def test_column_swap_and_user_turn_in_completion():
+    pair, _ = parse({"prompt": "p", "chosen": " bad", "rejected": " good"}, columns={"chosen": "rejected", "rejected": "chosen"})
+    assert pair == Pair("p", " good", " bad", "text")
+    pair, why = parse({"chosen": [U("q"), A("x"), U("q2"), A("a")], "rejected": [U("q"), A("x"), U("q3"), A("b")]})
+    assert pair is None and why.startswith("bad_message: the chosen completion holds a non-assistant turn")
+
+
+def test_template_error_and_empty_completion_tokens(tokenizer):
+    raising = "{{ raise_exception('roles must alternate') }}"
+    drops = "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    pair = Pair([U("q")], [A("a")], [A("b")], "chat")
+    text = Pair("p", " a", " b", "text")
+    bad, ok = tokenize_normalized(tokenizer, [pair, text], TokenizeSettings(64, chat_template=raising))
+    assert bad["error"].startswith("template_error") and "roles must alternate" in bad["error"]
+    assert ok["error"] is None and ok["chosen_ids"]
+    (empty,) = tokenize_normalized(tokenizer, [pair], TokenizeSettings(64, chat_template=drops))
+    assert empty["filtered"] == "empty_completion_tokens"

@@ -152,8 +152,23 @@ def from_hf(ds, source: str):
 
 
 def from_ray(ds, source: str = "<ray.data.Dataset>"):
-    """An existing ``ray.data.Dataset`` of preference rows as ``{source, index, raw}`` (index -1)."""
-    return ds.map_batches(_raw_rows(source), batch_format="pyarrow")
+    """An existing ``ray.data.Dataset`` of preference rows as ``{source, index, raw}``.
+
+    ``index`` is the 0-based row position in the dataset's order: the dataset is materialized and
+    its blocks numbered in order, so quarantine entries and duplicates point at real rows.
+    """
+    import ray
+    import ray.data
+
+    tables, start = [], 0
+    for ref in ds.materialize().to_arrow_refs():
+        block = ray.get(ref)
+        if not isinstance(block, pa.Table):
+            block = pa.Table.from_pandas(block, preserve_index=False)
+        rows = block.to_pylist()
+        tables.append(_table_positions(source, [(start + i, json.dumps(r, default=str).encode()) for i, r in enumerate(rows)]))
+        start += len(rows)
+    return ray.data.from_arrow(tables or [_table_positions(source, [])])
 
 
 def _hub_or_saved(spec: str, default_split: str):

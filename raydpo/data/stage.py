@@ -65,6 +65,8 @@ class Preprocess:
         out = {name: [] for name in OUT_SCHEMA.names}
         for i, (pair, reason) in enumerate(parsed):
             tok = tokenized.get(i)
+            if pair is not None and tok["error"]:
+                pair, reason = None, tok["error"]
             if pair is None:
                 status, pid = "quarantined", ""
             else:
@@ -122,11 +124,11 @@ def pick(processed, status: str, split: str | None = None, columns: list[str] | 
 
 
 def input_order(processed, files: list[str]) -> list[tuple[str, str, int]]:
-    """(pair_id, source, index) of kept pairs sorted by input source order, then position."""
+    """(pair_id, source, index, digest) of kept pairs sorted by input source order, then position."""
     rank = {f: i for i, f in enumerate(files)}
     rows = []
-    for batch in pick(processed, "ok", columns=["pair_id", "source", "index"]).iter_batches(batch_format="pyarrow"):
-        rows.extend(zip(batch["pair_id"].to_pylist(), batch["source"].to_pylist(), batch["index"].to_pylist()))
+    for batch in pick(processed, "ok", columns=["pair_id", "source", "index", "digest"]).iter_batches(batch_format="pyarrow"):
+        rows.extend(zip(*(batch[c].to_pylist() for c in ("pair_id", "source", "index", "digest"))))
     return sorted(rows, key=lambda r: (rank.get(r[1], len(rank)), r[1], r[2]))
 
 
@@ -136,14 +138,14 @@ DUPLICATE = "duplicate"
 def mark_duplicates(processed, files: list[str]):
     """Re-label every kept pair whose content appeared earlier in input order as filtered 'duplicate'."""
     seen, dups = set(), set()
-    for pid, src, idx in input_order(processed, files):
+    for pid, src, idx, _ in input_order(processed, files):
         (dups.add((src, idx)) if pid in seen else seen.add(pid))
     if not dups:
         return processed
 
     def relabel(t: pa.Table) -> pa.Table:
-        hit = [(s, i) in dups for s, i in zip(t["source"].to_pylist(), t["index"].to_pylist())]
-        mask = pa.array(hit)
+        hit = [st == "ok" and (s, i) in dups for st, s, i in zip(t["status"].to_pylist(), t["source"].to_pylist(), t["index"].to_pylist())]
+        mask = pa.array(hit, pa.bool_())
         status = pc.if_else(mask, pa.scalar("filtered"), t["status"])
         reason = pc.if_else(mask, pa.scalar(DUPLICATE), t["reason"])
         return t.set_column(t.schema.get_field_index("status"), "status", status).set_column(
@@ -230,7 +232,9 @@ class PreparedData:
 def tokenize_settings(cfg) -> TokenizeSettings:
     d = cfg.data
     template = d.chat_template
-    if template and template.endswith(".jinja") and os.path.exists(os.path.expanduser(template)):
+    if template and template.endswith(".jinja"):
+        if not os.path.exists(os.path.expanduser(template)):
+            raise FileNotFoundError(f"data.chat_template file {template!r} does not exist")
         with open(os.path.expanduser(template)) as f:
             template = f.read()
     return TokenizeSettings(

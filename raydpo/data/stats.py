@@ -31,22 +31,24 @@ def export_reference(processed, files: list[str], scored: list, path: str) -> in
 
     ``scored``: datasets with ``CACHED_COLUMNS`` (train and eval). Returns lines written.
     """
-    by_id = {}
+    # Joined on the token digest, not the pair id: a cache hit may come from differently written
+    # text that tokenizes to the same ids.
+    by_digest = {}
     for ds in scored:
         for b in ds.iter_batches(batch_format="pyarrow"):
             for row in zip(
-                b["pair_id"].to_pylist(),
+                b["digest"].to_pylist(),
                 b["ref_chosen_logps"].to_pylist(),
                 b["ref_rejected_logps"].to_pylist(),
                 b["prompt_ids"].combine_chunks().value_lengths().to_pylist(),
                 b["chosen_ids"].combine_chunks().value_lengths().to_pylist(),
                 b["rejected_ids"].combine_chunks().value_lengths().to_pylist(),
             ):
-                by_id[row[0]] = row[1:]
+                by_digest[row[0]] = row[1:]
     n = 0
     with open(path, "w") as f:
-        for pid, _, _ in input_order(processed, files):
-            rc, rr, pt, ct, rt = by_id[pid]
+        for pid, _, _, digest in input_order(processed, files):
+            rc, rr, pt, ct, rt = by_digest[digest]
             line = {"pair_id": pid, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
                     "prompt_tokens": pt, "chosen_tokens": ct, "rejected_tokens": rt}
             f.write(json.dumps(line) + "\n")

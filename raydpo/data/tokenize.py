@@ -21,6 +21,7 @@ import numpy as np
 from dataclasses import dataclass
 
 PROMPT_TOO_LONG = "prompt_too_long"
+NO_COMPLETION = "empty_completion_tokens"
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,11 @@ def truncate_pair(p: list[int], c: list[int], r: list[int], settings: TokenizeSe
         if len(p) >= L:
             return p, [], [], PROMPT_TOO_LONG
         return p, c[: L - len(p)], r[: L - len(p)], None
+    # At least one prompt token stays, so the first completion token is predicted from something.
+    c, r = c[-(L - 1):], r[-(L - 1):]
     need = max(len(c), len(r))
     if len(p) + need > L:
-        p = p[len(p) + need - L :] if need < L else []
-        c, r = c[-L:], r[-L:]
+        p = p[len(p) + need - L :]
     return p, c, r, None
 
 
@@ -124,20 +126,30 @@ def tokenize_normalized(tokenizer, pairs: list, settings: TokenizeSettings) -> l
     """Tokenize normalized :class:`raydpo.data.validate.Pair` s (text and chat mixed).
 
     Returns one dict per pair: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (after
-    truncation) and ``filtered`` (None or the reason the pair is dropped).
+    truncation), ``filtered`` (None or why a valid pair is dropped) and ``error`` (None or why the
+    row is bad input, e.g. the chat template rejects it; such rows are quarantined).
     """
     out: list[dict | None] = [None] * len(pairs)
     for kind, special in (("text", True), ("chat", False)):
         idx = [i for i, p in enumerate(pairs) if p.kind == kind]
         if not idx:
             continue
-        rendered = [render(pairs[i], tokenizer, settings) for i in idx]
+        rendered = []
+        for i in list(idx):
+            try:
+                rendered.append(render(pairs[i], tokenizer, settings))
+            except Exception as e:  # a template that rejects this conversation: quarantine the row
+                out[i] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "filtered": None,
+                          "error": f"template_error: {type(e).__name__}: {e}"}
+                idx.remove(i)
         n = len(idx)
         texts = [t[0] for t in rendered] + [t[1] for t in rendered] + [t[2] for t in rendered]
         ids = encode(tokenizer, texts, special)
         for j, i in enumerate(idx):
             p, c, r, why = truncate_pair(*split_tokens(ids[j], ids[n + j], ids[2 * n + j]), settings)
-            out[i] = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "filtered": why}
+            if why is None and (not c or not r):
+                why = NO_COMPLETION  # e.g. a chat template that drops the completion
+            out[i] = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "filtered": why, "error": None}
     return out
 
 

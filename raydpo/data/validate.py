@@ -77,6 +77,9 @@ def split_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Mess
         k -= 1
     if k == 0:
         raise Bad("no_prompt: chosen and rejected share no prompt messages")
+    for name, rest in (("chosen", chosen[k:]), ("rejected", rejected[k:])):
+        if any(m["role"] != "assistant" for m in rest):
+            raise Bad(f"bad_message: the {name} completion holds a non-assistant turn (the pair diverges before its last assistant turn)")
     return chosen[:k], chosen[k:], rejected[k:]
 
 
@@ -148,9 +151,10 @@ def parse_row(raw: bytes, columns: dict[str, str] | None = None, fmt: str = "aut
         return None, f"invalid_json: {e.msg} at column {e.colno}"
     if not isinstance(row, dict):
         return None, f"not_an_object: got {type(row).__name__}"
-    for ours, theirs in (columns or {}).items():
-        if theirs in row:
-            row[ours] = row.pop(theirs)
+    if columns:
+        # One pass from the original row, so swaps like {chosen: rejected, rejected: chosen} work.
+        renamed = {ours: row[theirs] for ours, theirs in columns.items() if theirs in row}
+        row = {k: v for k, v in row.items() if k not in columns.values()} | renamed
     try:
         return normalize(row, fmt, marker), None
     except Bad as e:

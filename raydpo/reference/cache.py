@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -49,7 +49,8 @@ def fingerprint_model(model_dir: str) -> str:
         os.path.join(root, f)
         for root, _, names in os.walk(model_dir)
         for f in names
-        if f.endswith(WEIGHT_FILES) or f in CONFIG_FILES
+        # .py: a trust_remote_code model's code decides its outputs as much as its weights.
+        if f.endswith(WEIGHT_FILES + (".py",)) or f in CONFIG_FILES
     ]
     if not any(f.endswith(WEIGHT_FILES) for f in files):
         raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_FILES)}) under {model_dir}")
@@ -87,7 +88,7 @@ def lookup(cache_dir: str, key: str) -> str | None:
     return path if os.path.exists(os.path.join(path, "manifest.json")) else None
 
 
-def write_entry(cache_dir: str, key: str, inputs: dict, write_data) -> str:
+def write_entry(cache_dir: str, key: str, inputs: dict, write_data, paths: dict | None = None) -> str:
     """Create the entry atomically: ``write_data(tmp_data_dir)`` writes the parquet shards.
 
     Returns the entry directory. If another run finished the same entry first, its copy wins.
@@ -97,7 +98,7 @@ def write_entry(cache_dir: str, key: str, inputs: dict, write_data) -> str:
     os.makedirs(tmp)
     try:
         write_data(os.path.join(tmp, "data"))
-        manifest = {"key": key, "format": FORMAT_VERSION, "created": time.time(), "inputs": inputs}
+        manifest = {"key": key, "format": FORMAT_VERSION, "created": time.time(), "inputs": inputs, "paths": paths or {}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
         try:

@@ -20,6 +20,9 @@ class ReferenceScorer:
 
         self.torch = torch
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True)
+        # An actor that reserved a GPU (reference.num_gpus_per_actor > 0) sees it here.
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.model.to(self.device)
         self.pad_id = pad_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -29,8 +32,8 @@ class ReferenceScorer:
         # Arrow in and out keeps the id columns list<int32>; a numpy round trip would turn them
         # into Ray's tensor extension type.
         ids = [batch[name].to_pylist() for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
-        inputs = collate_pairs(*ids, self.pad_id)
+        inputs = {k: v.to(self.device) for k, v in collate_pairs(*ids, self.pad_id).items()}
         with self.torch.inference_mode():
             chosen, rejected = split_pairs(forward_logps(self.model, inputs))
-        batch = batch.append_column("ref_chosen_logps", pa.array(chosen.numpy(), pa.float32()))
-        return batch.append_column("ref_rejected_logps", pa.array(rejected.numpy(), pa.float32()))
+        batch = batch.append_column("ref_chosen_logps", pa.array(chosen.cpu().numpy(), pa.float32()))
+        return batch.append_column("ref_rejected_logps", pa.array(rejected.cpu().numpy(), pa.float32()))

@@ -9,7 +9,7 @@ from raydpo.config import Config, reference_dtype, reference_path
 from raydpo.reference import cache
 
 #: What the cache stores per pair (and what the train stage reads).
-CACHED_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+CACHED_COLUMNS = ["pair_id", "digest", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 
 
 @dataclass
@@ -31,20 +31,27 @@ class ReferenceResult:
 
 
 def cache_inputs(cfg: Config, pairs, tokenize_settings: dict) -> dict:
-    """Every input the reference log-probs depend on, spelled out for the manifest."""
+    """Every input the reference log-probs depend on, spelled out for the manifest.
+
+    Paths are not part of the key (the same files at another mount point hit); fingerprints are.
+    """
+    import torch
+    import transformers
+
     from raydpo.models import resolve_local
 
     ref_dir = resolve_local(reference_path(cfg))
     tok_dir = resolve_local(cfg.model.name_or_path)
     digests = (d for b in pairs.select_columns(["digest"]).iter_batches(batch_format="pyarrow") for d in b["digest"].to_pylist())
     return {
-        "reference": {"path": reference_path(cfg), "fingerprint": cache.fingerprint_model(ref_dir)},
-        "tokenizer": {"path": cfg.model.name_or_path, "fingerprint": cache.fingerprint_tokenizer(tok_dir)},
+        "reference": {"fingerprint": cache.fingerprint_model(ref_dir), "trust_remote_code": cfg.model.trust_remote_code},
+        "tokenizer": {"fingerprint": cache.fingerprint_tokenizer(tok_dir)},
         "tokenization": tokenize_settings,
         "data": cache.data_digest(digests),
         "dtype": reference_dtype(cfg),
         "backend": "hf",
         "logps": "sum_completion_float32",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
 
@@ -82,8 +89,9 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict) -> R
     entry = cache.lookup(cfg.reference.cache_dir, key)
     scored = 0
     if entry is None:
-        scored_ds = score_pairs(pairs.select_columns(CACHED_COLUMNS[:4]), cfg, pad_id)
+        scored_ds = score_pairs(pairs.select_columns(CACHED_COLUMNS[:5]), cfg, pad_id)
         scored = pairs.count()
-        entry = cache.write_entry(cfg.reference.cache_dir, key, inputs, lambda d: scored_ds.write_parquet(d))
+        paths = {"reference": reference_path(cfg), "tokenizer": cfg.model.name_or_path}
+        entry = cache.write_entry(cfg.reference.cache_dir, key, inputs, lambda d: scored_ds.write_parquet(d), paths)
     dataset = ray.data.read_parquet(f"{entry}/data")
     return ReferenceResult(dataset, entry, key, scored == 0, scored, time.perf_counter() - start)

@@ -20,10 +20,15 @@ def _global_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     import torch.distributed as dist
 
     keys = sorted(sums)
-    packed = torch.stack([sums[k].float() for k in keys])
+    device = next(iter(sums.values())).device
+    packed = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in keys])
     if dist.is_initialized():
         dist.all_reduce(packed)
     return dict(zip(keys, packed.tolist()))
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _add(acc: dict, new: dict) -> dict:
@@ -59,11 +64,11 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, f
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
-            _, s = step_metrics(engine, collate_rows(raw, pad_id), loss_cfg)
+            _, s = step_metrics(engine, to_device(collate_rows(raw, pad_id), engine.device), loss_cfg)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
-        sums = {k: torch.tensor(0.0) for k in ("count", "loss", "tokens", "rewards/chosen", "rewards/rejected",
+        sums = {k: torch.tensor(0.0, device=engine.device) for k in ("count", "loss", "tokens", "rewards/chosen", "rewards/rejected",
                                              "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")}
     totals = _global_sums({k: torch.as_tensor(v) for k, v in sums.items()})
     totals.pop("tokens")
@@ -147,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
         for raw in batches:
             if step >= config["total_steps"] or micro >= config["steps_per_epoch"] * t.gradient_accumulation_steps:
                 continue  # drain the epoch so every shard iterator finishes together
-            loss, s = step_metrics(engine, collate_rows(raw, pad_id), loss_cfg)
+            loss, s = step_metrics(engine, to_device(collate_rows(raw, pad_id), engine.device), loss_cfg)
             engine.backward(loss)
             lr = scheduler.get_last_lr()[0]
             engine.step()

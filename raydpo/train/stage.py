@@ -33,6 +33,14 @@ def plan_steps(cfg: Config, n_train: int) -> TrainPlan:
     return TrainPlan(steps_per_epoch, total)
 
 
+def check_eval(cfg: Config, n_eval: int) -> int:
+    """Eval pairs actually evaluated: the split gives each worker ``n_eval // num_workers``."""
+    w = cfg.train.num_workers
+    if 0 < n_eval < w:
+        raise ValueError(f"{n_eval} eval pairs cannot be split over train.num_workers={w}; add eval data or drop it")
+    return n_eval // w * w
+
+
 def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str):
     """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir."""
     import ray.train
@@ -42,6 +50,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     from raydpo.train.loop import train_loop_per_worker
 
     plan = plan_steps(cfg, n_train)
+    check_eval(cfg, n_eval)
     out = os.path.abspath(cfg.output.dir)
     datasets = {"train": train_ds}
     if n_eval:

@@ -69,7 +69,7 @@ def test_prompt_too_long_is_filtered_and_counted(ray_cluster, tiny_model_dir, tm
 
 
 def test_readers_agree_jsonl_gz_json_parquet(ray_cluster, tiny_model_dir, tmp_path):
-    files = [write_jsonl(tmp_path / "a.jsonl", GOOD)]
+    write_jsonl(tmp_path / "a.jsonl", GOOD)
     with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
         f.write(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD))
     (tmp_path / "c.json").write_text(json.dumps(GOOD))

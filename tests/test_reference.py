@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import pyarrow as pa
 import pytest
 import torch
 import yaml

@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     t, pad_id = cfg.train, config["pad_id"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(t.seed + rank)
     loss_cfg = {"type": cfg.loss.type, "beta": cfg.loss.beta, "label_smoothing": cfg.loss.label_smoothing}
 

@@ -51,11 +51,15 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(cfg: Config):
-    """Stage 1 (Ray Data): returns :class:`raydpo.data.stage.PreparedData`."""
+def prepare_data(cfg: Config, train=None, eval=None):
+    """Stage 1 (Ray Data): returns :class:`raydpo.data.stage.PreparedData`.
+
+    ``train`` / ``eval``: optional ``ray.data.Dataset`` s of preference rows used instead of
+    ``data.train`` / ``data.eval`` (for pipelines that generate their own pairs).
+    """
     from raydpo.data.stage import prepare
 
-    return prepare(cfg, _paths(cfg)["quarantine"])
+    return prepare(cfg, _paths(cfg)["quarantine"], train=train, eval=eval)
 
 
 def score_reference(data, cfg: Config) -> dict:

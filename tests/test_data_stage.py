@@ -167,14 +167,12 @@ def test_conversational_implicit_and_dedup(ray_cluster, tiny_model_dir, tmp_path
 def test_dataset_input_positions_and_dedup(ray_cluster, tiny_model_dir, tmp_path):
     import ray.data
 
-    from raydpo.data.stage import prepare
-
     rows = GOOD[:3] + [{"prompt": "p"}] + GOOD[:2]
     cfg = make_config(tiny_model_dir, [], tmp_path, data={"deduplicate": True, "max_bad_fraction": 0.5})
-    data = prepare(cfg, str(tmp_path / "q.jsonl"), train=ray.data.from_items(rows))
+    data = prepare_data(cfg, train=ray.data.from_items(rows))
     s = data.summary.as_dict()
     assert (s["rows_used"], s["rows_quarantined"], s["filtered_by_reason"]) == (3, 1, {"duplicate": 2})
-    assert [json.loads(l)["index"] for l in open(tmp_path / "q.jsonl")] == [3]
+    assert [json.loads(l)["index"] for l in open(tmp_path / "run" / "quarantine.jsonl")] == [3]
     assert sorted(r["index"] for r in data.train.take_all()) == [0, 1, 2]
 
 

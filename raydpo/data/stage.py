@@ -106,9 +106,9 @@ def _pick_block(t: pa.Table, status: str, split: str | None = None, columns: lis
 def blocks(processed):
     """The blocks of a materialized dataset, fetched one at a time.
 
-    The accounting passes (counts, quarantine, split) run on the driver over these: on one node the
-    blocks come from shared memory without a copy, which is an order of magnitude faster than a
-    Ray Data pass or a task per block on a small machine (measured: 0.3 s vs 6-8 s for 50k rows).
+    The counting and quarantine passes run on the driver over these: on one node the blocks come
+    from shared memory without a copy, which on a small machine beat a task per block by an order
+    of magnitude (measured for 50k rows: about 0.05 s vs 4-8 s).
     """
     import ray
 
@@ -139,7 +139,9 @@ def mark_duplicates(processed, files: list[str]):
     """Re-label every kept pair whose content appeared earlier in input order as filtered 'duplicate'."""
     seen, dups = set(), set()
     for pid, src, idx, _ in input_order(processed, files):
-        (dups.add((src, idx)) if pid in seen else seen.add(pid))
+        if pid in seen:
+            dups.add((src, idx))
+        seen.add(pid)
     if not dups:
         return processed
 

@@ -76,6 +76,49 @@ def cmd_synthetic(args) -> int:
     return 0
 
 
+def _cache_dir(args) -> str:
+    if args.cache_dir:
+        return args.cache_dir
+    if args.config:
+        return _load(args).reference.cache_dir
+    from raydpo.config import ReferenceConfig
+
+    return ReferenceConfig().cache_dir
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_cache(args) -> int:
+    import time
+
+    from raydpo.reference import store
+
+    root = _cache_dir(args)
+    if args.action == "list":
+        entries = store.list_entries(root)
+        if args.json:
+            print(json.dumps(entries, indent=1))
+            return 0
+        print(f"{len(entries)} entries in {os.path.abspath(os.path.expanduser(root))}")
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"]))
+            what = f"{e.get('pairs')} pairs, {e.get('dtype')}, {e.get('backend')}, reference {e.get('reference')}" if e["status"] == "complete" else e["status"]
+            print(f"{e['key']}  {when}  {_human_bytes(e['bytes']):>10}  {what}")
+        return 0
+    removed = store.prune(root, keys=args.key or None, older_than_days=args.older_than_days,
+                          keep_last=args.keep_last, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in removed:
+        print(f"{verb} {e['key']} ({e['status']}, {_human_bytes(e['bytes'])})")
+    print(f"[raydpo] {verb} {len(removed)} entries, {_human_bytes(sum(e['bytes'] for e in removed))}", file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydpo", description="DPO and relatives at cluster scale on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +134,18 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--export", metavar="FILE.jsonl", help="write reference log-probs per kept pair, in input order")
     pc.set_defaults(fn=cmd_precompute)
     with_config("validate-data", "read, validate and tokenize; no model").set_defaults(fn=cmd_validate)
+
+    ca = sub.add_parser("cache", help="list or prune the reference log-prob cache")
+    ca.add_argument("action", choices=["list", "prune"])
+    ca.add_argument("config", nargs="?", help="YAML config whose reference.cache_dir to use")
+    ca.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reference.cache_dir=/data/cache")
+    ca.add_argument("--cache-dir", help="the cache root (default: the config's, else ~/.cache/raydpo/reference)")
+    ca.add_argument("--json", action="store_true", help="list: machine-readable output")
+    ca.add_argument("--key", action="append", help="prune: this entry (repeatable)")
+    ca.add_argument("--older-than-days", type=float, help="prune: entries created longer ago than this")
+    ca.add_argument("--keep-last", type=int, help="prune: all but the newest N complete entries")
+    ca.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    ca.set_defaults(fn=cmd_cache)
 
     tm = sub.add_parser("tiny-model", help="write a tiny random Llama + trained BPE tokenizer")
     tm.add_argument("out_dir")
@@ -118,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     import yaml
 
+    from raydpo.train.guard import GuardError
+
     try:
         return args.fn(args)
-    except (ValueError, OSError, yaml.YAMLError) as e:  # bad config, data or paths: the message says it all
+    except (ValueError, OSError, yaml.YAMLError, GuardError) as e:  # bad config, data, paths or cache: the message says it all
         print(f"raydpo: error: {e}", file=sys.stderr)
         return 2

@@ -41,12 +41,28 @@ class ReferenceConfig:
     """Frozen reference weights; defaults to ``model.name_or_path``."""
     dtype: Optional[Dtype] = None
     """Dtype of the reference weights; defaults to ``model.dtype``. Log-softmax is always float32."""
-    num_actors: int = 1
-    """Number of actors in the reference pool (each holds one copy of the reference)."""
+    num_actors: Union[int, list[int]] = 1
+    """Reference actors, each holding one copy of the reference: a fixed number, or ``[min, max]``
+    to let Ray Data grow the pool with the backlog of unscored batches."""
     num_cpus_per_actor: float = 1.0
     """Logical CPUs each reference actor reserves."""
     num_gpus_per_actor: float = 0.0
-    """GPUs each reference actor reserves (0 on CPU-only clusters)."""
+    """GPUs each reference actor reserves (0 on CPU-only clusters; a fraction packs several per GPU)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each actor needs, e.g. ``{reference_node: 1}``, so the pool is placed on
+    the nodes that declare them (another node type than the trainers)."""
+    accelerator_type: Optional[str] = None
+    """Ray accelerator type each actor needs (e.g. ``L4``, ``A10G``): the reference on cheaper GPUs."""
+    max_restarts: int = 3
+    """How often a dead reference actor is restarted (-1: always); its unfinished batches are retried."""
+    max_task_retries: int = 3
+    """How often a batch is retried after its actor died (-1: always)."""
+    guard: bool = True
+    """Exactness guard: on every worker's first micro-batch, before any update, the policy still is
+    the reference, so its log-probs must match the cached ones; a gap above ``guard_tolerance`` stops
+    the run. Applies when the reference is the policy's starting weights (the default)."""
+    guard_tolerance: Optional[float] = None
+    """Largest allowed gap per completion token; default by the looser dtype: float32 1e-4, bf16/fp16 5e-2."""
     batch_size: int = 8
     """Pairs per reference forward pass (chosen and rejected are scored together: 2x sequences)."""
     cache_dir: str = "~/.cache/raydpo/reference"
@@ -90,6 +106,10 @@ class DataConfig:
     """Rows per Ray Data tokenization batch (one batched tokenizer call each)."""
     num_workers: int = 2
     """Tokenization actors (each loads the tokenizer once)."""
+    shared_prompt: bool = True
+    """Tokenize each prompt's head once instead of three times where the tokenizer provably gives
+    the same ids (byte-level BPE with GPT-2, Llama 3 or Qwen 2 splitting; see
+    ``raydpo/data/prompt_cut.py``); other tokenizers take the plain path whatever this says."""
 
 
 @dataclass
@@ -171,6 +191,8 @@ class Config:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -181,16 +203,23 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(key, value, args[0])
+        errors = []
+        for arg in args:  # the first alternative that accepts the value wins
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
         return value
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise ConfigError(f"{key}: expected a mapping of strings, got {value!r}")
-        return dict(value)
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping from names to {_type_name(value_tp)}, got {value!r}")
+        return {k: _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = [value] if isinstance(value, str) else value
@@ -272,11 +301,25 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     return from_dict(apply_overrides(raw, list(overrides)))
 
 
+def pool_size(num_actors: int | list[int]) -> tuple[int, int]:
+    """(min, max) actors of a pool size given as a number or ``[min, max]``."""
+    return (num_actors, num_actors) if isinstance(num_actors, int) else (num_actors[0], num_actors[-1])
+
+
+def _pool_ok(num_actors: int | list[int]) -> bool:
+    if isinstance(num_actors, list) and len(num_actors) != 2:
+        return False
+    low, high = pool_size(num_actors)
+    return 1 <= low <= high
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks that the type annotations cannot express."""
     checks = [
         (cfg.model.name_or_path != "", "model.name_or_path is required"),
-        (cfg.reference.num_actors >= 1, "reference.num_actors must be >= 1"),
+        (_pool_ok(cfg.reference.num_actors), "reference.num_actors must be a number >= 1 or [min, max] with 1 <= min <= max"),
+        (cfg.reference.max_restarts >= -1 and cfg.reference.max_task_retries >= -1,
+         "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
         (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
         (cfg.data.max_prompt_length is None or 1 <= cfg.data.max_prompt_length < cfg.data.max_length,

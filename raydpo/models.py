@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -31,11 +32,30 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+#: ``tokenizer_class`` values that ``AutoTokenizer`` maps to transformers' generic fast tokenizer.
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def tokenizer_class_name(path: str) -> str | None:
+    """``tokenizer_class`` from ``tokenizer_config.json``, or None (missing, or remote code via auto_map)."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return None if config.get("auto_map") else config.get("tokenizer_class")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer, which must define a pad token (or EOS to fall back on) for batching."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_local(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_local(name_or_path)
+    if tokenizer_class_name(path) in GENERIC_TOKENIZER_CLASSES:
+        # The class AutoTokenizer would pick, imported alone: AutoTokenizer's import pulls in torch
+        # and the model registry (2.7 s against 0.7 s), paid by every tokenizer actor at start.
+        from transformers import PreTrainedTokenizerFast as cls
+    else:
+        from transformers import AutoTokenizer as cls
+    tok = cls.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")

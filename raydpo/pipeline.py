@@ -78,11 +78,13 @@ def score_reference(data, cfg: Config) -> dict:
 def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
     """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (ray Result, TrainPlan)."""
     from raydpo.models import load_tokenizer, resolve_local
-    from raydpo.train.stage import run_training
+    from raydpo.train.stage import guard_config, run_training
 
     pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     eval_ds = refs["eval"].dataset if "eval" in refs else None
-    return run_training(cfg, refs["train"].dataset, eval_ds, n_train, n_eval, pad_id, resolve_local(cfg.model.name_or_path))
+    model_path = resolve_local(cfg.model.name_or_path)
+    guard = guard_config(cfg, model_path, refs["train"].entry)
+    return run_training(cfg, refs["train"].dataset, eval_ds, n_train, n_eval, pad_id, model_path, guard)
 
 
 def _reference_summary(refs: dict) -> dict:

@@ -74,3 +74,26 @@ def test_overrides_do_not_mutate_input():
     raw = {"loss": {"beta": 0.1}}
     apply_overrides(raw, ["loss.beta=0.2"])
     assert raw == {"loss": {"beta": 0.1}}
+
+
+def test_reference_pool_placement(tmp_path):
+    from raydpo.config import pool_size
+    from raydpo.reference.stage import pool_options
+
+    cfg = load(write(tmp_path, BASE), ["reference.num_actors=[1, 3]", "reference.resources={ref_node: 1}",
+                                       "reference.accelerator_type=L4", "reference.max_restarts=-1"])
+    r = cfg.reference
+    assert pool_size(r.num_actors) == (1, 3) and r.resources == {"ref_node": 1.0}
+    opts = pool_options(r)
+    assert (opts["compute"].min_size, opts["compute"].max_size) == (1, 3)
+    assert opts["resources"] == {"ref_node": 1.0} and opts["accelerator_type"] == "L4"
+    assert (opts["max_restarts"], opts["max_task_retries"]) == (-1, 3)
+    fixed = pool_options(load(write(tmp_path, BASE), ["reference.num_actors=2"]).reference)
+    assert (fixed["compute"].min_size, fixed["compute"].max_size) == (2, 2) and "resources" not in fixed
+    for bad in ("[3, 1]", "[1, 2, 3]", "0"):
+        with pytest.raises(ConfigError, match="reference.num_actors must be"):
+            load(write(tmp_path, BASE), [f"reference.num_actors={bad}"])
+    with pytest.raises(ConfigError, match="reference.num_actors: expected int or a list of int"):
+        load(write(tmp_path, BASE), ["reference.num_actors=many"])
+    with pytest.raises(ConfigError, match="reference.resources.ref_node: expected float"):
+        load(write(tmp_path, BASE), ["reference.resources={ref_node: lots}"])

@@ -152,3 +152,82 @@ def test_export_is_in_input_order(ray_cluster, tiny_model_dir, tmp_path):
     again = [json.loads(l) for l in open(tmp_path / "out2.jsonl")]
     assert [e["ref_chosen_logps"] for e in again] == [e["ref_chosen_logps"] for e in exported]
     assert [e["pair_id"] for e in again] != [e["pair_id"] for e in exported]
+
+
+def _scored_rows(result) -> list[tuple]:
+    return sorted((r["pair_id"], r["digest"], r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in result.dataset.take_all())
+
+
+def _same_pairs(a: list[tuple], b: list[tuple]) -> None:
+    """Same pairs, each exactly once per input copy, with the same log-probs up to batch composition."""
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    assert [v for r in a for v in r[2:]] == pytest.approx([v for r in b for v in r[2:]], abs=1e-5)
+
+
+def test_a_dead_actor_is_restarted_and_its_batch_retried(base, tmp_path):
+    import os
+
+    from raydpo.models import load_tokenizer
+    from raydpo.pipeline import prepare_data
+    from raydpo.reference.scorer import ReferenceScorer
+    from raydpo.reference.stage import run_reference
+
+    marker = str(tmp_path / "crashed")
+
+    class CrashOnce(ReferenceScorer):
+        """The first batch anywhere in the pool kills its actor's process before it is scored."""
+
+        def __call__(self, batch):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return super().__call__(batch)
+            os._exit(1)
+
+    baseline = _scored_rows(precompute(base())[1]["train"])
+    cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "num_actors": 2, "batch_size": 16})
+    data = prepare_data(cfg)
+    result = run_reference(data.train, cfg, load_tokenizer(cfg.model.name_or_path).pad_token_id, data.settings.__dict__, scorer=CrashOnce)
+    assert os.path.exists(marker)  # an actor really died mid-run
+    assert result.pairs_scored == 256
+    _same_pairs(_scored_rows(result), baseline)
+
+
+def test_interrupted_run_resumes_with_only_the_missing_pairs(base, tmp_path):
+    import os
+
+    cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 32})
+    full = precompute(cfg)[1]["train"]
+    shards = sorted(os.listdir(f"{full.entry}/data"))
+    assert len(shards) == 8
+    # What a run killed after three batches leaves: an unsealed entry holding three shards.
+    part = full.entry + ".partial"
+    os.rename(full.entry, part)
+    os.remove(f"{part}/manifest.json")
+    for name in shards[3:]:
+        os.remove(f"{part}/data/{name}")
+    resumed = precompute(cfg)[1]["train"]
+    assert resumed.pairs_scored == 256 - 3 * 32 and not resumed.cache_hit
+    assert not os.path.exists(part) and resumed.entry == full.entry
+    _same_pairs(_scored_rows(resumed), _scored_rows(full))
+
+
+def test_corrupt_shard_is_detected_and_redone(base, tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 48})
+    full = precompute(cfg)[1]["train"]
+    before = _scored_rows(full)
+    victim = os.path.join(full.entry, "data", sorted(os.listdir(f"{full.entry}/data"))[0])
+    rows = pq.read_metadata(victim).num_rows
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as f:  # bit rot: same size, other bytes in the middle
+        f.seek(size // 2)
+        f.write(b"\xff" * 16)
+    again = precompute(cfg)[1]["train"]
+    assert again.pairs_scored == rows and not again.cache_hit
+    _same_pairs(_scored_rows(again), before)
+    third = precompute(cfg)[1]["train"]
+    assert third.cache_hit and third.pairs_scored == 0

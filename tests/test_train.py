@@ -60,6 +60,9 @@ def test_train_end_to_end(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path, 
     assert AutoTokenizer.from_pretrained(run / "model").eos_token == "</s>"
     summary = json.load(open(run / "summary.json"))
     assert summary["steps"] == 12 and summary["counts_add_up"]
+    # The exactness guard compared the policy's step-0 log-probs with the cache on every worker.
+    guard = json.load(open(run / "guard.json"))
+    assert guard["ok"] and guard["max_token_drift"] < 1e-4 and guard["tolerance"] == 1e-4
     assert summary["rows_read"] == summary["rows_used"] == 320
     assert yaml.safe_load(open(run / "config.yaml"))["train"]["zero_stage"] == zero_stage
 
@@ -79,3 +82,32 @@ def test_repeated_run_reads_cache_and_trains_identically(ray_cluster, tiny_model
     assert second.summary["reference"]["train"]["cache_hit"] and second.summary["reference"]["eval"]["cache_hit"]
     # Same data, same reference, same seed, ZeRO-0 on one worker: the runs agree step for step.
     assert [m.get("loss") for m in first.metrics] == pytest.approx([m.get("loss") for m in second.metrics], abs=1e-6)
+
+    # A cache entry that is sound on disk but holds wrong log-probs (a buggy backend, a cache copied
+    # from another model): the exactness guard stops the run before the first update.
+    import collections
+    import glob
+    import os
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from raydpo.reference import store
+    from raydpo.train.guard import GuardError
+
+    entry = second.summary["reference"]["train"]["entry"]
+    inputs = store.read_manifest(entry)["inputs"]
+    os.rename(entry, entry + ".partial")
+    os.remove(entry + ".partial/manifest.json")
+    digests = collections.Counter()
+    for path in glob.glob(entry + ".partial/data/*.parquet"):
+        table = pq.read_table(path)
+        i = table.schema.get_field_index("ref_chosen_logps")
+        pq.write_table(table.set_column(i, "ref_chosen_logps", pc.add(table["ref_chosen_logps"], 0.5)), path)
+        digests.update(table["digest"].to_pylist())
+    store.finalize(os.path.dirname(entry), os.path.basename(entry), inputs, digests)
+    raw["output"]["dir"] = str(tmp_path / "run3")
+    with pytest.raises(GuardError, match="exactness guard: the cached reference log-probs differ"):
+        run(from_dict(raw))
+    guard = json.load(open(tmp_path / "run3" / "guard.json"))
+    assert not guard["ok"] and guard["max_token_drift"] > 0.5 / 64

@@ -48,15 +48,28 @@ def _messages(value: Any, name: str) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def common_prefix_chars(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings.
+
+    Binary search over slice comparisons (memcmp speed): a per-character Python loop over two
+    dialogues of ~1,000 characters cost more than a tenth of all tokenization time.
+    """
+    lo, hi = 0, min(len(a), len(b))  # invariant: a[:lo] == b[:lo]; the answer is <= hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def split_text(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
     """Implicit prompt of two whole dialogues: their common prefix cut back to the end of the last
     ``marker`` inside it. A plain character-level prefix would cut inside the responses whenever
     both begin with the same words; ``chosen.rfind(marker)`` alone breaks on responses that quote
     the marker. ``prompt + response`` rebuilds each string exactly."""
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
+    n = common_prefix_chars(chosen, rejected)
     cut = chosen.rfind(marker, 0, n)
     # The marker must lie wholly inside the common prefix.
     while cut >= 0 and cut + len(marker) > n:

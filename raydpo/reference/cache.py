@@ -1,11 +1,10 @@
-"""Content-addressed cache of reference log-probs.
+"""Keys of the content-addressed cache of reference log-probs (what an entry depends on).
 
 An entry is a directory ``<cache_dir>/<key>/`` holding ``manifest.json`` (every key input spelled
 out) and ``data/*.parquet`` (the scored pairs: token ids plus ``ref_chosen_logps`` /
 ``ref_rejected_logps``). The key is a hash of the manifest's inputs: reference weights, tokenizer
 files (chat template included), tokenization settings, the exact token ids scored, dtype and
-backend. Entries are written to a temporary directory and renamed into place, so a reader sees a
-complete entry or none.
+backend. How entries are written, resumed, verified and pruned: :mod:`raydpo.reference.store`.
 """
 
 from __future__ import annotations
@@ -13,11 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import time
-import uuid
 
-FORMAT_VERSION = 2
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -74,45 +69,7 @@ def data_digest(digests) -> str:
 
 
 def cache_key(inputs: dict) -> str:
+    from raydpo.reference.store import FORMAT_VERSION
+
     blob = json.dumps({"format": FORMAT_VERSION, **inputs}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
-
-
-def entry_dir(cache_dir: str, key: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), key)
-
-
-def lookup(cache_dir: str, key: str) -> str | None:
-    """The entry directory if a complete entry for ``key`` exists."""
-    path = entry_dir(cache_dir, key)
-    return path if os.path.exists(os.path.join(path, "manifest.json")) else None
-
-
-def write_entry(cache_dir: str, key: str, inputs: dict, write_data, paths: dict | None = None) -> str:
-    """Create the entry atomically: ``write_data(tmp_data_dir)`` writes the parquet shards.
-
-    Returns the entry directory. If another run finished the same entry first, its copy wins.
-    """
-    final = entry_dir(cache_dir, key)
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    try:
-        write_data(os.path.join(tmp, "data"))
-        manifest = {"key": key, "format": FORMAT_VERSION, "created": time.time(), "inputs": inputs, "paths": paths or {}}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if lookup(cache_dir, key) is None:
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def read_manifest(entry: str) -> dict:
-    with open(os.path.join(entry, "manifest.json")) as f:
-        return json.load(f)

@@ -10,10 +10,12 @@ class ReferenceScorer:
 
     Each actor loads the reference once (weights in ``dtype``, log-softmax in float32) and adds
     ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch, scoring chosen and
-    rejected sequences in one concatenated forward pass.
+    rejected sequences in one concatenated forward pass. With ``shard_dir`` each scored batch is
+    also written there as a cache shard.
     """
 
-    def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False):
+    def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
+                 shard_dir: str | None = None):
         import torch
 
         from raydpo.models import load_causal_lm
@@ -24,6 +26,7 @@ class ReferenceScorer:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)
         self.pad_id = pad_id
+        self.shard_dir = shard_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raydpo.data.collate import collate_pairs
@@ -36,4 +39,10 @@ class ReferenceScorer:
         with self.torch.inference_mode():
             chosen, rejected = split_pairs(forward_logps(self.model, inputs))
         batch = batch.append_column("ref_chosen_logps", pa.array(chosen.cpu().numpy(), pa.float32()))
-        return batch.append_column("ref_rejected_logps", pa.array(rejected.cpu().numpy(), pa.float32()))
+        batch = batch.append_column("ref_rejected_logps", pa.array(rejected.cpu().numpy(), pa.float32()))
+        if self.shard_dir:
+            # Written here, as each batch is scored, so an interrupted run keeps what it finished.
+            from raydpo.reference.store import write_shard
+
+            write_shard(self.shard_dir, batch)
+        return batch

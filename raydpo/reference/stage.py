@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import os
+import sys
 import time
 from dataclasses import dataclass
 
-from raydpo.config import Config, reference_dtype, reference_path
-from raydpo.reference import cache
+from raydpo.config import Config, pool_size, reference_dtype, reference_path
+from raydpo.data.local import blocks, from_tables
+from raydpo.reference import cache, store
 
 #: What the cache stores per pair (and what the train stage reads).
 CACHED_COLUMNS = ["pair_id", "digest", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
@@ -30,10 +34,11 @@ class ReferenceResult:
     """Wall time of the stage for this split."""
 
 
-def cache_inputs(cfg: Config, pairs, tokenize_settings: dict) -> dict:
+def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> dict:
     """Every input the reference log-probs depend on, spelled out for the manifest.
 
-    Paths are not part of the key (the same files at another mount point hit); fingerprints are.
+    ``digests``: the token digest of every pair to score. Paths are not part of the key (the same
+    files at another mount point hit); fingerprints are.
     """
     import torch
     import transformers
@@ -42,7 +47,6 @@ def cache_inputs(cfg: Config, pairs, tokenize_settings: dict) -> dict:
 
     ref_dir = resolve_local(reference_path(cfg))
     tok_dir = resolve_local(cfg.model.name_or_path)
-    digests = (d for b in pairs.select_columns(["digest"]).iter_batches(batch_format="pyarrow") for d in b["digest"].to_pylist())
     return {
         "reference": {"fingerprint": cache.fingerprint_model(ref_dir), "trust_remote_code": cfg.model.trust_remote_code},
         "tokenizer": {"fingerprint": cache.fingerprint_tokenizer(tok_dir)},
@@ -55,43 +59,83 @@ def cache_inputs(cfg: Config, pairs, tokenize_settings: dict) -> dict:
     }
 
 
-def score_pairs(pairs, cfg: Config, pad_id: int):
-    """Lazily add reference log-probs to ``pairs`` on an actor pool of ``reference.num_actors``."""
+def pool_options(r) -> dict:
+    """``map_batches`` arguments placing and sizing the reference pool (``r``: ReferenceConfig).
+
+    A fixed ``num_actors`` gives a pool of that size; ``[min, max]`` lets Ray Data add actors while
+    batches wait. Custom resources and an accelerator type steer the pool onto other node types
+    than the trainers; a dead actor is restarted and its batches retried up to the configured limits.
+    """
     import ray.data
 
+    low, high = pool_size(r.num_actors)
+    compute = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    options = {
+        "compute": compute,
+        "num_cpus": r.num_cpus_per_actor,
+        "num_gpus": r.num_gpus_per_actor,
+        "max_restarts": r.max_restarts,
+        "max_task_retries": r.max_task_retries,
+    }
+    if r.resources:
+        options["resources"] = dict(r.resources)
+    if r.accelerator_type:
+        options["accelerator_type"] = r.accelerator_type
+    return options
+
+
+def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, scorer=None):
+    """Lazily add reference log-probs to ``pairs`` on the reference actor pool.
+
+    ``shard_dir``: also write each scored batch there as a cache shard. ``scorer``: the actor class
+    (default :class:`raydpo.reference.scorer.ReferenceScorer`; tests substitute a failing one).
+    """
     from raydpo.models import resolve_local
     from raydpo.reference.scorer import ReferenceScorer
 
     r = cfg.reference
     return pairs.map_batches(
-        ReferenceScorer,
+        scorer or ReferenceScorer,
         fn_constructor_kwargs={
             "model_path": resolve_local(reference_path(cfg)),
             "dtype": reference_dtype(cfg),
             "pad_id": pad_id,
             "trust_remote_code": cfg.model.trust_remote_code,
+            "shard_dir": shard_dir,
         },
-        compute=ray.data.ActorPoolStrategy(size=r.num_actors),
         batch_size=r.batch_size,
         batch_format="pyarrow",
-        num_cpus=r.num_cpus_per_actor,
-        num_gpus=r.num_gpus_per_actor,
+        **pool_options(r),
     )
 
 
-def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict) -> ReferenceResult:
-    """Return the scored pairs from the cache, scoring and caching them first on a miss."""
+def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scorer=None) -> ReferenceResult:
+    """Return the scored pairs from the cache, scoring what the cache lacks first.
+
+    A complete, verified entry is a hit (no model loaded). Otherwise the pairs that no shard of the
+    key's partial entry holds yet are scored (all of them on a first run; only the rest after an
+    interrupted run or a damaged shard), and the entry is sealed once it holds every pair exactly once.
+    """
     import ray.data
 
     start = time.perf_counter()
-    inputs = cache_inputs(cfg, pairs, tokenize_settings)
+    tables = [t.select(CACHED_COLUMNS[:5]) for t in blocks(pairs)]
+    digests = [d for t in tables for d in t["digest"].to_pylist()]
+    inputs = cache_inputs(cfg, digests, tokenize_settings)
     key = cache.cache_key(inputs)
-    entry = cache.lookup(cfg.reference.cache_dir, key)
+    entry, damaged = store.lookup(cfg.reference.cache_dir, key)
+    if damaged:
+        sys.stderr.write(f"[raydpo] reference cache entry {key} was damaged and is completed again: {'; '.join(damaged[:5])}\n")
     scored = 0
     if entry is None:
-        scored_ds = score_pairs(pairs.select_columns(CACHED_COLUMNS[:5]), cfg, pad_id)
-        scored = pairs.count()
+        part, done, dropped = store.open_partial(cfg.reference.cache_dir, key)
+        todo = [t for t in (store.remaining(t, done) for t in tables) if t.num_rows]
+        scored = sum(t.num_rows for t in todo)
+        if todo:
+            scored_ds = score_pairs(from_tables(todo), cfg, pad_id, os.path.join(part, "data"), scorer)
+            for _ in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                pass  # the actors write the shards; this only drives the pipeline
         paths = {"reference": reference_path(cfg), "tokenizer": cfg.model.name_or_path}
-        entry = cache.write_entry(cfg.reference.cache_dir, key, inputs, lambda d: scored_ds.write_parquet(d), paths)
+        entry = store.finalize(cfg.reference.cache_dir, key, inputs, collections.Counter(digests), paths)
     dataset = ray.data.read_parquet(f"{entry}/data")
     return ReferenceResult(dataset, entry, key, scored == 0, scored, time.perf_counter() - start)

@@ -35,12 +35,14 @@ def _add(acc: dict, new: dict) -> dict:
     return {k: acc.get(k, 0.0) + v for k, v in new.items()}
 
 
-def step_metrics(engine, batch: dict, loss_cfg: dict) -> tuple[torch.Tensor, dict]:
-    """Loss (mean over pairs) and metric sums of one micro-batch. batch from ``collate_rows``."""
+def step_metrics(engine, batch: dict, loss_cfg: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Loss (mean over pairs), metric sums and the policy's sequence log-probs ([2B]: chosen then
+    rejected) of one micro-batch. batch from ``collate_rows``."""
     from raydpo.logprobs import forward_logps, split_pairs
     from raydpo.losses import compute_loss, pair_metrics
 
-    policy_chosen, policy_rejected = split_pairs(forward_logps(engine, batch))
+    logps = forward_logps(engine, batch)
+    policy_chosen, policy_rejected = split_pairs(logps)
     losses, chosen_r, rejected_r = compute_loss(
         loss_cfg["type"],
         policy_chosen,
@@ -52,7 +54,7 @@ def step_metrics(engine, batch: dict, loss_cfg: dict) -> tuple[torch.Tensor, dic
     )
     sums = pair_metrics(losses, chosen_r, rejected_r, policy_chosen, policy_rejected)
     sums["tokens"] = batch["attention_mask"].sum().float()
-    return losses.mean(), sums
+    return losses.mean(), sums, logps
 
 
 def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, float]:
@@ -64,7 +66,7 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, f
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
-            _, s = step_metrics(engine, to_device(collate_rows(raw, pad_id), engine.device), loss_cfg)
+            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id), engine.device), loss_cfg)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
@@ -116,6 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.models import load_causal_lm
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
+    from raydpo.train.guard import check, token_drift
 
     cfg = from_dict(config["cfg"])
     t, pad_id = cfg.train, config["pad_id"]
@@ -138,6 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
         return row
 
     last_eval = run_eval(0)
+    guard_pending = config.get("guard") is not None
     step, micro, sums, last_train = 0, 0, {}, {}
     step_start = time.perf_counter()
     epoch = 0
@@ -152,7 +156,13 @@ def train_loop_per_worker(config: dict) -> None:
         for raw in batches:
             if step >= config["total_steps"] or micro >= config["steps_per_epoch"] * t.gradient_accumulation_steps:
                 continue  # drain the epoch so every shard iterator finishes together
-            loss, s = step_metrics(engine, to_device(collate_rows(raw, pad_id), engine.device), loss_cfg)
+            batch = to_device(collate_rows(raw, pad_id), engine.device)
+            loss, s, logps = step_metrics(engine, batch, loss_cfg)
+            if guard_pending:  # before the first update the policy is the reference
+                cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+                drift = token_drift(logps, cached, batch["completion_mask"].sum(-1))
+                check(drift, config["guard"]["tolerance"], config["output_dir"], rank == 0, config["guard"]["entry"])
+                guard_pending = False
             engine.backward(loss)
             lr = scheduler.get_last_lr()[0]
             engine.step()

@@ -41,8 +41,24 @@ def check_eval(cfg: Config, n_eval: int) -> int:
     return n_eval // w * w
 
 
-def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str):
-    """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir."""
+def guard_config(cfg: Config, model_path: str, entry: str) -> dict | None:
+    """What the workers' exactness guard needs, or None when it does not apply (switched off, or the
+    reference is other weights than the policy starts from)."""
+    from raydpo.config import reference_dtype, reference_path
+    from raydpo.models import resolve_local
+    from raydpo.train.guard import guard_tolerance
+
+    if not cfg.reference.guard or resolve_local(reference_path(cfg)) != model_path:
+        return None
+    return {"tolerance": guard_tolerance(cfg.model.dtype, reference_dtype(cfg), cfg.reference.guard_tolerance), "entry": entry}
+
+
+def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,
+                 guard: dict | None = None):
+    """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir.
+
+    ``guard``: from :func:`guard_config` (None: no exactness guard). Raises GuardError with its
+    message when the guard stopped the run."""
     import ray.train
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -67,6 +83,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": plan.total_steps,
             "output_dir": out,
+            "guard": guard,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -77,4 +94,14 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(name="train", storage_path=os.path.join(out, "ray_train"), failure_config=ray.train.FailureConfig(max_failures=0)),
     )
-    return trainer.fit(), plan
+    from raydpo.train.guard import GUARD_FILE, GuardError, read_failure
+
+    if os.path.exists(os.path.join(out, GUARD_FILE)):
+        os.remove(os.path.join(out, GUARD_FILE))
+    try:
+        return trainer.fit(), plan
+    except Exception:
+        message = read_failure(out)
+        if message:
+            raise GuardError(message) from None
+        raise

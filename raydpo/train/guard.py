@@ -1,0 +1,85 @@
+"""Exactness guard: at step 0 the policy *is* the reference, so its log-probs must match the cache.
+
+The first micro-batch of every worker is scored by the policy anyway (for the first step's loss);
+before any optimizer step those log-probs are the reference's own, computed inside the trainer.
+Comparing them with the cached ``ref_*_logps`` catches a cache entry that does not belong to this
+model, tokenizer or dtype (a stale or hand-copied cache, a backend bug) before the run trains on
+wrong rewards. No extra forward pass is spent.
+
+The drift is measured per completion token (a sum over 500 tokens may drift more than one over 5):
+``max_i |policy_i - cached_i| / completion_tokens_i`` over the checked sequences, reduced with MAX
+over all workers so every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import json
+import os
+
+if TYPE_CHECKING:
+    import torch
+
+#: Default tolerance per completion token, by the looser of the policy's and reference's dtypes.
+#: float32: both sides run the same float32 log-softmax; batch composition and padding move results
+#: by ~1e-6 per token. bf16/fp16 weights move them by ~1e-3 to 1e-2 per token.
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2}
+GUARD_FILE = "guard.json"
+
+
+class GuardError(RuntimeError):
+    """The cached reference log-probs are not the reference's."""
+
+
+def guard_tolerance(policy_dtype: str, reference_dtype: str, configured: float | None) -> float:
+    """The configured tolerance, or the default for the looser of the two dtypes."""
+    if configured is not None:
+        return configured
+    return max(DEFAULT_TOLERANCE[policy_dtype], DEFAULT_TOLERANCE[reference_dtype])
+
+
+def token_drift(policy_logps: "torch.Tensor", cached_logps: "torch.Tensor", completion_tokens: "torch.Tensor") -> "torch.Tensor":
+    """Largest per-token gap between the policy's and the cached sequence log-probs.
+
+    All arguments [N] (N sequences); returns a float32 scalar on the inputs' device.
+    """
+    gap = (policy_logps.detach().float() - cached_logps.float()).abs()
+    return (gap / completion_tokens.float().clamp(min=1)).max()
+
+
+def check(drift: "torch.Tensor", tolerance: float, output_dir: str, is_rank0: bool, entry: str) -> float:
+    """Reduce ``drift`` with MAX over all ranks; record the result; raise GuardError above ``tolerance``."""
+    import torch.distributed as dist
+
+    worst = drift.detach().float().clone()
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    value = float(worst)
+    ok = value <= tolerance
+    if is_rank0:
+        with open(os.path.join(output_dir, GUARD_FILE), "w") as f:
+            json.dump({"ok": ok, "max_token_drift": value, "tolerance": tolerance, "cache_entry": entry}, f)
+    if not ok:
+        raise GuardError(failure_message(value, tolerance, entry))
+    return value
+
+
+def failure_message(value: float, tolerance: float, entry: str) -> str:
+    return (
+        f"exactness guard: the cached reference log-probs differ from the policy's own at step 0 by up to "
+        f"{value:.3g} per completion token (tolerance {tolerance:.3g}), so the rewards would be wrong. "
+        f"The cache entry {entry} does not match this reference model, tokenizer or dtype. Remove it "
+        f"(`raydpo cache prune --key {os.path.basename(entry)}`) and run again, or, if the reference is "
+        "deliberately not the policy's starting point, set reference.guard=false."
+    )
+
+
+def read_failure(output_dir: str) -> str | None:
+    """The guard's failure message if the last run in ``output_dir`` stopped on it, else None."""
+    path = os.path.join(output_dir, GUARD_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return None if result["ok"] else failure_message(result["max_token_drift"], result["tolerance"], result["cache_entry"])

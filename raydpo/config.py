@@ -19,6 +19,7 @@ import yaml
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 LossType = Literal["sigmoid"]
+Quantization = Literal["8bit", "4bit"]
 
 
 class ConfigError(ValueError):
@@ -64,7 +65,15 @@ class ReferenceConfig:
     guard_tolerance: Optional[float] = None
     """Largest allowed gap per completion token; default by the looser dtype: float32 1e-4, bf16/fp16 5e-2."""
     batch_size: int = 8
-    """Pairs per reference forward pass (chosen and rejected are scored together: 2x sequences)."""
+    """Pairs per reference forward pass (chosen and rejected are scored together: 2x sequences).
+    With ``max_tokens_per_batch`` set: pairs per length-sorted bucket instead (use a few hundred)."""
+    quantization: Optional[Quantization] = None
+    """bitsandbytes quantization of the reference weights, ``8bit`` or ``4bit`` (NF4), to fit a big
+    reference on small devices (runs on CPU too). Log-probs drift from the full-precision reference:
+    see the README for measured figures; part of the cache key."""
+    max_tokens_per_batch: Optional[int] = None
+    """Token budget per forward pass, padding included (2 x pairs x longest pair): each bucket of
+    ``batch_size`` pairs is sorted by length and cut to fit, instead of fixed row counts."""
     cache_dir: str = "~/.cache/raydpo/reference"
     """Root of the content-addressed reference log-prob cache."""
 
@@ -321,6 +330,8 @@ def validate(cfg: Config) -> None:
         (cfg.reference.max_restarts >= -1 and cfg.reference.max_task_retries >= -1,
          "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
         (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
+        (cfg.reference.max_tokens_per_batch is None or cfg.reference.max_tokens_per_batch >= 2,
+         "reference.max_tokens_per_batch must be >= 2 (or unset for fixed batches of reference.batch_size)"),
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
         (cfg.data.max_prompt_length is None or 1 <= cfg.data.max_prompt_length < cfg.data.max_length,
          "data.max_prompt_length must be >= 1 and < data.max_length"),

@@ -63,12 +63,31 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, frozen: bool = False):
-    """``AutoModelForCausalLM`` in ``dtype`` with dropout off (DPO compares log-probs of two passes)."""
+def quantization_config(quantization: str | None, dtype: str):
+    """A bitsandbytes config for ``8bit`` / ``4bit`` (NF4, computing in ``dtype``), or None."""
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(dtype))
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, frozen: bool = False,
+                   quantization: str | None = None, device: str | None = None):
+    """``AutoModelForCausalLM`` in ``dtype`` with dropout off (DPO compares log-probs of two passes).
+
+    ``quantization``: ``8bit`` / ``4bit`` loads bitsandbytes-quantized weights straight onto
+    ``device`` (bitsandbytes 0.50 runs both on CPU too); such a model cannot be moved afterwards.
+    """
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantization is not None:
+        extra = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device or "cpu"}}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_local(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        resolve_local(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
     import torch
 

@@ -231,3 +231,32 @@ def test_corrupt_shard_is_detected_and_redone(base, tmp_path):
     _same_pairs(_scored_rows(again), before)
     third = precompute(cfg)[1]["train"]
     assert third.cache_hit and third.pairs_scored == 0
+
+
+def test_token_budget_batches_score_the_same_log_probs(base, tmp_path):
+    baseline = _scored_rows(precompute(base())[1]["train"])
+    budget = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 100, "max_tokens_per_batch": 300})
+    _same_pairs(_scored_rows(precompute(budget)[1]["train"]), baseline)
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_reference_stays_within_its_documented_drift(base, tmp_path, bits):
+    from raydpo.train.guard import QUANTIZED_TOLERANCE
+
+    full = precompute(base())[1]["train"]
+    quant = precompute(base(reference={"cache_dir": str(tmp_path / "cache"), "quantization": bits, "batch_size": 32}))[1]["train"]
+    assert quant.key != full.key and store_inputs(quant)["quantization"] == bits
+    want = {(r["pair_id"], r["digest"]): r for r in full.dataset.take_all()}
+    drift = []
+    for r in quant.dataset.take_all():
+        w = want[(r["pair_id"], r["digest"])]
+        drift.append(abs(r["ref_chosen_logps"] - w["ref_chosen_logps"]) / len(r["chosen_ids"]))
+        drift.append(abs(r["ref_rejected_logps"] - w["ref_rejected_logps"]) / len(r["rejected_ids"]))
+    assert len(drift) == 2 * 256
+    assert 0 < max(drift) < QUANTIZED_TOLERANCE[bits]  # quantized, so not bit-identical, yet close
+
+
+def store_inputs(result) -> dict:
+    from raydpo.reference.store import read_manifest
+
+    return read_manifest(result.entry)["inputs"]

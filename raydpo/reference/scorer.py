@@ -10,36 +10,57 @@ class ReferenceScorer:
 
     Each actor loads the reference once (weights in ``dtype``, log-softmax in float32) and adds
     ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch, scoring chosen and
-    rejected sequences in one concatenated forward pass. With ``shard_dir`` each scored batch is
-    also written there as a cache shard.
+    rejected sequences in one concatenated forward pass. With ``max_tokens`` a batch is a bucket,
+    sorted by length and cut into forward passes of at most that many padded tokens (see
+    :mod:`raydpo.reference.batching`); without it the whole batch is one forward pass. With
+    ``shard_dir`` each scored batch is also written there as a cache shard.
     """
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
-                 shard_dir: str | None = None):
+                 shard_dir: str | None = None, max_tokens: int | None = None, quantization: str | None = None):
         import torch
 
         from raydpo.models import load_causal_lm
 
         self.torch = torch
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True)
         # An actor that reserved a GPU (reference.num_gpus_per_actor > 0) sees it here.
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.model.to(self.device)
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True, quantization=quantization,
+                                    device=str(self.device))
+        if quantization is None:  # quantized weights are loaded in place and cannot be moved
+            self.model.to(self.device)
         self.pad_id = pad_id
         self.shard_dir = shard_dir
+        self.max_tokens = max_tokens
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):
+        """(chosen, rejected) reference log-probs, each a [B] float32 numpy array in input order."""
+        import numpy as np
+
         from raydpo.data.collate import collate_pairs
         from raydpo.logprobs import forward_logps, split_pairs
+        from raydpo.reference.batching import pair_lengths, plan_batches
 
+        n = len(prompt_ids)
+        groups = [list(range(n))]
+        if self.max_tokens:
+            lengths = pair_lengths(*([len(x) for x in col] for col in (prompt_ids, chosen_ids, rejected_ids)))
+            groups = plan_batches(lengths, self.max_tokens)
+        chosen, rejected = np.empty(n, np.float32), np.empty(n, np.float32)
+        for group in groups:
+            cols = [[col[i] for i in group] for col in (prompt_ids, chosen_ids, rejected_ids)]
+            inputs = {k: v.to(self.device) for k, v in collate_pairs(*cols, self.pad_id).items()}
+            with self.torch.inference_mode():
+                c, r = split_pairs(forward_logps(self.model, inputs))
+            chosen[group], rejected[group] = c.float().cpu().numpy(), r.float().cpu().numpy()
+        return chosen, rejected
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         # Arrow in and out keeps the id columns list<int32>; a numpy round trip would turn them
         # into Ray's tensor extension type.
-        ids = [batch[name].to_pylist() for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
-        inputs = {k: v.to(self.device) for k, v in collate_pairs(*ids, self.pad_id).items()}
-        with self.torch.inference_mode():
-            chosen, rejected = split_pairs(forward_logps(self.model, inputs))
-        batch = batch.append_column("ref_chosen_logps", pa.array(chosen.cpu().numpy(), pa.float32()))
-        batch = batch.append_column("ref_rejected_logps", pa.array(rejected.cpu().numpy(), pa.float32()))
+        chosen, rejected = self.score(*(batch[name].to_pylist() for name in ("prompt_ids", "chosen_ids", "rejected_ids")))
+        batch = batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float32()))
+        batch = batch.append_column("ref_rejected_logps", pa.array(rejected, pa.float32()))
         if self.shard_dir:
             # Written here, as each batch is scored, so an interrupted run keeps what it finished.
             from raydpo.reference.store import write_shard

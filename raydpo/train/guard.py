@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 #: float32: both sides run the same float32 log-softmax; batch composition and padding move results
 #: by ~1e-6 per token. bf16/fp16 weights move them by ~1e-3 to 1e-2 per token.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2}
+#: A quantized reference drifts from the full-precision policy by design (README: measured figures);
+#: these bounds still catch a cache that belongs to another model (gaps of 1 or more per token).
+QUANTIZED_TOLERANCE = {"8bit": 5e-2, "4bit": 1e-1}
 GUARD_FILE = "guard.json"
 
 
@@ -32,11 +35,11 @@ class GuardError(RuntimeError):
     """The cached reference log-probs are not the reference's."""
 
 
-def guard_tolerance(policy_dtype: str, reference_dtype: str, configured: float | None) -> float:
-    """The configured tolerance, or the default for the looser of the two dtypes."""
+def guard_tolerance(policy_dtype: str, reference_dtype: str, configured: float | None, quantization: str | None = None) -> float:
+    """The configured tolerance, or the default for the looser of the two dtypes and the quantization."""
     if configured is not None:
         return configured
-    return max(DEFAULT_TOLERANCE[policy_dtype], DEFAULT_TOLERANCE[reference_dtype])
+    return max(DEFAULT_TOLERANCE[policy_dtype], DEFAULT_TOLERANCE[reference_dtype], QUANTIZED_TOLERANCE.get(quantization, 0.0))
 
 
 def token_drift(policy_logps: "torch.Tensor", cached_logps: "torch.Tensor", completion_tokens: "torch.Tensor") -> "torch.Tensor":

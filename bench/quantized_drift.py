@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_batching import DEFAULT_DATA, run, tokenized_pairs  # noqa: E402
@@ -37,7 +36,7 @@ def main() -> None:
     base = [json.loads(line) for line in gzip.open(DEFAULT_DATA, "rt")]
     tokenizer = build_tokenizer(8000, [r["chosen"] for r in base] + [r["rejected"] for r in base])
     with tempfile.TemporaryDirectory() as tmp:
-        spec = TinyModelSpec(hidden_size=args.hidden_size, intermediate_size=int(2.7 * args.hidden_size), num_layers=4,
+        spec = TinyModelSpec(hidden_size=args.hidden_size, intermediate_size=int(2.75 * args.hidden_size) // 64 * 64, num_layers=4,
                              num_heads=args.hidden_size // 64, max_position_embeddings=args.max_length)
         model_dir = write_tiny_model(os.path.join(tmp, "model"), spec, tokenizer)
         pairs = tokenized_pairs(DEFAULT_DATA, args.rows, tokenizer, args.max_length)

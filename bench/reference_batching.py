@@ -70,7 +70,7 @@ def main() -> None:
     base = [json.loads(line) for line in gzip.open(args.data, "rt")]
     tokenizer = build_tokenizer(8000, [r["chosen"] for r in base] + [r["rejected"] for r in base])
     with tempfile.TemporaryDirectory() as tmp:
-        spec = TinyModelSpec(hidden_size=args.hidden_size, intermediate_size=int(2.7 * args.hidden_size),
+        spec = TinyModelSpec(hidden_size=args.hidden_size, intermediate_size=int(2.75 * args.hidden_size) // 64 * 64,
                              num_layers=args.num_layers, num_heads=args.hidden_size // 64, max_position_embeddings=args.max_length)
         model_dir = write_tiny_model(os.path.join(tmp, "model"), spec, tokenizer)
         pairs = tokenized_pairs(args.data, args.rows, tokenizer, args.max_length)

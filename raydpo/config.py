@@ -20,6 +20,8 @@ import yaml
 Dtype = Literal["float32", "bfloat16", "float16"]
 LossType = Literal["sigmoid"]
 Quantization = Literal["8bit", "4bit"]
+Backend = Literal["hf", "vllm"]
+ReferenceMode = Literal["precompute", "streaming"]
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,17 @@ class ReferenceConfig:
     batch_size: int = 8
     """Pairs per reference forward pass (chosen and rejected are scored together: 2x sequences).
     With ``max_tokens_per_batch`` set: pairs per length-sorted bucket instead (use a few hundred)."""
+    mode: ReferenceMode = "precompute"
+    """``precompute``: every pair is scored (or read from the cache) before training starts.
+    ``streaming``: on a cache miss training starts on the first scored batches while the pool keeps
+    scoring and writing the cache (needs ``train.num_epochs`` 1: later epochs would score again)."""
+    backend: Backend = "hf"
+    """``hf``: transformers forward. ``vllm``: vLLM ``prompt_logprobs`` on the exact token ids (the
+    optional extra: ``pip install 'raydpo[vllm]'``); ignores ``quantization`` and ``max_tokens_per_batch``."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """vLLM's memory share for weights and KV cache; lower it on CPU and when actors share a GPU."""
+    vllm_max_model_len: Optional[int] = None
+    """vLLM's longest sequence; defaults to ``data.max_length``."""
     quantization: Optional[Quantization] = None
     """bitsandbytes quantization of the reference weights, ``8bit`` or ``4bit`` (NF4), to fit a big
     reference on small devices (runs on CPU too). Log-probs drift from the full-precision reference:
@@ -330,6 +343,9 @@ def validate(cfg: Config) -> None:
         (cfg.reference.max_restarts >= -1 and cfg.reference.max_task_retries >= -1,
          "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
         (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
+        (cfg.reference.mode != "streaming" or cfg.train.num_epochs == 1,
+         "reference.mode=streaming scores pairs while the first epoch reads them; with train.num_epochs > 1 "
+         "use reference.mode=precompute (every epoch then reads the cache)"),
         (cfg.reference.max_tokens_per_batch is None or cfg.reference.max_tokens_per_batch >= 2,
          "reference.max_tokens_per_batch must be >= 2 (or unset for fixed batches of reference.batch_size)"),
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),

@@ -62,16 +62,21 @@ def prepare_data(cfg: Config, train=None, eval=None):
     return prepare(cfg, _paths(cfg)["quarantine"], train=train, eval=eval)
 
 
-def score_reference(data, cfg: Config) -> dict:
-    """Stage 2: the reference pool (or the cache) for each split -> {split: ReferenceResult}."""
+def score_reference(data, cfg: Config, stream: bool = False) -> dict:
+    """Stage 2: the reference pool (or the cache) for each split -> {split: ReferenceResult}.
+
+    ``stream``: the train split comes back as the pool's lazy output for the trainer to consume
+    (see ``reference.mode``); the eval split, read at every evaluation, is always scored first.
+    """
     from raydpo.models import load_tokenizer
     from raydpo.reference.stage import run_reference
 
     pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     settings = data.settings.__dict__
-    results = {"train": run_reference(data.train, cfg, pad_id, settings)}
+    results = {}
     if data.eval is not None:
         results["eval"] = run_reference(data.eval, cfg, pad_id, settings)
+    results["train"] = run_reference(data.train, cfg, pad_id, settings, stream=stream)
     return results
 
 
@@ -133,15 +138,18 @@ def run(cfg: Config) -> RunResult:
         if os.path.exists(stale):
             os.remove(stale)
     timings = {}
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     data = prepare_data(cfg)
     timings["data"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    refs = score_reference(data, cfg)
+    refs = score_reference(data, cfg, stream=cfg.reference.mode == "streaming")
     timings["reference"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     _, plan = train_policy(cfg, refs, data.n_train, data.n_eval)
     timings["train"] = time.perf_counter() - t2
+    for r in refs.values():
+        if r.seal is not None:  # streamed: the trainer has read every pair, the shards are complete
+            r.entry, r.seal = r.seal(), None
     load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(paths["model"])
     timings["total"] = time.perf_counter() - t0
     with open(paths["train_result"]) as f:
@@ -158,6 +166,9 @@ def run(cfg: Config) -> RunResult:
         "model_dir": paths["model"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    _write_json(paths["summary"], summary)
     metrics = [json.loads(line) for line in open(paths["metrics"])] if os.path.exists(paths["metrics"]) else []
+    first = next((m for m in metrics if "loss" in m), None)
+    if first is not None:
+        summary["timings_s"]["first_step"] = round(first["time"] - started, 3)
+    _write_json(paths["summary"], summary)
     return RunResult(paths["dir"], paths["model"], summary, metrics)

@@ -111,3 +111,28 @@ def test_repeated_run_reads_cache_and_trains_identically(ray_cluster, tiny_model
         run(from_dict(raw))
     guard = json.load(open(tmp_path / "run3" / "guard.json"))
     assert not guard["ok"] and guard["max_token_drift"] > 0.5 / 64
+
+
+@pytest.mark.slow
+def test_streaming_mode_trains_like_precompute(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
+    """Streaming: training consumes the pool's output as it is scored, the cache is sealed after,
+    and a precompute run on the same inputs hits that cache and trains step for step the same."""
+    import os
+
+    from raydpo.config import from_dict
+    from raydpo.pipeline import run
+
+    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0)
+    raw["train"].update(num_workers=1, max_steps=4, eval_every=0)
+    raw["reference"].update(cache_dir=str(tmp_path / "stream-cache"), mode="streaming")
+    raw["output"]["dir"] = str(tmp_path / "streamed")
+    streamed = run(from_dict(raw))
+    ref = streamed.summary["reference"]["train"]
+    assert not ref["cache_hit"] and ref["pairs_scored"] == 256
+    assert os.path.exists(os.path.join(ref["entry"], "manifest.json")) and not ref["entry"].endswith(".partial")
+    assert streamed.summary["timings_s"]["first_step"] > 0
+    raw["reference"]["mode"] = "precompute"
+    raw["output"]["dir"] = str(tmp_path / "precomputed")
+    again = run(from_dict(raw))
+    assert again.summary["reference"]["train"]["cache_hit"] and again.summary["reference"]["train"]["entry"] == ref["entry"]
+    assert [m["loss"] for m in streamed.metrics if "loss" in m] == pytest.approx([m["loss"] for m in again.metrics if "loss" in m], abs=1e-6)

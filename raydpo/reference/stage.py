@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from raydpo.config import Config, pool_size, reference_dtype, reference_path
 from raydpo.data.local import blocks, from_tables
@@ -31,7 +32,10 @@ class ReferenceResult:
     pairs_scored: int
     """Pairs the pool scored in this run (0 on a hit)."""
     seconds: float
-    """Wall time of the stage for this split."""
+    """Wall time of the stage for this split (in streaming mode: until training could start)."""
+    seal: Optional[Callable[[], str]] = None
+    """Streaming mode only: call once the dataset has been read to the end; it checks and seals the
+    cache entry and returns its directory. None when the entry is already sealed."""
 
 
 def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> dict:
@@ -53,8 +57,8 @@ def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> 
         "tokenization": tokenize_settings,
         "data": cache.data_digest(digests),
         "dtype": reference_dtype(cfg),
-        "quantization": cfg.reference.quantization,
-        "backend": "hf",
+        "quantization": cfg.reference.quantization if cfg.reference.backend == "hf" else None,
+        "backend": cfg.reference.backend,
         "logps": "sum_completion_float32",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -105,6 +109,9 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
             "shard_dir": shard_dir,
             "max_tokens": r.max_tokens_per_batch,
             "quantization": r.quantization,
+            "backend": r.backend,
+            "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
+                                "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,
         },
         batch_size=r.batch_size,
         batch_format="pyarrow",
@@ -112,15 +119,38 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
     )
 
 
-def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scorer=None) -> ReferenceResult:
+def in_input_order(tables: list, entry: str):
+    """The pairs of ``tables`` (input order) with their log-probs from the finished ``entry``, as a
+    materialized dataset: training sees pairs in input order whatever order the shards were written
+    in (the same order as a streaming run), and one cache serves data sets listing the same pairs
+    in another order. Pairs with equal token digests have equal log-probs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    logps = {}
+    for name in sorted(os.listdir(os.path.join(entry, "data"))):
+        shard = pq.read_table(os.path.join(entry, "data", name), columns=["digest", *CACHED_COLUMNS[5:]])
+        logps.update(zip(shard["digest"].to_pylist(), zip(*(shard[c].to_pylist() for c in CACHED_COLUMNS[5:]))))
+    out = []
+    for t in tables:
+        values = [logps[d] for d in t["digest"].to_pylist()]
+        for i, name in enumerate(CACHED_COLUMNS[5:]):
+            t = t.append_column(name, pa.array([v[i] for v in values], pa.float32()))
+        out.append(t)
+    return from_tables(out)
+
+
+def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scorer=None, stream: bool = False) -> ReferenceResult:
     """Return the scored pairs from the cache, scoring what the cache lacks first.
 
     A complete, verified entry is a hit (no model loaded). Otherwise the pairs that no shard of the
     key's partial entry holds yet are scored (all of them on a first run; only the rest after an
     interrupted run or a damaged shard), and the entry is sealed once it holds every pair exactly once.
-    """
-    import ray.data
 
+    ``stream``: on a miss with nothing scored yet, return at once with the pool's *lazy* output as
+    the dataset (the consumer, the trainer, drives the scoring) and ``seal`` to call when it has
+    read everything; resumed entries are completed first.
+    """
     start = time.perf_counter()
     tables = [t.select(CACHED_COLUMNS[:5]) for t in blocks(pairs)]
     digests = [d for t in tables for d in t["digest"].to_pylist()]
@@ -129,16 +159,22 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
     entry, damaged = store.lookup(cfg.reference.cache_dir, key)
     if damaged:
         sys.stderr.write(f"[raydpo] reference cache entry {key} was damaged and is completed again: {'; '.join(damaged[:5])}\n")
-    scored = 0
-    if entry is None:
-        part, done, dropped = store.open_partial(cfg.reference.cache_dir, key)
-        todo = [t for t in (store.remaining(t, done) for t in tables) if t.num_rows]
-        scored = sum(t.num_rows for t in todo)
-        if todo:
-            scored_ds = score_pairs(from_tables(todo), cfg, pad_id, os.path.join(part, "data"), scorer)
-            for _ in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                pass  # the actors write the shards; this only drives the pipeline
-        paths = {"reference": reference_path(cfg), "tokenizer": cfg.model.name_or_path}
-        entry = store.finalize(cfg.reference.cache_dir, key, inputs, collections.Counter(digests), paths)
-    dataset = ray.data.read_parquet(f"{entry}/data")
-    return ReferenceResult(dataset, entry, key, scored == 0, scored, time.perf_counter() - start)
+    if entry is not None:
+        return ReferenceResult(in_input_order(tables, entry), entry, key, True, 0, time.perf_counter() - start)
+    part, done, dropped = store.open_partial(cfg.reference.cache_dir, key)
+    resumed = sum(done.values()) > 0
+    todo = [t for t in (store.remaining(t, done) for t in tables) if t.num_rows]
+    scored = sum(t.num_rows for t in todo)
+    paths = {"reference": reference_path(cfg), "tokenizer": cfg.model.name_or_path}
+
+    def seal() -> str:
+        return store.finalize(cfg.reference.cache_dir, key, inputs, collections.Counter(digests), paths)
+
+    scored_ds = score_pairs(from_tables(todo), cfg, pad_id, os.path.join(part, "data"), scorer) if todo else None
+    if stream and scored_ds is not None and not resumed:
+        return ReferenceResult(scored_ds, part, key, False, scored, time.perf_counter() - start, seal)
+    if scored_ds is not None:
+        for _ in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pass  # the actors write the shards; this only drives the pipeline
+    entry = seal()
+    return ReferenceResult(in_input_order(tables, entry), entry, key, scored == 0, scored, time.perf_counter() - start)

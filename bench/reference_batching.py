@@ -1,11 +1,13 @@
-"""Reference scoring: token-budget batching with length-sorted buckets vs fixed-size batches.
+"""Reference scoring: token-budget batching with length-sorted buckets, and the shared-prompt
+packed rows, vs fixed-size batches of two rows per pair.
 
 The same reference actor class the pool runs (``ReferenceScorer``), in one process on the same
-pairs (hh-rlhf harmless-base, tokenized by raydpo's data stage rules, ``max_length`` 512), once with
-fixed batches of ``--batch-size`` pairs in input order and once with buckets of ``--bucket`` pairs
-cut into forward passes of at most ``--max-tokens`` padded tokens (by default the fixed batches'
-worst case, 2 x batch x max_length, so both need the same peak memory). The model is a small random
-Llama (nothing downloads); only sequence lengths matter for the comparison.
+pairs (hh-rlhf harmless-base, tokenized by raydpo's data stage rules, ``max_length`` 512): fixed
+batches of ``--batch-size`` pairs in input order (two rows per pair, the prompt computed twice);
+buckets of ``--bucket`` pairs cut into forward passes of at most ``--max-tokens`` padded tokens (by
+default the fixed batches' worst case, 2 x batch x max_length, so all need the same peak memory),
+first with two rows per pair, then packed (one row per pair, the prompt computed once, raydpo's
+default). The model is a small random Llama (nothing downloads); only sequence lengths matter.
 
     .venv/bin/python bench/reference_batching.py [--rows 2312] [--batch-size 8]
 
@@ -37,6 +39,23 @@ def tokenized_pairs(path: str, rows: int, tokenizer, max_length: int) -> list[tu
     return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in out if r["filtered"] is None and r["error"] is None]
 
 
+def bench_model(tmp: str, tokenizer, hidden_size: int, num_layers: int, max_length: int) -> str:
+    """A random Llama of width ``hidden_size`` (head_dim 64) written under ``tmp``; returns its directory."""
+    from raydpo.tiny import TinyModelSpec, write_tiny_model
+
+    spec = TinyModelSpec(hidden_size=hidden_size, intermediate_size=int(2.75 * hidden_size) // 64 * 64,
+                         num_layers=num_layers, num_heads=hidden_size // 64, max_position_embeddings=max_length)
+    return write_tiny_model(os.path.join(tmp, "model"), spec, tokenizer)
+
+
+def hh_tokenizer(path: str):
+    """A BPE tokenizer trained on the hh-rlhf file's texts (nothing downloads)."""
+    from raydpo.tiny import build_tokenizer
+
+    base = [json.loads(line) for line in gzip.open(path, "rt")]
+    return build_tokenizer(8000, [r["chosen"] for r in base] + [r["rejected"] for r in base])
+
+
 def run(scorer, pairs, batch: int) -> tuple[float, list]:
     t0 = time.perf_counter()
     results = []
@@ -64,38 +83,43 @@ def main() -> None:
 
     from raydpo.reference.batching import pair_lengths, padded_tokens, plan_batches
     from raydpo.reference.scorer import ReferenceScorer
-    from raydpo.tiny import TinyModelSpec, build_tokenizer, write_tiny_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    base = [json.loads(line) for line in gzip.open(args.data, "rt")]
-    tokenizer = build_tokenizer(8000, [r["chosen"] for r in base] + [r["rejected"] for r in base])
+    tokenizer = hh_tokenizer(args.data)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = TinyModelSpec(hidden_size=args.hidden_size, intermediate_size=int(2.75 * args.hidden_size) // 64 * 64,
-                             num_layers=args.num_layers, num_heads=args.hidden_size // 64, max_position_embeddings=args.max_length)
-        model_dir = write_tiny_model(os.path.join(tmp, "model"), spec, tokenizer)
+        model_dir = bench_model(tmp, tokenizer, args.hidden_size, args.num_layers, args.max_length)
         pairs = tokenized_pairs(args.data, args.rows, tokenizer, args.max_length)
-        fixed = ReferenceScorer(model_dir, "float32", tokenizer.pad_token_id)
-        budget = ReferenceScorer(model_dir, "float32", tokenizer.pad_token_id, max_tokens=max_tokens)
+        pad_id = tokenizer.pad_token_id
+        fixed = ReferenceScorer(model_dir, "float32", pad_id, share_prompt=False)
+        budget = ReferenceScorer(model_dir, "float32", pad_id, max_tokens=max_tokens, share_prompt=False)
+        packed = ReferenceScorer(model_dir, "float32", pad_id, max_tokens=max_tokens)
+        assert packed.backend.packed, "the model did not pass the packed-mask probe"
         run(fixed, pairs[:16], args.batch_size)  # warm-up
         f_time, f_out = run(fixed, pairs, args.batch_size)
         b_time, b_out = run(budget, pairs, args.bucket)
+        p_time, p_out = run(packed, pairs, args.bucket)
 
-    lengths = pair_lengths(*([len(x) for x in col] for col in zip(*pairs)))
-    real = sum(len(p) * 2 + len(c) + len(r) for p, c, r in pairs)
-    fixed_groups = [list(range(i, min(i + args.batch_size, len(pairs)))) for i in range(0, len(pairs), args.batch_size)]
-    budget_groups = [[s + j for j in g] for s in range(0, len(pairs), args.bucket)
-                     for g in plan_batches(lengths[s : s + args.bucket], max_tokens)]
-    gap = max(abs(a - b) for fo, bo in zip(f_out, b_out) for a, b in zip(fo, bo))
+    lens = [[len(x) for x in col] for col in zip(*pairs)]
+    two_rows, one_row = pair_lengths(*lens), pair_lengths(*lens, packed=True)
+    both = sum(len(p) * 2 + len(c) + len(r) for p, c, r in pairs)  # tokens of both sequences
+    once = sum(len(p) + len(c) + len(r) for p, c, r in pairs)  # with the prompt once
     n = len(pairs)
+    fixed_groups = [list(range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
+
+    def bucketed(lengths, rows):
+        return [[s + j for j in g] for s in range(0, n, args.bucket) for g in plan_batches(lengths[s : s + args.bucket], max_tokens, rows)]
+
+    gap = max(abs(a - b) for other in (b_out, p_out) for fo, bo in zip(f_out, other) for a, b in zip(fo, bo))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
     print(f"pairs: {n} (hh-rlhf harmless-base), max_length {args.max_length}, model hidden {args.hidden_size} x "
-          f"{args.num_layers} layers, float32")
-    print(f"{'batching':<44}{'seconds':>9}{'pairs/s':>9}{'tokens/s':>10}{'padding':>9}")
-    for name, secs, groups in ((f"fixed {args.batch_size} pairs", f_time, fixed_groups),
-                               (f"token budget {max_tokens}, buckets of {args.bucket}", b_time, budget_groups)):
-        pad = 1 - real / padded_tokens(lengths, groups)
-        print(f"{name:<44}{secs:>9.2f}{n / secs:>9.1f}{real / secs:>10.0f}{pad:>9.1%}")
-    print(f"ratio token budget / fixed pairs/s: {f_time / b_time:.2f}x; largest log-prob gap between the runs: {gap:.2e}")
+          f"{args.num_layers} layers, float32; tokens/s counts both sequences of a pair")
+    print(f"{'batching':<52}{'seconds':>9}{'pairs/s':>9}{'tokens/s':>10}{'padding':>9}{'ratio':>7}")
+    rows = ((f"fixed {args.batch_size} pairs, two rows per pair", f_time, padded_tokens(two_rows, fixed_groups), both),
+            (f"token budget {max_tokens}, buckets of {args.bucket}", b_time, padded_tokens(two_rows, bucketed(two_rows, 2)), both),
+            ("  + one packed row per pair (prompt once)", p_time, padded_tokens(one_row, bucketed(one_row, 1), 1), once))
+    for name, secs, computed, useful in rows:
+        print(f"{name:<52}{secs:>9.2f}{n / secs:>9.1f}{both / secs:>10.0f}{1 - useful / computed:>9.1%}{f_time / secs:>6.2f}x")
+    print(f"largest log-prob gap against the fixed batches: {gap:.2e}")
 
 
 if __name__ == "__main__":

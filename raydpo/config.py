@@ -1,31 +1,49 @@
 """Typed run configuration: one dataclass per section of DESIGN.md's table.
 
 A config is loaded from YAML, then dotted ``key=value`` overrides are applied, then it is
-validated. Every error names the offending key and the valid keys or values, because a typo
-in a 40-line YAML should cost the user seconds, not a failed cluster job.
+validated (parsing and error messages: :mod:`raydpo.schema`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from raydpo.config_rules import (
+    loss_names, loss_weights, pool_size, reference_dtype, reference_path, reference_trusts_code, uses_reference, validate,
+)
+from raydpo.schema import ConfigError, build, fields_of
+from raydpo.schema import apply_overrides as schema_overrides
+
 Dtype = Literal["float32", "bfloat16", "float16"]
-LossType = Literal["sigmoid"]
+LossName = Literal["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo"]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+Scheduler = Literal["constant", "linear", "cosine"]
+Optimizer = Literal["adamw", "cpu_adam"]
 Quantization = Literal["8bit", "4bit"]
 Backend = Literal["hf", "vllm"]
 ReferenceMode = Literal["precompute", "streaming"]
 
+# Derived settings live in config_rules and are re-exported here, where users look for them.
+__all__ = ["Config", "ConfigError", "apply_overrides", "dump", "from_dict", "load", "to_dict", "loss_names", "loss_weights",
+           "pool_size", "reference_dtype", "reference_path", "reference_trusts_code", "uses_reference", "validate"]
 
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message says which and what is valid."""
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """Adapter rank; 0 trains all weights (no LoRA)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's update is multiplied by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (kept even with ``model.disable_dropout``: it is the adapter's own)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear`` for every linear layer but the head."""
 
 
 @dataclass
@@ -36,6 +54,18 @@ class ModelConfig:
     """Dtype of the policy weights during training."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory / hub repo to run (off unless set)."""
+    attn_implementation: Optional[str] = None
+    """transformers attention (``sdpa``, ``eager``, ``flash_attention_2`` where installed); default:
+    transformers' choice."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for about a third more compute."""
+    disable_dropout: bool = True
+    """Set every dropout probability to 0, as TRL does: DPO compares log-probs with the reference's,
+    and dropout noise in the policy's would bias the loss."""
+    quantization: Optional[Quantization] = None
+    """bitsandbytes quantization of the frozen base weights (``4bit``: QLoRA); needs ``lora.r`` > 0."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
+    """LoRA adapters (peft); off unless ``lora.r`` > 0."""
 
 
 @dataclass
@@ -44,6 +74,11 @@ class ReferenceConfig:
     """Frozen reference weights; defaults to ``model.name_or_path``."""
     dtype: Optional[Dtype] = None
     """Dtype of the reference weights; defaults to ``model.dtype``. Log-softmax is always float32."""
+    trust_remote_code: Optional[bool] = None
+    """Run the reference checkpoint's own code; defaults to ``model.trust_remote_code`` (off unless set)."""
+    attn_implementation: Optional[str] = None
+    """transformers attention for the ``hf`` backend (``sdpa``, ``eager``, ``flash_attention_2`` where
+    installed); default: transformers' choice. One that ignores custom masks disables ``share_prompt``."""
     num_actors: Union[int, list[int]] = 1
     """Reference actors, each holding one copy of the reference: a fixed number, or ``[min, max]``
     to let Ray Data grow the pool with the backlog of unscored batches."""
@@ -84,9 +119,14 @@ class ReferenceConfig:
     """bitsandbytes quantization of the reference weights, ``8bit`` or ``4bit`` (NF4), to fit a big
     reference on small devices (runs on CPU too). Log-probs drift from the full-precision reference:
     see the README for measured figures; part of the cache key."""
+    share_prompt: bool = True
+    """``hf`` backend: score each pair as one row (prompt, chosen, rejected) with a mask that keeps
+    rejected tokens from seeing chosen ones, so the prompt is computed once; checked on a probe at
+    actor start (a model whose attention ignores custom masks falls back to two rows per pair)."""
     max_tokens_per_batch: Optional[int] = None
-    """Token budget per forward pass, padding included (2 x pairs x longest pair): each bucket of
-    ``batch_size`` pairs is sorted by length and cut to fit, instead of fixed row counts."""
+    """Token budget per forward pass, padding included (pairs x longest row; two rows per pair
+    without ``share_prompt``): each bucket of ``batch_size`` pairs is sorted by length and cut to
+    fit, instead of fixed row counts."""
     cache_dir: str = "~/.cache/raydpo/reference"
     """Root of the content-addressed reference log-prob cache."""
 
@@ -136,12 +176,26 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: LossType = "sigmoid"
-    """Loss family, named as in TRL's DPOTrainer."""
+    type: Union[LossName, list[LossName]] = "sigmoid"
+    """Loss, named as in TRL's DPOTrainer (see :mod:`raydpo.losses`), or a list of losses summed with
+    ``weights`` (``[sigmoid, sft]`` is RPO). ``simpo``, ``orpo`` and ``sft`` alone need no reference:
+    then no reference model is loaded and no cache is read or written."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per loss in ``type``; default 1 each."""
     beta: float = 0.1
-    """Inverse temperature of the implicit reward ``beta * (policy - reference)``."""
+    """Inverse temperature of the implicit reward ``beta * (policy - reference)`` (ORPO: the weight
+    lambda of the odds-ratio term; SimPO: its reward scale)."""
     label_smoothing: float = 0.0
-    """cDPO: assumed probability that a preference label is flipped (0 = plain DPO)."""
+    """cDPO / robust / exo_pair / aot: assumed probability that a preference label is flipped."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature of the logistic/exponential blend."""
+    f_divergence: FDivergence = "reverse_kl"
+    """f-DPO's divergence (reverse_kl is plain DPO); for sigmoid, sigmoid_norm, hinge, ipo, exo_pair,
+    robust, discopop and sft only, as in TRL."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of ``f_divergence: alpha_divergence``."""
 
 
 @dataclass
@@ -163,7 +217,21 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
-    """Linear warm-up over this many steps (step k uses (k+1)/(warmup+1) of ``learning_rate``); constant afterwards."""
+    """Linear warm-up from 0 over this many steps (transformers' schedules, as TRL)."""
+    lr_scheduler: Scheduler = "constant"
+    """Learning rate after warm-up: ``constant``, ``linear`` decay to 0 or ``cosine`` decay to 0 at the last step."""
+    optimizer: Optimizer = "adamw"
+    """``adamw`` (torch) or ``cpu_adam`` (DeepSpeed's vectorized CPU Adam; needs ``offload_optimizer``)."""
+    offload_optimizer: bool = False
+    """ZeRO offload of optimizer states (and the update) to CPU memory; stage 1 to 3."""
+    offload_params: bool = False
+    """ZeRO-3 offload of the parameters themselves to CPU memory."""
+    padding_free: bool = False
+    """Pack each micro-batch's sequences into one row without pad tokens (position ids restart per
+    sequence, attention kept within it), so no compute is spent on padding."""
+    group_by_length: bool = False
+    """Order each worker's pairs so micro-batches hold similar lengths (less padding); shuffles
+    within windows of ``100 x micro_batch_size`` pairs by a seed, then sorts each window by length."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     max_steps: int = 0
@@ -182,6 +250,8 @@ class TrainConfig:
 class OutputConfig:
     dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, quarantine.jsonl, summary.json, model/."""
+    save_adapter_only: bool = False
+    """With LoRA: write only the adapter (peft format) to model/, instead of the merged full model."""
 
 
 @dataclass
@@ -210,81 +280,14 @@ class Config:
     """Which Ray cluster to use."""
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert the safe cases (int -> float, str -> [str])."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        errors = []
-        for arg in args:  # the first alternative that accepts the value wins
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {' or '.join(map(_type_name, args))}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is dict:
-        _, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: expected a mapping from names to {_type_name(value_tp)}, got {value!r}")
-        return {k: _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(items)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # PyYAML reads "3e-4" (no dot) as a string; accept what float() accepts.
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected float, got {value!r}") from None
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _section_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
-    hints = _section_types(cls)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(_unknown_key(f"{name}.{unknown[0]}", [f"{name}.{k}" for k in hints]))
-    return cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()})
-
-
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from nested plain data (as parsed from YAML)."""
     raw = raw or {}
-    hints = _section_types(Config)
+    hints = fields_of(Config)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; valid sections are: {', '.join(hints)}")
-    cfg = Config(**{k: _build_section(k, hints[k], raw.get(k) or {}) for k in hints})
+    cfg = Config(**{k: build(k, hints[k], raw.get(k) or {}) for k in hints})
     validate(cfg)
     return cfg
 
@@ -293,25 +296,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _unknown_key(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"unknown key {key}{hint}; valid keys are: {', '.join(valid)}"
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to nested plain data; values are parsed as YAML scalars."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
-    valid = [f"{s}.{k}" for s, cls in _section_types(Config).items() for k in _section_types(cls)]
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or key.count(".") != 1:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        if key not in valid:
-            raise ConfigError(_unknown_key(key, valid))
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = yaml.safe_load(text) if text != "" else ""
-    return raw
+    """Apply ``section.key=value`` strings (``model.lora.r=16`` for nested ones) to nested plain data."""
+    return schema_overrides(Config, raw, overrides)
 
 
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -321,63 +308,6 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return from_dict(apply_overrides(raw, list(overrides)))
-
-
-def pool_size(num_actors: int | list[int]) -> tuple[int, int]:
-    """(min, max) actors of a pool size given as a number or ``[min, max]``."""
-    return (num_actors, num_actors) if isinstance(num_actors, int) else (num_actors[0], num_actors[-1])
-
-
-def _pool_ok(num_actors: int | list[int]) -> bool:
-    if isinstance(num_actors, list) and len(num_actors) != 2:
-        return False
-    low, high = pool_size(num_actors)
-    return 1 <= low <= high
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field and range checks that the type annotations cannot express."""
-    checks = [
-        (cfg.model.name_or_path != "", "model.name_or_path is required"),
-        (_pool_ok(cfg.reference.num_actors), "reference.num_actors must be a number >= 1 or [min, max] with 1 <= min <= max"),
-        (cfg.reference.max_restarts >= -1 and cfg.reference.max_task_retries >= -1,
-         "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
-        (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
-        (cfg.reference.mode != "streaming" or cfg.train.num_epochs == 1,
-         "reference.mode=streaming scores pairs while the first epoch reads them; with train.num_epochs > 1 "
-         "use reference.mode=precompute (every epoch then reads the cache)"),
-        (cfg.reference.max_tokens_per_batch is None or cfg.reference.max_tokens_per_batch >= 2,
-         "reference.max_tokens_per_batch must be >= 2 (or unset for fixed batches of reference.batch_size)"),
-        (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
-        (cfg.data.max_prompt_length is None or 1 <= cfg.data.max_prompt_length < cfg.data.max_length,
-         "data.max_prompt_length must be >= 1 and < data.max_length"),
-        (set(cfg.data.columns) <= {"prompt", "chosen", "rejected"},
-         "data.columns maps prompt / chosen / rejected to your column names, e.g. {chosen: response_j}"),
-        (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
-        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
-        (cfg.loss.beta > 0, "loss.beta must be > 0"),
-        (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
-        (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
-        (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be one of 0, 1, 2, 3"),
-        (cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-        (cfg.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
-        (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
-        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
-        (cfg.train.num_epochs >= 1, "train.num_epochs must be >= 1"),
-        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
-        (cfg.train.eval_every >= 0, "train.eval_every must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def reference_path(cfg: Config) -> str:
-    return cfg.reference.name_or_path or cfg.model.name_or_path
-
-
-def reference_dtype(cfg: Config) -> str:
-    return cfg.reference.dtype or cfg.model.dtype
 
 
 def dump(cfg: Config, path: str | os.PathLike) -> None:

@@ -42,17 +42,25 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
 
 
 def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One forward of a collated batch (see :func:`raydpo.data.collate.collate_pairs`) -> [2B] logps.
+    """One forward of a collated batch -> [2B] logps, chosen sequences first, then rejected ones.
 
-    The first half of the rows are chosen sequences, the second half rejected ones.
+    A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]) or a padding-free row
+    (:func:`raydpo.data.collate.collate_packed`, [1, N] with ``sequence_ids``): there the attention
+    mask is left out so transformers builds a block-diagonal causal mask from the restarting
+    position ids, and token log-probs are summed per sequence.
     """
+    packed = "sequence_ids" in batch
     out = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=None if packed else batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
     )
-    return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"])
+    if not packed:
+        return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"])
+    per_token = token_logps(out.logits, batch["input_ids"])[0] * batch["completion_mask"][0, 1:].float()  # [N-1]
+    n = batch["completion_tokens"].shape[0]
+    return torch.zeros(n, device=per_token.device, dtype=per_token.dtype).index_add(0, batch["sequence_ids"][0, 1:], per_token)
 
 
 def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,26 +75,37 @@ def quantization_config(quantization: str | None, dtype: str):
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, frozen: bool = False,
-                   quantization: str | None = None, device: str | None = None):
-    """``AutoModelForCausalLM`` in ``dtype`` with dropout off (DPO compares log-probs of two passes).
+                   quantization: str | None = None, device: str | None = None, attn_implementation: str | None = None,
+                   disable_dropout: bool = True):
+    """``AutoModelForCausalLM`` in ``dtype``, dropout off unless ``disable_dropout`` is False (DPO
+    compares log-probs of two passes; TRL disables it too).
 
     ``quantization``: ``8bit`` / ``4bit`` loads bitsandbytes-quantized weights straight onto
     ``device`` (bitsandbytes 0.50 runs both on CPU too); such a model cannot be moved afterwards.
     """
     from transformers import AutoModelForCausalLM
 
-    extra = {}
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantization is not None:
-        extra = {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device or "cpu"}}
+        extra |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device or "cpu"}}
     model = AutoModelForCausalLM.from_pretrained(
         resolve_local(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
+    if disable_dropout or frozen:
+        zero_dropout(model)
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def zero_dropout(model) -> None:
+    """Every dropout probability to 0: ``nn.Dropout`` modules and the attention-probability dropout
+    that attention layers read from a float attribute (``attention_dropout``, as Llama's do)."""
     import torch
 
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if frozen:
-        model.eval()
-        model.requires_grad_(False)
-    return model
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

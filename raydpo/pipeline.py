@@ -67,9 +67,13 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
 
     ``stream``: the train split comes back as the pool's lazy output for the trainer to consume
     (see ``reference.mode``); the eval split, read at every evaluation, is always scored first.
+    With reference-free losses only (``simpo``, ``orpo``, ``sft``) there is no stage: {} comes back.
     """
     from raydpo.models import load_tokenizer
     from raydpo.reference.stage import run_reference
+
+    if not config_mod.uses_reference(cfg):
+        return {}
 
     pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     settings = data.settings.__dict__
@@ -81,22 +85,39 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
 
 
 def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
-    """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (ray Result, TrainPlan)."""
+    """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (ray Result, TrainPlan).
+
+    ``refs``: from :func:`score_reference`, or for reference-free losses {"train": d, "eval": d}
+    with plain tokenized datasets (``PreparedData.train`` / ``.eval``) in place of the results."""
     from raydpo.models import load_tokenizer, resolve_local
     from raydpo.train.stage import guard_config, run_training
 
     pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
-    eval_ds = refs["eval"].dataset if "eval" in refs else None
     model_path = resolve_local(cfg.model.name_or_path)
     guard = guard_config(cfg, model_path, refs["train"].entry)
-    return run_training(cfg, refs["train"].dataset, eval_ds, n_train, n_eval, pad_id, model_path, guard)
+    return run_training(cfg, refs["train"].dataset, refs["eval"].dataset if "eval" in refs else None, n_train, n_eval,
+                        pad_id, model_path, guard)
 
 
-def _reference_summary(refs: dict) -> dict:
+def _reference_summary(refs: dict) -> dict | str:
+    if not refs:
+        return "skipped: the loss needs no reference"
     return {
         split: {"cache_hit": r.cache_hit, "pairs_scored": r.pairs_scored, "key": r.key, "entry": r.entry, "seconds": round(r.seconds, 3)}
         for split, r in refs.items()
     }
+
+
+@dataclass
+class Unscored:
+    """A split handed to the trainer without reference log-probs (reference-free losses)."""
+
+    dataset: object
+    entry: None = None
+
+
+def unscored(data) -> dict:
+    return {"train": Unscored(data.train)} | ({"eval": Unscored(data.eval)} if data.eval is not None else {})
 
 
 def precompute(cfg: Config) -> tuple[object, dict]:
@@ -105,6 +126,8 @@ def precompute(cfg: Config) -> tuple[object, dict]:
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     t1 = time.perf_counter()
+    if not config_mod.uses_reference(cfg):
+        raise ValueError(f"loss.type {cfg.loss.type} needs no reference log-probs: there is nothing to precompute")
     refs = score_reference(data, cfg)
     summary = {
         **data.summary.as_dict(),
@@ -145,7 +168,7 @@ def run(cfg: Config) -> RunResult:
     refs = score_reference(data, cfg, stream=cfg.reference.mode == "streaming")
     timings["reference"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    _, plan = train_policy(cfg, refs, data.n_train, data.n_eval)
+    _, plan = train_policy(cfg, refs or unscored(data), data.n_train, data.n_eval)
     timings["train"] = time.perf_counter() - t2
     for r in refs.values():
         if r.seal is not None:  # streamed: the trainer has read every pair, the shards are complete
@@ -160,6 +183,7 @@ def run(cfg: Config) -> RunResult:
         "reference": _reference_summary(refs),
         "steps": trained["steps"],
         "steps_per_epoch": plan.steps_per_epoch,
+        "policy_params": trained["params"],
         "eval_pairs_evaluated": check_eval(cfg, data.n_eval),
         "final_metrics": trained["final"],
         "final_eval_metrics": trained["final_eval"],

@@ -1,6 +1,7 @@
 """The benchmarks keep working: each runs at a tiny size (no timing is asserted)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -22,3 +23,21 @@ def test_tokenize_benchmark_smoke():
     assert "ratio raydpo / TRL pairs/s" in out.stdout
     # 400 rows of hh-rlhf include 1 empty chosen response (row 86): quarantined, as counted.
     assert "(+1 quarantined" in out.stdout
+    # Every pair both tools keep gets the same token ids (the prompt boundary may differ: TRL cuts
+    # at a character prefix, see bench/tokenize_vs_trl.py same_ids).
+    same = re.search(r"identical token ids of both scored sequences: (\d+) of (\d+) pairs", out.stdout)
+    assert same and same.group(1) == same.group(2) and int(same.group(2)) > 350, out.stdout[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(SHARED_DATA), reason="../shared/data is not present in this checkout")
+@pytest.mark.parametrize("script, marker", [("reference_batching.py", "largest log-prob gap"), ("quantized_drift.py", "4bit"),
+                                            ("padding_free.py", "padding-free                   0.0%")])
+def test_reference_benchmarks_smoke(script, marker):
+    args = ["--rows", "24", "--hidden-size", "64"] + {
+        "reference_batching.py": ["--num-layers", "1", "--bucket", "8"],
+        "padding_free.py": ["--num-layers", "1", "--timed-pairs", "8"],
+    }.get(script, [])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert marker in out.stdout

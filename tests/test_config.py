@@ -1,5 +1,8 @@
 """Typed config: YAML, dotted overrides, clear errors."""
 
+import glob
+import os
+
 import pytest
 import yaml
 
@@ -50,13 +53,55 @@ def test_unknown_yaml_key_and_section(tmp_path):
         ("train.use_gpu=3", "expected true or false"),
         ("train.zero_stage=4", "zero_stage must be one of 0, 1, 2, 3"),
         ("loss.beta=-1", "loss.beta must be > 0"),
-        ("loss.type=nope", "loss.type: 'nope' is not valid"),
+        ("loss.type=nope", "loss.type: expected 'sigmoid'"),
+        ("loss.type=[sigmoid,sft] loss.weights=[1]", "loss.weights needs one weight per loss"),
+        ("loss.type=exo_pair", "loss exo_pair needs loss.label_smoothing > 0"),
+        ("loss.type=bco_pair loss.f_divergence=js_divergence", "loss.f_divergence other than reverse_kl works with"),
+        ("model.quantization=4bit", "set model.lora.r > 0 (QLoRA)"),
+        ("output.save_adapter_only=true", "output.save_adapter_only needs model.lora.r > 0"),
+        ("train.optimizer=cpu_adam", "set train.offload_optimizer=true"),
+        ("train.offload_params=true", "train.offload_params needs train.zero_stage=3"),
+        ("model.lora.rank=4", "unknown key model.lora.rank (did you mean model.lora.r?)"),
         ("train.beta", "must look like section.key=value"),
     ],
 )
 def test_bad_values(tmp_path, override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load(write(tmp_path, BASE), [override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        load(write(tmp_path, BASE), override.split(" "))
+
+
+def test_nested_lora_section_and_loss_lists(tmp_path):
+    from raydpo.config import loss_names, loss_weights, uses_reference
+
+    cfg = load(write(tmp_path, {**BASE, "model": {**BASE["model"], "lora": {"r": 16}}}),
+               ["model.lora.target_modules=[q_proj,v_proj]", "loss.type=[sigmoid,sft]", "loss.weights=[1,0.5]"])
+    assert cfg.model.lora.r == 16 and cfg.model.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.lora.alpha == 16.0
+    assert loss_names(cfg.loss) == ["sigmoid", "sft"] and loss_weights(cfg.loss) == [1.0, 0.5] and uses_reference(cfg)
+    assert not uses_reference(load(write(tmp_path, BASE), ["loss.type=[simpo,sft]"]))
+    dump(cfg, tmp_path / "resolved.yaml")
+    assert load(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("name, expected", [
+    # warm-up from 0 over 2 steps, then: constant / linear to 0 at step 10 / cosine to 0 at step 10
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 1.0, 7 / 8, 6 / 8]),
+    ("cosine", [0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737]),
+])
+def test_learning_rate_schedules(name, expected):
+    import torch
+
+    from raydpo.config import TrainConfig
+    from raydpo.train.engine import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, TrainConfig(lr_scheduler=name, warmup_steps=2, learning_rate=1.0), total_steps=10)
+    lrs = []
+    for _ in expected:
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected)
 
 
 def test_missing_model_is_an_error():
@@ -97,3 +142,11 @@ def test_reference_pool_placement(tmp_path):
         load(write(tmp_path, BASE), ["reference.num_actors=many"])
     with pytest.raises(ConfigError, match="reference.resources.ref_node: expected float"):
         load(write(tmp_path, BASE), ["reference.resources={ref_node: lots}"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml"))))
+def test_example_configs_load(path):
+    cfg = load(path)
+    assert cfg.output.dir.startswith("runs/")
+    with open(path) as f:
+        assert f.readline().startswith("# Run"), "each example starts with the command that runs it"

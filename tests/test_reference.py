@@ -52,8 +52,9 @@ def test_cached_logps_equal_in_process_computation(base, tiny_model_dir):
         batch = collate_pairs(*([r[k] for r in chunk] for k in ("prompt_ids", "chosen_ids", "rejected_ids")), pad)
         with torch.no_grad():
             chosen, rejected = split_pairs(forward_logps(model, batch))
-        assert torch.allclose(chosen, torch.tensor([r["ref_chosen_logps"] for r in chunk]), atol=1e-5)
-        assert torch.allclose(rejected, torch.tensor([r["ref_rejected_logps"] for r in chunk]), atol=1e-5)
+        # The pool packs each pair into one row (prompt computed once): equal up to float rounding.
+        assert torch.allclose(chosen, torch.tensor([r["ref_chosen_logps"] for r in chunk]), atol=1e-4)
+        assert torch.allclose(rejected, torch.tensor([r["ref_rejected_logps"] for r in chunk]), atol=1e-4)
 
 
 def test_second_run_hits_cache_and_loads_no_model(base, tmp_path):
@@ -161,7 +162,7 @@ def _scored_rows(result) -> list[tuple]:
 def _same_pairs(a: list[tuple], b: list[tuple]) -> None:
     """Same pairs, each exactly once per input copy, with the same log-probs up to batch composition."""
     assert [r[:2] for r in a] == [r[:2] for r in b]
-    assert [v for r in a for v in r[2:]] == pytest.approx([v for r in b for v in r[2:]], abs=1e-5)
+    assert [v for r in a for v in r[2:]] == pytest.approx([v for r in b for v in r[2:]], abs=1e-4)
 
 
 def test_a_dead_actor_is_restarted_and_its_batch_retried(base, tmp_path):

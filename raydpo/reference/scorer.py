@@ -9,12 +9,15 @@ IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 class HfBackend:
     """transformers forward: weights in ``dtype`` (or bitsandbytes ``8bit`` / ``4bit``), log-softmax
-    in float32, chosen and rejected of a group in one concatenated forward pass. With ``max_tokens``
-    the pairs are sorted by length and cut into forward passes of at most that many padded tokens
+    in float32. With ``share_prompt`` each pair is one packed row, its prompt computed once
+    (:mod:`raydpo.reference.packing`), if a probe at start shows the model honours the packed mask;
+    otherwise chosen and rejected rows go through one concatenated forward. With ``max_tokens`` the
+    pairs are sorted by length and cut into forward passes of at most that many padded tokens
     (:mod:`raydpo.reference.batching`); without it all pairs given go through together."""
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
-                 max_tokens: int | None = None, quantization: str | None = None):
+                 max_tokens: int | None = None, quantization: str | None = None, share_prompt: bool = True,
+                 attn_implementation: str | None = None):
         import torch
 
         from raydpo.models import load_causal_lm
@@ -23,31 +26,50 @@ class HfBackend:
         # An actor that reserved a GPU (reference.num_gpus_per_actor > 0) sees it here.
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True, quantization=quantization,
-                                    device=str(self.device))
+                                    device=str(self.device), attn_implementation=attn_implementation)
         if quantization is None:  # quantized weights are loaded in place and cannot be moved
             self.model.to(self.device)
         self.pad_id = pad_id
         self.max_tokens = max_tokens
+        self.packed = False
+        if share_prompt:
+            self.packed = self._packing_agrees()
+
+    def _forward(self, cols: list, packed: bool):
+        from raydpo.data.collate import collate_pairs
+        from raydpo.logprobs import forward_logps, split_pairs
+        from raydpo.reference.packing import pack_pairs, packed_logps
+
+        with self.torch.inference_mode():
+            if packed:
+                return packed_logps(self.model, {k: v.to(self.device) for k, v in pack_pairs(*cols, self.pad_id).items()})
+            return split_pairs(forward_logps(self.model, {k: v.to(self.device) for k, v in collate_pairs(*cols, self.pad_id).items()}))
+
+    def _packing_agrees(self) -> bool:
+        """Whether this model honours the packed 4D mask: two probe pairs scored both ways agree.
+        (An attention implementation that ignores custom masks would let rejected see chosen.)"""
+        # Prompts, chosen and rejected completions of two pairs of different lengths.
+        probe = [[[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17]], [[18, 19], [20, 21, 22, 23, 24]]]
+        try:
+            a, b = self._forward(probe, packed=False), self._forward(probe, packed=True)
+        except Exception:  # noqa: BLE001 - a model that rejects a 4D mask takes the concatenated path
+            return False
+        return bool(self.torch.allclose(self.torch.cat(a), self.torch.cat(b), atol=1e-3, rtol=1e-4))
 
     def score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):
         """(chosen, rejected) reference log-probs, each a [B] float32 numpy array in input order."""
         import numpy as np
 
-        from raydpo.data.collate import collate_pairs
-        from raydpo.logprobs import forward_logps, split_pairs
         from raydpo.reference.batching import pair_lengths, plan_batches
 
         n = len(prompt_ids)
         groups = [list(range(n))]
         if self.max_tokens:
-            lengths = pair_lengths(*([len(x) for x in col] for col in (prompt_ids, chosen_ids, rejected_ids)))
-            groups = plan_batches(lengths, self.max_tokens)
+            lengths = pair_lengths(*([len(x) for x in col] for col in (prompt_ids, chosen_ids, rejected_ids)), packed=self.packed)
+            groups = plan_batches(lengths, self.max_tokens, rows_per_pair=1 if self.packed else 2)
         chosen, rejected = np.empty(n, np.float32), np.empty(n, np.float32)
         for group in groups:
-            cols = [[col[i] for i in group] for col in (prompt_ids, chosen_ids, rejected_ids)]
-            inputs = {k: v.to(self.device) for k, v in collate_pairs(*cols, self.pad_id).items()}
-            with self.torch.inference_mode():
-                c, r = split_pairs(forward_logps(self.model, inputs))
+            c, r = self._forward([[col[i] for i in group] for col in (prompt_ids, chosen_ids, rejected_ids)], self.packed)
             chosen[group], rejected[group] = c.float().cpu().numpy(), r.float().cpu().numpy()
         return chosen, rejected
 
@@ -63,13 +85,15 @@ class ReferenceScorer:
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
                  shard_dir: str | None = None, max_tokens: int | None = None, quantization: str | None = None,
-                 backend: str = "hf", backend_options: dict | None = None):
+                 backend: str = "hf", backend_options: dict | None = None, share_prompt: bool = True,
+                 attn_implementation: str | None = None):
         if backend == "vllm":
             from raydpo.reference.vllm_backend import VllmBackend
 
             self.backend = VllmBackend(model_path, dtype, trust_remote_code, **(backend_options or {}))
         else:
-            self.backend = HfBackend(model_path, dtype, pad_id, trust_remote_code, max_tokens, quantization)
+            self.backend = HfBackend(model_path, dtype, pad_id, trust_remote_code, max_tokens, quantization, share_prompt,
+                                     attn_implementation)
         self.shard_dir = shard_dir
 
     def score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from raydpo.config import Config, pool_size, reference_dtype, reference_path
+from raydpo.config import Config, pool_size, reference_dtype, reference_path, reference_trusts_code
 from raydpo.data.local import blocks, from_tables
 from raydpo.reference import cache, store
 
@@ -52,7 +52,7 @@ def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> 
     ref_dir = resolve_local(reference_path(cfg))
     tok_dir = resolve_local(cfg.model.name_or_path)
     return {
-        "reference": {"fingerprint": cache.fingerprint_model(ref_dir), "trust_remote_code": cfg.model.trust_remote_code},
+        "reference": {"fingerprint": cache.fingerprint_model(ref_dir), "trust_remote_code": reference_trusts_code(cfg)},
         "tokenizer": {"fingerprint": cache.fingerprint_tokenizer(tok_dir)},
         "tokenization": tokenize_settings,
         "data": cache.data_digest(digests),
@@ -105,11 +105,13 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
             "model_path": resolve_local(reference_path(cfg)),
             "dtype": reference_dtype(cfg),
             "pad_id": pad_id,
-            "trust_remote_code": cfg.model.trust_remote_code,
+            "trust_remote_code": reference_trusts_code(cfg),
+            "attn_implementation": r.attn_implementation,
             "shard_dir": shard_dir,
             "max_tokens": r.max_tokens_per_batch,
             "quantization": r.quantization,
             "backend": r.backend,
+            "share_prompt": r.share_prompt,
             "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
                                 "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,
         },

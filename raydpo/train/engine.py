@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from raydpo.config import TrainConfig
 
+#: ``train.lr_scheduler`` -> transformers scheduler name (TRL's schedules, warm-up from 0 included).
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
 
 def deepspeed_config(t: TrainConfig, dtype: str) -> dict:
     """The DeepSpeed JSON config for ``train.*`` and the policy dtype."""
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * t.num_workers,
         "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.zero_stage},
-        # A torch AdamW is passed in: DeepSpeed's fused Adam needs CUDA and its CPU Adam needs offload.
+        "zero_optimization": zero,
+        # A torch AdamW may be passed in: DeepSpeed's fused Adam needs CUDA and its CPU Adam offload.
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
         "steps_per_print": 1 << 30,
@@ -22,20 +31,32 @@ def deepspeed_config(t: TrainConfig, dtype: str) -> dict:
     }
 
 
-def warmup_constant(warmup_steps: int):
-    """LR multiplier: linear from 1/(warmup+1) to 1 over ``warmup_steps``, then constant."""
-    return lambda step: min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps > 0 else 1.0
-
-
-def build_engine(model, t: TrainConfig, dtype: str):
-    """Wrap ``model`` in a DeepSpeed engine (joining the process group Ray Train already set up)."""
-    import deepspeed
+def build_optimizer(params, t: TrainConfig):
+    """torch AdamW, or DeepSpeed's CPU Adam (AdamW mode, the same update) for offloaded states."""
     import torch
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(t.warmup_steps))
+    if t.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer, t: TrainConfig, total_steps: int):
+    """transformers' schedule ``train.lr_scheduler`` with ``warmup_steps`` over ``total_steps``."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+
+
+def build_engine(model, t: TrainConfig, dtype: str, total_steps: int):
+    """Wrap ``model`` in a DeepSpeed engine (joining the process group Ray Train already set up).
+
+    Only parameters that require grad (all, or the LoRA adapters) are optimized."""
+    import deepspeed
+
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
+    scheduler = build_scheduler(optimizer, t, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype)
     )

@@ -35,29 +35,26 @@ def _add(acc: dict, new: dict) -> dict:
     return {k: acc.get(k, 0.0) + v for k, v in new.items()}
 
 
-def step_metrics(engine, batch: dict, loss_cfg: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def step_metrics(engine, batch: dict, loss_cfg) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Loss (mean over pairs), metric sums and the policy's sequence log-probs ([2B]: chosen then
-    rejected) of one micro-batch. batch from ``collate_rows``."""
+    rejected) of one micro-batch. batch from ``collate_rows``; ``loss_cfg`` the ``loss`` section."""
+    from raydpo.config import loss_names, loss_weights
     from raydpo.logprobs import forward_logps, split_pairs
-    from raydpo.losses import compute_loss, pair_metrics
+    from raydpo.losses import PairLogps, compute_loss, pair_metrics
 
     logps = forward_logps(engine, batch)
     policy_chosen, policy_rejected = split_pairs(logps)
-    losses, chosen_r, rejected_r = compute_loss(
-        loss_cfg["type"],
-        policy_chosen,
-        policy_rejected,
-        batch["ref_chosen_logps"],
-        batch["ref_rejected_logps"],
-        beta=loss_cfg["beta"],
-        label_smoothing=loss_cfg["label_smoothing"],
-    )
+    chosen_tokens, rejected_tokens = split_pairs(batch["completion_tokens"])
+    x = PairLogps(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens,
+                  batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"))
+    losses, chosen_r, rejected_r = compute_loss(loss_names(loss_cfg), loss_weights(loss_cfg), x, loss_cfg)
     sums = pair_metrics(losses, chosen_r, rejected_r, policy_chosen, policy_rejected)
-    sums["tokens"] = batch["attention_mask"].sum().float()
+    sums["tokens"] = batch["attention_mask"].sum().float() if "attention_mask" in batch else torch.tensor(
+        float(batch["input_ids"].numel()), device=logps.device)
     return losses.mean(), sums, logps
 
 
-def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, float]:
+def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False) -> dict[str, float]:
     """Metric means over this worker's whole eval shard, reduced over all workers."""
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
@@ -66,7 +63,7 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, f
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
-            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id), engine.device), loss_cfg)
+            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free), engine.device), loss_cfg)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
@@ -75,6 +72,11 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg: dict) -> dict[str, f
     totals = _global_sums({k: torch.as_tensor(v) for k, v in sums.items()})
     totals.pop("tokens")
     return {f"eval/{k}": v for k, v in mean_metrics(totals).items()} | {"eval/pairs": totals["count"]}
+
+
+def _float_or_none(value) -> float | None:
+    """DeepSpeed's grad norm: a float, a 0-d tensor, or None where the stage does not compute it."""
+    return None if value is None else float(value)
 
 
 def _say(line: str) -> None:
@@ -115,20 +117,25 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
-    from raydpo.models import load_causal_lm
+    from raydpo.train.batches import micro_batches
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
+    from raydpo.train.policy import build_policy, trainable_summary
 
     cfg = from_dict(config["cfg"])
     t, pad_id = cfg.train, config["pad_id"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(t.seed + rank)
-    loss_cfg = {"type": cfg.loss.type, "beta": cfg.loss.beta, "label_smoothing": cfg.loss.label_smoothing}
+    loss_cfg = cfg.loss
 
-    model = load_causal_lm(config["model_path"], cfg.model.dtype, cfg.model.trust_remote_code)
-    engine, scheduler = build_engine(model, t, cfg.model.dtype)
+    device = f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu"
+    model = build_policy(cfg.model, config["model_path"], device)
+    params = trainable_summary(model)
+    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
+    if rank == 0:
+        _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None
     log = MetricsLog(os.path.join(config["output_dir"], "metrics.jsonl"), rank == 0, config["total_steps"])
@@ -136,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
     def run_eval(step: int) -> dict:
         if eval_shard is None:
             return {}
-        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg)}
+        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free)}
         log.write(row)
         return row
 
@@ -146,21 +153,14 @@ def train_loop_per_worker(config: dict) -> None:
     step_start = time.perf_counter()
     epoch = 0
     while step < config["total_steps"]:
-        batches = train_shard.iter_batches(
-            batch_size=t.micro_batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=max(4 * t.micro_batch_size, 64),
-            local_shuffle_seed=t.seed + epoch,
-        )
-        for raw in batches:
+        for raw in micro_batches(train_shard, t.micro_batch_size, t.seed + epoch, t.group_by_length):
             if step >= config["total_steps"] or micro >= config["steps_per_epoch"] * t.gradient_accumulation_steps:
                 continue  # drain the epoch so every shard iterator finishes together
-            batch = to_device(collate_rows(raw, pad_id), engine.device)
+            batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free), engine.device)
             loss, s, logps = step_metrics(engine, batch, loss_cfg)
             if guard_pending:  # before the first update the policy is the reference
                 cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-                drift = token_drift(logps, cached, batch["completion_mask"].sum(-1))
+                drift = token_drift(logps, cached, batch["completion_tokens"])
                 check(drift, config["guard"]["tolerance"], config["output_dir"], rank == 0, config["guard"]["entry"])
                 guard_pending = False
             engine.backward(loss)
@@ -180,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "epoch": epoch,
                     **{k: v for k, v in mean_metrics(totals).items() if k != "tokens"},
                     "learning_rate": lr,
+                    "grad_norm": _float_or_none(engine.get_global_grad_norm()),
                     "pairs_per_s": totals["count"] / elapsed,
                     "tokens_per_s": totals["tokens"] / elapsed,
                     "step_time_s": elapsed,
@@ -191,9 +192,10 @@ def train_loop_per_worker(config: dict) -> None:
             sums, step_start = {}, time.perf_counter()
         epoch, micro = epoch + 1, 0
     last_eval = run_eval(step)
-    export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0)
+    export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
+                 cfg.output.save_adapter_only)
     if rank == 0:
         with open(os.path.join(config["output_dir"], "train_result.json"), "w") as f:
-            json.dump({"steps": step, "epochs_started": epoch, "final": last_train, "final_eval": last_eval}, f)
+            json.dump({"steps": step, "epochs_started": epoch, "params": params, "final": last_train, "final_eval": last_eval}, f)
     # Every worker reports once, so Ray Train sees the same number of reports on each rank.
     ray.train.report({"steps": step, **{k: v for k, v in last_train.items() if isinstance(v, (int, float))}})

@@ -43,12 +43,12 @@ def check_eval(cfg: Config, n_eval: int) -> int:
 
 def guard_config(cfg: Config, model_path: str, entry: str) -> dict | None:
     """What the workers' exactness guard needs, or None when it does not apply (switched off, or the
-    reference is other weights than the policy starts from)."""
-    from raydpo.config import reference_dtype, reference_path
+    reference is other weights than the policy starts from, or no loss reads a reference)."""
+    from raydpo.config import reference_dtype, reference_path, uses_reference
     from raydpo.models import resolve_local
     from raydpo.train.guard import guard_tolerance
 
-    if not cfg.reference.guard or resolve_local(reference_path(cfg)) != model_path:
+    if not cfg.reference.guard or not uses_reference(cfg) or resolve_local(reference_path(cfg)) != model_path:
         return None
     tolerance = guard_tolerance(cfg.model.dtype, reference_dtype(cfg), cfg.reference.guard_tolerance, cfg.reference.quantization)
     return {"tolerance": tolerance, "entry": entry}

@@ -1,0 +1,108 @@
+"""Rules over a whole config: cross-field validation and the settings derived from several keys.
+
+Torch-free, so that loading and checking a config stays instant.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raydpo.schema import ConfigError
+
+if TYPE_CHECKING:
+    from raydpo.config import Config, LossConfig
+
+REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})
+"""Losses that read no reference log-probs."""
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+"""Losses with an f-divergence generalization (TRL's list); the others need reverse_kl."""
+
+
+def pool_size(num_actors: int | list[int]) -> tuple[int, int]:
+    """(min, max) actors of a pool size given as a number or ``[min, max]``."""
+    return (num_actors, num_actors) if isinstance(num_actors, int) else (num_actors[0], num_actors[-1])
+
+
+def _pool_ok(num_actors: int | list[int]) -> bool:
+    if isinstance(num_actors, list) and len(num_actors) != 2:
+        return False
+    low, high = pool_size(num_actors)
+    return 1 <= low <= high
+
+
+def validate(cfg: "Config") -> None:
+    """Cross-field and range checks that the type annotations cannot express."""
+    checks = [
+        (cfg.model.name_or_path != "", "model.name_or_path is required"),
+        (_pool_ok(cfg.reference.num_actors), "reference.num_actors must be a number >= 1 or [min, max] with 1 <= min <= max"),
+        (cfg.reference.max_restarts >= -1 and cfg.reference.max_task_retries >= -1,
+         "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
+        (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
+        (cfg.reference.mode != "streaming" or cfg.train.num_epochs == 1,
+         "reference.mode=streaming scores pairs while the first epoch reads them; with train.num_epochs > 1 "
+         "use reference.mode=precompute (every epoch then reads the cache)"),
+        (cfg.reference.max_tokens_per_batch is None or cfg.reference.max_tokens_per_batch >= 2,
+         "reference.max_tokens_per_batch must be >= 2 (or unset for fixed batches of reference.batch_size)"),
+        (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
+        (cfg.data.max_prompt_length is None or 1 <= cfg.data.max_prompt_length < cfg.data.max_length,
+         "data.max_prompt_length must be >= 1 and < data.max_length"),
+        (set(cfg.data.columns) <= {"prompt", "chosen", "rejected"},
+         "data.columns maps prompt / chosen / rejected to your column names, e.g. {chosen: response_j}"),
+        (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (cfg.loss.beta > 0, "loss.beta must be > 0"),
+        (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
+        (not cfg.loss.weights or len(cfg.loss.weights) == len(loss_names(cfg.loss)),
+         "loss.weights needs one weight per loss in loss.type"),
+        ("exo_pair" not in loss_names(cfg.loss) or cfg.loss.label_smoothing > 0, "loss exo_pair needs loss.label_smoothing > 0"),
+        (cfg.loss.f_divergence == "reverse_kl" or set(loss_names(cfg.loss)) <= F_DIVERGENCE_LOSSES,
+         f"loss.f_divergence other than reverse_kl works with {', '.join(sorted(F_DIVERGENCE_LOSSES))} only"),
+        (cfg.model.lora.r >= 0, "model.lora.r must be >= 0 (0: no LoRA)"),
+        (cfg.model.quantization is None or cfg.model.lora.r > 0,
+         "model.quantization trains adapters on frozen quantized weights: set model.lora.r > 0 (QLoRA)"),
+        (not cfg.output.save_adapter_only or cfg.model.lora.r > 0, "output.save_adapter_only needs model.lora.r > 0"),
+        (cfg.train.optimizer != "cpu_adam" or cfg.train.offload_optimizer,
+         "train.optimizer=cpu_adam runs the update on CPU: set train.offload_optimizer=true"),
+        (not cfg.train.offload_optimizer or cfg.train.zero_stage >= 1, "train.offload_optimizer needs train.zero_stage >= 1"),
+        (not cfg.train.offload_params or cfg.train.zero_stage == 3, "train.offload_params needs train.zero_stage=3"),
+        (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
+        (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be one of 0, 1, 2, 3"),
+        (cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (cfg.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1"),
+        (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
+        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
+        (cfg.train.num_epochs >= 1, "train.num_epochs must be >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.eval_every >= 0, "train.eval_every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def loss_names(loss: LossConfig) -> list[str]:
+    """``loss.type`` as a list."""
+    return [loss.type] if isinstance(loss.type, str) else list(loss.type)
+
+
+def loss_weights(loss: LossConfig) -> list[float]:
+    """``loss.weights``, 1 per loss by default."""
+    return loss.weights or [1.0] * len(loss_names(loss))
+
+
+def uses_reference(cfg: Config) -> bool:
+    """False when every loss is reference-free: then no reference stage runs."""
+    return any(n not in REFERENCE_FREE for n in loss_names(cfg.loss))
+
+
+def reference_path(cfg: Config) -> str:
+    return cfg.reference.name_or_path or cfg.model.name_or_path
+
+
+def reference_dtype(cfg: Config) -> str:
+    return cfg.reference.dtype or cfg.model.dtype
+
+
+def reference_trusts_code(cfg: Config) -> bool:
+    r = cfg.reference.trust_remote_code
+    return cfg.model.trust_remote_code if r is None else r

@@ -1,0 +1,61 @@
+"""One row per pair, the prompt computed once: ``[prompt | chosen | rejected | pad]`` (pure torch).
+
+The concatenated batch of :func:`raydpo.data.collate.collate_pairs` runs every prompt twice, once
+before each completion; on multi-turn data the prompt is most of the tokens. Here each pair is one
+row whose attention mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected
+tokens the prompt and earlier rejected tokens (never the chosen ones); rejected position ids restart
+where the prompt ends. Each completion token is then computed in exactly the context it has in its own
+sequence, so the log-probs equal the concatenated path's up to float rounding, for
+``p + c + r`` tokens instead of ``2p + c + r``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def pack_pairs(prompt_ids, chosen_ids, rejected_ids, pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> ``input_ids``, ``position_ids``, ``segments`` [B, T] and ``attention_mask``
+    [B, 1, T, T] (bool, True where a query may attend a key), T the longest packed pair."""
+    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids))
+    ids, pos, seg = [], [], []
+    for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids):
+        pad = width - len(p) - len(c) - len(r)
+        ids.append(list(p) + list(c) + list(r) + [pad_id] * pad)
+        pos.append(list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(r))) + [0] * pad)
+        seg.append([PROMPT] * len(p) + [CHOSEN] * len(c) + [REJECTED] * len(r) + [PAD] * pad)
+    segments = torch.tensor(seg)
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & ((k == PROMPT) | (k == q)) & (q != PAD)
+    # A padding query attends only to itself, so no softmax row is empty (NaN); its output is unused.
+    allowed |= torch.eye(width, dtype=torch.bool) & (q == PAD)
+    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "segments": segments,
+            "attention_mask": allowed[:, None]}
+
+
+def packed_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a packed batch -> (chosen, rejected) sequence log-probs, each [B] float32.
+
+    Token t of a completion is predicted by the logits at t - 1, except the first rejected token,
+    which follows the prompt's last token (the chosen tokens sit in between in the row).
+    """
+    ids, seg = batch["input_ids"], batch["segments"]
+    # An additive float mask: sdpa takes it as well as a boolean one, and eager attention only this.
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    mask = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=ids.device)
+    mask = mask.masked_fill(~batch["attention_mask"], torch.finfo(dtype).min)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
+    logps = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
+    width = ids.shape[1]
+    pred = torch.arange(width, device=ids.device).expand_as(ids) - 1
+    prompt_len = (seg == PROMPT).sum(1)
+    first_rejected = (seg == REJECTED) & (torch.roll(seg, 1, dims=1) != REJECTED)
+    pred = torch.where(first_rejected, (prompt_len - 1)[:, None].expand_as(pred), pred)
+    scored = pred >= 0  # a completion token with no prompt before it has no prediction (as in collate_pairs)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    token = logps[rows, pred.clamp(min=0), ids] * scored
+    return (token * (seg == CHOSEN)).sum(1), (token * (seg == REJECTED)).sum(1)

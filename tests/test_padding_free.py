@@ -1,0 +1,60 @@
+"""Padding-free micro-batches give the padded path's log-probs and gradients; length grouping."""
+
+import numpy as np
+import pytest
+import torch
+
+from raydpo.data.collate import collate_packed, collate_pairs
+from raydpo.logprobs import forward_logps
+from raydpo.train.batches import length_grouped, pair_lengths
+from test_packing import random_pairs
+
+
+def test_collate_packed_layout():
+    b = collate_packed([[1, 2], [3]], [[4, 5], [6, 7, 8]], [[9], [10, 11]])
+    assert b["input_ids"].tolist() == [[1, 2, 4, 5, 3, 6, 7, 8, 1, 2, 9, 3, 10, 11]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
+    assert b["sequence_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3]]
+    assert b["completion_mask"].tolist() == [[0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1]]
+    assert b["completion_tokens"].tolist() == [2, 3, 1, 2]
+
+
+def test_empty_prompt_first_token_is_not_scored_in_either_layout():
+    padded = collate_pairs([[]], [[4, 5, 6]], [[7, 8]], pad_id=0)
+    packed = collate_packed([[]], [[4, 5, 6]], [[7, 8]])
+    assert padded["completion_tokens"].tolist() == packed["completion_tokens"].tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_equals_padded(tiny_model_dir, tokenizer, attn):
+    from raydpo.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir, attn_implementation=attn)
+    for seed in range(2):
+        cols = random_pairs(8, seed, len(tokenizer))
+        padded, packed = collate_pairs(*cols, tokenizer.pad_token_id), collate_packed(*cols)
+        assert packed["input_ids"].numel() < padded["input_ids"].numel()
+        assert torch.equal(padded["completion_tokens"], packed["completion_tokens"])
+        grads = []
+        for batch in (padded, packed):
+            model.zero_grad()
+            logps = forward_logps(model, batch)
+            logps.sum().backward()
+            grads.append((logps.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+        (a, ga), (b, gb) = grads
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        assert torch.allclose(ga, gb, atol=1e-4, rtol=1e-3)
+
+
+def test_length_grouped_micro_batches_hold_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=400)
+    window = {"prompt_ids": np.array([[1] * n for n in lengths], dtype=object),
+              "chosen_ids": np.array([[2]] * 400, dtype=object), "rejected_ids": np.array([[3]] * 400, dtype=object),
+              "row": np.arange(400)}
+    batches = list(length_grouped(window, 8, np.random.default_rng(1)))
+    assert len(batches) == 50 and sorted(np.concatenate([b["row"] for b in batches]).tolist()) == list(range(400))
+    spread = np.mean([np.ptp(pair_lengths(b)) for b in batches])
+    assert spread < 10  # random micro-batches of 8 spread over ~150 tokens
+    again = list(length_grouped(window, 8, np.random.default_rng(1)))
+    assert all(np.array_equal(a["row"], b["row"]) for a, b in zip(batches, again))

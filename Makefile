@@ -41,9 +41,10 @@ runs/data/train.jsonl: | install
 	$(RAYDPO) synthetic-data runs/data
 
 # The demo: the tiny model learns the synthetic task on an embedded local Ray cluster
-# (2 Ray Train workers, DeepSpeed ZeRO-2 on gloo); the run lands in runs/demo/.
+# (2 Ray Train workers, DeepSpeed ZeRO-2 on gloo); the run lands in runs/demo/ (--force: a second
+# `make demo` trains again instead of reporting the finished run).
 demo: install runs/tiny-model/config.json runs/data/train.jsonl
-	$(RAYDPO) train examples/tiny.yaml
+	$(RAYDPO) train examples/tiny.yaml --force
 
 # The whole suite, then the vLLM reference backend against transformers in the vllm venv.
 test: install install-vllm

@@ -18,8 +18,14 @@ def _load(args):
 def cmd_train(args) -> int:
     from raydpo.pipeline import run
 
-    result = run(_load(args))
+    result = run(_load(args), force=args.force)
     s = result.summary
+    if result.status == "finished":
+        print(f"[raydpo] {result.output_dir} already holds a finished run ({s.get('steps')} steps); nothing to do "
+              "(--force trains again from the start)")
+        return 0
+    if result.status == "resume":
+        print("[raydpo] resumed the unfinished run in output.dir from its latest checkpoint")
     ev = s.get("final_eval_metrics") or {}
     print(
         f"[raydpo] done: {s['steps']} steps, {s['rows_used']} pairs used of {s['rows_read']} read "
@@ -129,7 +135,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.05")
         return sp
 
-    with_config("train", "run data, reference and train stages").set_defaults(fn=cmd_train)
+    tr = with_config("train", "run data, reference and train stages (re-running resumes an unfinished run)")
+    tr.add_argument("--force", action="store_true", help="train again from the start even if output.dir holds a finished run")
+    tr.set_defaults(fn=cmd_train)
     pc = with_config("precompute", "data and reference stages only; prints the cache directory")
     pc.add_argument("--export", metavar="FILE.jsonl", help="write reference log-probs per kept pair, in input order")
     pc.set_defaults(fn=cmd_precompute)

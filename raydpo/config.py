@@ -244,6 +244,16 @@ class TrainConfig:
     """Write a metrics.jsonl row every N optimizer steps."""
     seed: int = 42
     """Seed for weights-independent randomness (shuffling, dropout)."""
+    checkpoint_every: int = 0
+    """Checkpoint every N optimizer steps (DeepSpeed shards, optimizer, schedule, RNG, data position);
+    0: none. A restarted or re-run training resumes from the latest one at the exact next batch."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (the oldest are deleted)."""
+    max_failures: int = 0
+    """Worker-group failures Ray Train recovers from (restart from the latest checkpoint); -1: no limit."""
+    storage_path: Optional[str] = None
+    """Where Ray Train keeps checkpoints: a local path or any URI Ray supports (s3://, gs://, ...);
+    default ``<output.dir>/ray_train``."""
 
 
 @dataclass

@@ -74,6 +74,11 @@ def validate(cfg: "Config") -> None:
         (cfg.train.num_epochs >= 1, "train.num_epochs must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.train.eval_every >= 0, "train.eval_every must be >= 0"),
+        (cfg.train.checkpoint_every >= 0 and cfg.train.keep_checkpoints >= 1 and cfg.train.max_failures >= -1,
+         "train.checkpoint_every must be >= 0, train.keep_checkpoints >= 1 and train.max_failures >= -1"),
+        (cfg.reference.mode != "streaming" or (cfg.train.checkpoint_every == 0 and cfg.train.max_failures == 0),
+         "reference.mode=streaming trains on pairs in the order the pool scores them, which a restart cannot "
+         "replay: checkpoints and recovery (train.checkpoint_every, train.max_failures) need reference.mode=precompute"),
     ]
     for ok, message in checks:
         if not ok:

@@ -58,7 +58,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     tok = cls.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token: batches need one to pad "
+                             "with; add a pad token to the tokenizer (tokenizer.add_special_tokens({'pad_token': ...}))")
         tok.pad_token = tok.eos_token
     return tok
 

@@ -19,6 +19,9 @@ class RunResult:
     model_path: str
     summary: dict
     metrics: list[dict] = field(default_factory=list)
+    status: str = "fresh"
+    """``fresh``, ``resume`` (continued from a checkpoint), ``restart`` (``force``) or ``finished``
+    (``output.dir`` already held a finished run; nothing was done)."""
 
 
 def _paths(cfg: Config) -> dict[str, str]:
@@ -31,6 +34,7 @@ def _paths(cfg: Config) -> dict[str, str]:
         "summary": os.path.join(out, "summary.json"),
         "model": os.path.join(out, "model"),
         "train_result": os.path.join(out, "train_result.json"),
+        "guard": os.path.join(out, "guard.json"),
     }
 
 
@@ -95,8 +99,9 @@ def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
     pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     model_path = resolve_local(cfg.model.name_or_path)
     guard = guard_config(cfg, model_path, refs["train"].entry)
+    streaming = getattr(refs["train"], "seal", None) is not None
     return run_training(cfg, refs["train"].dataset, refs["eval"].dataset if "eval" in refs else None, n_train, n_eval,
-                        pad_id, model_path, guard)
+                        pad_id, model_path, guard, streaming)
 
 
 def _reference_summary(refs: dict) -> dict | str:
@@ -151,15 +156,26 @@ def validate_data(cfg: Config) -> dict:
     return summary
 
 
-def run(cfg: Config) -> RunResult:
-    """The whole run: data -> reference (cached) -> train -> export. Writes the run directory."""
-    from raydpo.models import load_tokenizer
-    from raydpo.train.stage import check_eval
+def run(cfg: Config, force: bool = False) -> RunResult:
+    """The whole run: data -> reference (cached) -> train -> export. Writes the run directory.
 
+    Re-running an unfinished run resumes it from its latest checkpoint (``train.checkpoint_every``);
+    a finished one is left alone (status ``finished``) unless ``force``, which starts over."""
+    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.train.preflight import check_writable, preflight
+    from raydpo.train.resume import FinishedRun, prepare_run_dir
+    from raydpo.train.stage import check_eval, storage_path
+
+    paths = _paths(cfg)
+    check_writable(paths["dir"])
+    try:
+        status = prepare_run_dir(paths, config_mod.to_dict(cfg), storage_path(cfg), force)
+    except FinishedRun:
+        with open(paths["summary"]) as f:
+            summary = json.load(f)
+        return RunResult(paths["dir"], paths["model"], summary, status="finished")
     paths = _start(cfg)
-    for stale in (paths["metrics"], paths["train_result"]):
-        if os.path.exists(stale):
-            os.remove(stale)
+    preflight(cfg, resolve_local(cfg.model.name_or_path))
     timings = {}
     t0, started = time.perf_counter(), time.time()
     data = prepare_data(cfg)
@@ -189,10 +205,12 @@ def run(cfg: Config) -> RunResult:
         "final_eval_metrics": trained["final_eval"],
         "model_dir": paths["model"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "start": status,
+        "finished": True,
     }
     metrics = [json.loads(line) for line in open(paths["metrics"])] if os.path.exists(paths["metrics"]) else []
     first = next((m for m in metrics if "loss" in m), None)
     if first is not None:
         summary["timings_s"]["first_step"] = round(first["time"] - started, 3)
     _write_json(paths["summary"], summary)
-    return RunResult(paths["dir"], paths["model"], summary, metrics)
+    return RunResult(paths["dir"], paths["model"], summary, metrics, status)

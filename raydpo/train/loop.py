@@ -7,6 +7,7 @@ against the cached reference; there is no reference model in the trainer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -110,6 +111,36 @@ class MetricsLog:
             )
 
 
+def _record_worker(output_dir: str, rank: int, start_step: int) -> None:
+    """``workers/rank<r>.json``: which process and node hold rank r now and the step it started from
+    (rewritten after a restart), for operators who need to find, inspect or stop a worker."""
+    import socket
+
+    import ray
+
+    os.makedirs(os.path.join(output_dir, "workers"), exist_ok=True)
+    info = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+            "started": time.time(), "start_step": start_step}
+    with open(os.path.join(output_dir, "workers", f"rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+
+
+def _epoch_source(config: dict, rank: int, t):
+    """epoch -> that epoch's micro-batches (numpy column dicts) for this worker.
+
+    From this worker's in-memory split in a replayable order (``config["train_splits"]``), or from
+    the streaming Ray Data shard (streaming reference mode)."""
+    import ray.train
+
+    from raydpo.train.batches import epoch_order, load_rows, micro_batches, take
+
+    if config.get("train_splits") is None:
+        shard = ray.train.get_dataset_shard("train")
+        return lambda epoch: micro_batches(shard, t.micro_batch_size, t.seed + epoch, t.group_by_length)
+    rows = load_rows(config["train_splits"][rank])
+    return lambda epoch: (take(rows, i) for i in epoch_order(rows, t.micro_batch_size, t.seed, epoch, t.group_by_length))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: the resolved run config plus driver-computed sizes."""
     import ray.train
@@ -117,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
-    from raydpo.train.batches import micro_batches
+    from raydpo.train.checkpoint import Position, restore, save, trim_metrics
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
@@ -136,9 +167,11 @@ def train_loop_per_worker(config: dict) -> None:
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
     if rank == 0:
         _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
-    train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None
-    log = MetricsLog(os.path.join(config["output_dir"], "metrics.jsonl"), rank == 0, config["total_steps"])
+    metrics_path = os.path.join(config["output_dir"], "metrics.jsonl")
+    log = MetricsLog(metrics_path, rank == 0, config["total_steps"])
+    epoch_batches = _epoch_source(config, rank, t)
+    per_epoch = config["steps_per_epoch"] * t.gradient_accumulation_steps
 
     def run_eval(step: int) -> dict:
         if eval_shard is None:
@@ -147,14 +180,22 @@ def train_loop_per_worker(config: dict) -> None:
         log.write(row)
         return row
 
-    last_eval = run_eval(0)
-    guard_pending = config.get("guard") is not None
-    step, micro, sums, last_train = 0, 0, {}, {}
+    position = restore(engine, rank)
+    _record_worker(config["output_dir"], rank, position.step if position else 0)
+    if rank == 0:
+        trim_metrics(metrics_path, position)
+    if position is None:
+        step, epoch, micro, last_eval = 0, 0, 0, run_eval(0)
+        guard_pending = config.get("guard") is not None
+    else:  # the policy has moved on from the reference: no guard, no step-0 eval
+        step, epoch, micro, last_eval, guard_pending = position.step, position.epoch, position.micro, {}, False
+        if rank == 0:
+            _say(f"[raydpo] resumed from the checkpoint at step {step} (epoch {epoch}, micro-batch {micro})")
+    sums, last_train = {}, {}
     step_start = time.perf_counter()
-    epoch = 0
     while step < config["total_steps"]:
-        for raw in micro_batches(train_shard, t.micro_batch_size, t.seed + epoch, t.group_by_length):
-            if step >= config["total_steps"] or micro >= config["steps_per_epoch"] * t.gradient_accumulation_steps:
+        for raw in itertools.islice(epoch_batches(epoch), micro, None):
+            if step >= config["total_steps"] or micro >= per_epoch:
                 continue  # drain the epoch so every shard iterator finishes together
             batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free), engine.device)
             loss, s, logps = step_metrics(engine, batch, loss_cfg)
@@ -189,6 +230,9 @@ def train_loop_per_worker(config: dict) -> None:
                 log.write(last_train)
             if t.eval_every and step % t.eval_every == 0 and step != config["total_steps"]:
                 last_eval = run_eval(step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != config["total_steps"]:
+                at = Position(step, epoch + 1, 0) if micro >= per_epoch else Position(step, epoch, micro)
+                save(engine, at, rank, {"step": step})
             sums, step_start = {}, time.perf_counter()
         epoch, micro = epoch + 1, 0
     last_eval = run_eval(step)

@@ -54,11 +54,17 @@ def guard_config(cfg: Config, model_path: str, entry: str) -> dict | None:
     return {"tolerance": tolerance, "entry": entry}
 
 
+def storage_path(cfg: Config) -> str:
+    """Ray Train's storage for this run: ``train.storage_path`` or ``<output.dir>/ray_train``."""
+    return cfg.train.storage_path or os.path.join(os.path.abspath(cfg.output.dir), "ray_train")
+
+
 def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,
-                 guard: dict | None = None):
+                 guard: dict | None = None, streaming: bool = False):
     """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir.
 
-    ``guard``: from :func:`guard_config` (None: no exactness guard). Raises GuardError with its
+    ``guard``: from :func:`guard_config` (None: no exactness guard). ``streaming``: ``train_ds`` is
+    the reference pool's lazy output (read once, in scoring order). Raises GuardError with its
     message when the guard stopped the run."""
     import ray.train
     from ray.train import DataConfig, RunConfig, ScalingConfig
@@ -69,7 +75,11 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     plan = plan_steps(cfg, n_train)
     check_eval(cfg, n_eval)
     out = os.path.abspath(cfg.output.dir)
-    datasets = {"train": train_ds}
+    # Materialized pairs (input order) are split into equal contiguous parts, one per worker, held in
+    # memory there so that every epoch's order is a pure function of the seed (exact replay after a
+    # restart). Streaming output goes through Ray Data's streaming split instead.
+    splits = None if streaming else train_ds.split(cfg.train.num_workers, equal=True)
+    datasets = {"train": train_ds} if streaming else {}
     if n_eval:
         # Materialized: the eval set is re-read at every evaluation and is small.
         datasets["eval"] = eval_ds.materialize()
@@ -85,6 +95,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "total_steps": plan.total_steps,
             "output_dir": out,
             "guard": guard,
+            "train_splits": splits,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -93,7 +104,12 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
-        run_config=RunConfig(name="train", storage_path=os.path.join(out, "ray_train"), failure_config=ray.train.FailureConfig(max_failures=0)),
+        run_config=RunConfig(
+            name="train",
+            storage_path=storage_path(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
     )
     from raydpo.train.guard import GUARD_FILE, GuardError, read_failure
 

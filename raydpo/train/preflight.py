@@ -1,0 +1,117 @@
+"""Checks before any worker starts: the run directory, disk space and memory, each with a clear message.
+
+A run that cannot work should stop in seconds on the driver with what to change, not minutes later
+with a stack trace from inside a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from raydpo.config import Config
+
+GB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def check_writable(out_dir: str) -> None:
+    """``output.dir`` exists (or can be made) and takes a file."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".raydpo-write-probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"output.dir {out_dir!r} is not writable: {e.strerror or e}") from None
+
+
+def count_params(model_path: str, trust_remote_code: bool = False) -> int:
+    """Parameters of the model at ``model_path`` from its config alone (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def worker_bytes(n_params: int, cfg: Config) -> dict[str, float]:
+    """Estimated bytes per worker of weights, gradients and AdamW states under the ZeRO stage
+    (activations excluded): ``device`` (GPU or, on CPU, host memory) and ``host`` (offloaded)."""
+    t, m = cfg.train, cfg.model
+    w = t.num_workers
+    weight = {None: BYTES[m.dtype], "8bit": 1.0, "4bit": 0.5}[m.quantization]
+    trainable = n_params if m.lora.r == 0 else 0.02 * n_params  # LoRA adapters: a few percent at most
+    # fp32 Adam moments (8 bytes) plus, in bf16/fp16, an fp32 master copy (4 bytes).
+    optim = trainable * (8 + (4 if m.dtype != "float32" else 0))
+    grads = trainable * BYTES[m.dtype]
+    params = n_params * weight
+    shard = lambda x, stage: x / w if t.zero_stage >= stage else x  # noqa: E731
+    optim, grads, params = shard(optim, 1), shard(grads, 2), shard(params, 3)
+    host = (optim if t.offload_optimizer else 0) + (params if t.offload_params else 0)
+    device = optim + grads + params - host
+    return {"device": device, "host": host}
+
+
+def check_memory(n_params: int, cfg: Config, device_budget: float, host_budget: float) -> None:
+    """Stop when the training state alone exceeds what the workers have.
+
+    ``device_budget``: bytes one worker's device has (GPU memory; on CPU the node's memory divided
+    among the workers placed on it). ``host_budget``: host bytes per worker for offloaded state."""
+    need = worker_bytes(n_params, cfg)
+    if need["device"] <= device_budget and need["host"] <= host_budget:
+        return
+    t = cfg.train
+    hint = ("train.zero_stage=3 with train.offload_optimizer=true and train.offload_params=true" if t.zero_stage < 3 or not t.offload_params
+            else "more workers (train.num_workers), LoRA (model.lora.r) or a smaller model.dtype")
+    raise ValueError(
+        f"the policy does not fit: {n_params / 1e9:.2f}B parameters in {cfg.model.dtype} under ZeRO-{t.zero_stage} over "
+        f"{t.num_workers} worker(s) need about {need['device'] / GB:.1f} GiB per worker for weights, gradients and "
+        f"optimizer states before activations ({need['host'] / GB:.1f} GiB offloaded), and a worker has "
+        f"{device_budget / GB:.1f} GiB; try {hint}"
+    )
+
+
+def budgets(cfg: Config) -> tuple[float, float]:
+    """(device, host) bytes per worker on this cluster: Ray's memory resource shared by the workers
+    on CPU, a GPU's memory where the driver can see one (otherwise no GPU limit is checked)."""
+    import ray
+
+    total_memory = ray.cluster_resources().get("memory", 0.0) or float("inf")
+    host = total_memory / cfg.train.num_workers
+    if not cfg.train.use_gpu:
+        return host, host
+    import torch
+
+    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else float("inf")
+    return gpu, host
+
+
+def disk_need(n_params: int, cfg: Config) -> float:
+    """Bytes the run writes under ``output.dir``: the exported model and the kept checkpoints."""
+    export = n_params * (BYTES[cfg.model.dtype] if cfg.model.lora.r == 0 or not cfg.output.save_adapter_only else 0.02)
+    per_ckpt = sum(worker_bytes(n_params, cfg).values()) * cfg.train.num_workers if cfg.train.checkpoint_every else 0.0
+    local_ckpt = cfg.train.storage_path is None or "://" not in cfg.train.storage_path
+    return export + (per_ckpt * (cfg.train.keep_checkpoints + 1) if local_ckpt else 0.0)
+
+
+def check_disk(need: float, free: float, where: str) -> None:
+    if need > free:
+        raise OSError(f"not enough disk space under {where}: the model export and checkpoints need about "
+                      f"{need / GB:.1f} GiB and {free / GB:.1f} GiB are free; free space, lower "
+                      "train.keep_checkpoints, or point train.storage_path elsewhere")
+
+
+def preflight(cfg: Config, model_path: str) -> None:
+    """All the checks, in the order a user would fix them."""
+    from raydpo.models import load_tokenizer
+
+    out = os.path.abspath(cfg.output.dir)
+    check_writable(out)
+    load_tokenizer(model_path, cfg.model.trust_remote_code)  # a missing pad and EOS token fails here, not in an actor
+    n = count_params(model_path, cfg.model.trust_remote_code)
+    check_memory(n, cfg, *budgets(cfg))
+    check_disk(disk_need(n, cfg), shutil.disk_usage(out).free, out)

@@ -12,4 +12,6 @@ def run(config):
     return _run(load_config(config) if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") else config)
 
 
-__all__ = ["Config", "ConfigError", "load_config", "run", "__version__"]
+from raydpo.api import score_pairs, tokenize_pairs, train_on_pairs  # noqa: E402  (the stages on Datasets)
+
+__all__ = ["Config", "ConfigError", "load_config", "run", "score_pairs", "tokenize_pairs", "train_on_pairs", "__version__"]

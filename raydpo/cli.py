@@ -186,5 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, OSError, yaml.YAMLError, GuardError) as e:  # bad config, data, paths or cache: the message says it all
+        if os.environ.get("RAYDPO_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
         print(f"raydpo: error: {e}", file=sys.stderr)
         return 2

@@ -206,6 +206,11 @@ class TrainConfig:
     """One GPU per worker and nccl; otherwise CPU and gloo."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each train worker reserves."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each train worker needs, e.g. ``{policy_node: 1}``, so the trainers are
+    placed on the nodes that declare them (the policy's node group, apart from the reference pool's)."""
+    accelerator_type: Optional[str] = None
+    """Ray accelerator type each train worker needs (e.g. ``H100``, ``A100-80G``)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage, 0 to 3."""
     micro_batch_size: int = 4

@@ -146,7 +146,6 @@ def test_reference_pool_placement(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml"))))
 def test_example_configs_load(path):
-    cfg = load(path)
-    assert cfg.output.dir.startswith("runs/")
+    load(path)
     with open(path) as f:
         assert f.readline().startswith("# Run"), "each example starts with the command that runs it"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -80,13 +82,18 @@ class ReferenceScorer:
     Each actor loads the reference once, with ``backend`` ``hf`` (:class:`HfBackend`) or ``vllm``
     (:class:`raydpo.reference.vllm_backend.VllmBackend`, ``backend_options`` its settings), and adds
     ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch. With ``shard_dir``
-    each scored batch is also written there as a cache shard.
+    each scored batch is also written there as a cache shard; with ``workers_dir`` the actor records
+    its process and node there (:mod:`raydpo.workers`).
     """
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
                  shard_dir: str | None = None, max_tokens: int | None = None, quantization: str | None = None,
                  backend: str = "hf", backend_options: dict | None = None, share_prompt: bool = True,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, workers_dir: str | None = None):
+        if workers_dir:
+            from raydpo.workers import record
+
+            record(workers_dir, f"reference-{os.getpid()}", backend=backend)
         if backend == "vllm":
             from raydpo.reference.vllm_backend import VllmBackend
 

@@ -112,6 +112,7 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
             "quantization": r.quantization,
             "backend": r.backend,
             "share_prompt": r.share_prompt,
+            "workers_dir": os.path.join(os.path.abspath(cfg.output.dir), "workers"),
             "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
                                 "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,
         },

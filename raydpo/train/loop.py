@@ -111,20 +111,6 @@ class MetricsLog:
             )
 
 
-def _record_worker(output_dir: str, rank: int, start_step: int) -> None:
-    """``workers/rank<r>.json``: which process and node hold rank r now and the step it started from
-    (rewritten after a restart), for operators who need to find, inspect or stop a worker."""
-    import socket
-
-    import ray
-
-    os.makedirs(os.path.join(output_dir, "workers"), exist_ok=True)
-    info = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
-            "started": time.time(), "start_step": start_step}
-    with open(os.path.join(output_dir, "workers", f"rank{rank}.json"), "w") as f:
-        json.dump(info, f)
-
-
 def _epoch_source(config: dict, rank: int, t):
     """epoch -> that epoch's micro-batches (numpy column dicts) for this worker.
 
@@ -149,6 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
     from raydpo.train.checkpoint import Position, restore, save, trim_metrics
+    from raydpo.workers import record
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
@@ -181,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
         return row
 
     position = restore(engine, rank)
-    _record_worker(config["output_dir"], rank, position.step if position else 0)
+    record(os.path.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_step=position.step if position else 0)
     if rank == 0:
         trim_metrics(metrics_path, position)
     if position is None:

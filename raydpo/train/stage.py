@@ -100,7 +100,9 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+            | dict(cfg.train.resources),
+            accelerator_type=cfg.train.accelerator_type,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),

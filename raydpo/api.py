@@ -1,0 +1,62 @@
+"""The stages as functions on ``ray.data.Dataset``, for pipelines that make their own pairs.
+
+    pairs  = tokenize_pairs(rows, cfg)        # preference rows -> kept pairs with token ids
+    scored = score_pairs(pairs, cfg)          # + ref_chosen_logps / ref_rejected_logps (cached)
+    result = train_on_pairs(scored, cfg)      # Ray Train + DeepSpeed -> RunResult (model path, metrics)
+
+``raydpo.run(config)`` chains the same stages from files. Rows are dicts with ``prompt``, ``chosen``
+and ``rejected`` in any format the data stage reads; quarantined rows go to ``output.dir``'s
+``quarantine.jsonl`` as in a file run. Nothing is written between the stages but the reference
+cache and the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from raydpo.config import Config
+
+
+def tokenize_pairs(rows, cfg: Config):
+    """Validate, normalize and tokenize preference rows (a ``ray.data.Dataset``); returns the kept
+    pairs (materialized, input order). ``data.max_bad_fraction`` applies as for files."""
+    from raydpo.pipeline import _start, prepare_data
+
+    _start(cfg)
+    return prepare_data(cfg, train=rows).train
+
+
+def score_pairs(pairs, cfg: Config):
+    """Add the reference log-probs to tokenized pairs on the reference actor pool, through the cache
+    (a repeated call on the same pairs loads no model); returns the scored, input-ordered dataset."""
+    from raydpo.data.stage import tokenize_settings
+    from raydpo.models import load_tokenizer
+    from raydpo.reference.stage import run_reference
+
+    pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
+    return run_reference(pairs, cfg, pad_id, tokenize_settings(cfg).__dict__).dataset
+
+
+def train_on_pairs(pairs, cfg: Config, eval_pairs=None):
+    """Train the policy on scored pairs (tokenized ones for reference-free losses); returns a
+    :class:`raydpo.pipeline.RunResult` whose ``model_path`` is the exported policy."""
+    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.pipeline import RunResult, _start
+    from raydpo.train.preflight import preflight
+    from raydpo.train.stage import guard_config, run_training
+
+    paths = _start(cfg)
+    model_path = resolve_local(cfg.model.name_or_path)
+    preflight(cfg, model_path)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    n_train, n_eval = pairs.count(), eval_pairs.count() if eval_pairs is not None else 0
+    _, plan = run_training(cfg, pairs, eval_pairs, n_train, n_eval, tokenizer.pad_token_id, model_path,
+                           guard_config(cfg, model_path, None))
+    tokenizer.save_pretrained(paths["model"])
+    with open(paths["train_result"]) as f:
+        trained = json.load(f)
+    metrics = [json.loads(line) for line in open(paths["metrics"])] if os.path.exists(paths["metrics"]) else []
+    summary = {"steps": trained["steps"], "steps_per_epoch": plan.steps_per_epoch, "pairs": n_train,
+               "final_metrics": trained["final"], "final_eval_metrics": trained["final_eval"]}
+    return RunResult(paths["dir"], paths["model"], summary, metrics)

@@ -40,12 +40,18 @@ def score_pairs(pairs, cfg: Config):
 
 def train_on_pairs(pairs, cfg: Config, eval_pairs=None):
     """Train the policy on scored pairs (tokenized ones for reference-free losses); returns a
-    :class:`raydpo.pipeline.RunResult` whose ``model_path`` is the exported policy."""
-    from raydpo.models import load_tokenizer, resolve_local
-    from raydpo.pipeline import RunResult, _start
-    from raydpo.train.preflight import preflight
-    from raydpo.train.stage import guard_config, run_training
+    :class:`raydpo.pipeline.RunResult` whose ``model_path`` is the exported policy.
 
+    Always a fresh training: whatever an earlier run left in ``output.dir`` (checkpoints, metrics,
+    model) is replaced, since these pairs need not be the ones those checkpoints were made on."""
+    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.pipeline import RunResult, _paths, _start
+    from raydpo.train.preflight import check_writable, preflight
+    from raydpo.train.resume import prepare_run_dir
+    from raydpo.train.stage import guard_config, run_training, storage_path
+
+    check_writable(_paths(cfg)["dir"])
+    prepare_run_dir(_paths(cfg), {}, storage_path(cfg), force=True)
     paths = _start(cfg)
     model_path = resolve_local(cfg.model.name_or_path)
     preflight(cfg, model_path)

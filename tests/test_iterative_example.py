@@ -24,7 +24,9 @@ def test_iterative_dpo_round(tiny_model_dir, tmp_path):
     assert "'round': 0" in line and str(tmp_path / "it" / "round0" / "model") in line
     rows = [json.loads(l) for l in open(tmp_path / "it" / "round0" / "metrics.jsonl") if '"loss"' in l]
     assert [r["step"] for r in rows] == [1, 2]
-    assert not glob.glob(str(tmp_path / "it" / "**" / "*.jsonl.gz"), recursive=True)
+    # The pairs went from sampler to trainer as Datasets: the run wrote no data files of its own.
+    written = {os.path.basename(p) for p in glob.glob(str(tmp_path / "it" / "**" / "*.jsonl*"), recursive=True)}
+    assert written <= {"metrics.jsonl", "quarantine.jsonl"}, written
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "it" / "round0" / "model") is not None

@@ -14,4 +14,15 @@ def run(config):
 
 from raydpo.api import score_pairs, tokenize_pairs, train_on_pairs  # noqa: E402  (the stages on Datasets)
 
-__all__ = ["Config", "ConfigError", "load_config", "run", "score_pairs", "tokenize_pairs", "train_on_pairs", "__version__"]
+
+
+def __getattr__(name: str):
+    # DPO / DPOOutput import torch: loaded on first use so `import raydpo` (and the CLI) stays light.
+    if name in ("DPO", "DPOOutput"):
+        from raydpo import dpo
+
+        return getattr(dpo, name)
+    raise AttributeError(f"module 'raydpo' has no attribute {name!r}")
+
+
+__all__ = ["DPO", "DPOOutput", "Config", "ConfigError", "load_config", "run", "score_pairs", "tokenize_pairs", "train_on_pairs", "__version__"]

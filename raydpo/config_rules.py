@@ -30,6 +30,30 @@ def _pool_ok(num_actors: int | list[int]) -> bool:
     return 1 <= low <= high
 
 
+def loss_checks(loss: LossConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for each rule on the ``loss`` section (shared by the pipeline and :class:`raydpo.DPO`)."""
+    return [
+        (loss.beta > 0, "loss.beta must be > 0"),
+        (0.0 <= loss.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
+        (not loss.weights or len(loss.weights) == len(loss_names(loss)),
+         "loss.weights needs one weight per loss in loss.type"),
+        ("exo_pair" not in loss_names(loss) or loss.label_smoothing > 0, "loss exo_pair needs loss.label_smoothing > 0"),
+        (loss.f_divergence == "reverse_kl" or set(loss_names(loss)) <= F_DIVERGENCE_LOSSES,
+         f"loss.f_divergence other than reverse_kl works with {', '.join(sorted(F_DIVERGENCE_LOSSES))} only"),
+    ]
+
+
+def validate_loss(loss: LossConfig) -> None:
+    """Raise ConfigError on the first broken rule of the ``loss`` section."""
+    _raise_first(loss_checks(loss))
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def validate(cfg: "Config") -> None:
     """Cross-field and range checks that the type annotations cannot express."""
     checks = [
@@ -50,13 +74,7 @@ def validate(cfg: "Config") -> None:
          "data.columns maps prompt / chosen / rejected to your column names, e.g. {chosen: response_j}"),
         (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
-        (cfg.loss.beta > 0, "loss.beta must be > 0"),
-        (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
-        (not cfg.loss.weights or len(cfg.loss.weights) == len(loss_names(cfg.loss)),
-         "loss.weights needs one weight per loss in loss.type"),
-        ("exo_pair" not in loss_names(cfg.loss) or cfg.loss.label_smoothing > 0, "loss exo_pair needs loss.label_smoothing > 0"),
-        (cfg.loss.f_divergence == "reverse_kl" or set(loss_names(cfg.loss)) <= F_DIVERGENCE_LOSSES,
-         f"loss.f_divergence other than reverse_kl works with {', '.join(sorted(F_DIVERGENCE_LOSSES))} only"),
+        *loss_checks(cfg.loss),
         (cfg.model.lora.r >= 0, "model.lora.r must be >= 0 (0: no LoRA)"),
         (cfg.model.quantization is None or cfg.model.lora.r > 0,
          "model.quantization trains adapters on frozen quantized weights: set model.lora.r > 0 (QLoRA)"),
@@ -80,9 +98,7 @@ def validate(cfg: "Config") -> None:
          "reference.mode=streaming trains on pairs in the order the pool scores them, which a restart cannot "
          "replay: checkpoints and recovery (train.checkpoint_every, train.max_failures) need reference.mode=precompute"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    _raise_first(checks)
 
 
 def loss_names(loss: LossConfig) -> list[str]:

@@ -18,6 +18,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
 
 
+def scored_tokens(completion_mask: torch.Tensor) -> torch.Tensor:
+    """Completion tokens that get a prediction, per sequence: [B, T] -> [B] float32 (a completion
+    token at position 0 has no prefix and is not scored)."""
+    return completion_mask[:, 1:].sum(-1).float()
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from raydpo.config import LossConfig
+from raydpo.logprobs import split_pairs
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -247,6 +248,28 @@ def compute_loss(names: Sequence[str], weights: Sequence[float], x: PairLogps, p
         total = w * losses if total is None else total + w * losses
         rewards = rewards or (c, r)
     return (total, *rewards)
+
+
+def preference_loss(
+    policy_logps: torch.Tensor,
+    completion_tokens: torch.Tensor,
+    ref_logps: Optional[tuple[torch.Tensor, torch.Tensor]],
+    p: LossConfig,
+) -> tuple[PairLogps, LossOutput, dict[str, torch.Tensor]]:
+    """The loss section ``p`` over one batch, as the Ray trainer and :class:`raydpo.DPO` both compute it.
+
+    policy_logps, completion_tokens: [2B], chosen sequences then rejected ones (as
+    :func:`raydpo.logprobs.forward_logps` returns them); ref_logps: ([B] chosen, [B] rejected) or
+    None for reference-free losses. Returns the pairs' log-probs, ``(losses, chosen_rewards,
+    rejected_rewards)`` (each [B]) and the metric sums of :func:`pair_metrics`.
+    """
+    from raydpo.config_rules import loss_names, loss_weights
+
+    chosen, rejected = split_pairs(policy_logps)
+    ref_chosen, ref_rejected = ref_logps if ref_logps is not None else (None, None)
+    x = PairLogps(chosen, rejected, *split_pairs(completion_tokens), ref_chosen, ref_rejected)
+    out = compute_loss(loss_names(p), loss_weights(p), x, p)
+    return x, out, pair_metrics(*out, chosen, rejected)
 
 
 def pair_metrics(

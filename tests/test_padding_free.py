@@ -10,13 +10,33 @@ from raydpo.train.batches import length_grouped, pair_lengths
 from test_packing import random_pairs
 
 
-def test_collate_packed_layout():
-    b = collate_packed([[1, 2], [3]], [[4, 5], [6, 7, 8]], [[9], [10, 11]])
+def test_collate_packed_one_row_layout():
+    b = collate_packed([[1, 2], [3]], [[4, 5], [6, 7, 8]], [[9], [10, 11]], one_row=True)
     assert b["input_ids"].tolist() == [[1, 2, 4, 5, 3, 6, 7, 8, 1, 2, 9, 3, 10, 11]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
     assert b["sequence_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3]]
     assert b["completion_mask"].tolist() == [[0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1]]
     assert b["completion_tokens"].tolist() == [2, 3, 1, 2]
+
+
+def test_collate_packed_bounded_rows_layout():
+    """Sequences of 4, 2, 3 and 2 tokens -> first-fit decreasing rows of width 4: [0], [2 + filler], [1, 3]."""
+    b = collate_packed([[1, 2], [3]], [[4, 5], [6]], [[9], [10]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 4, 5], [1, 2, 9, 0], [3, 6, 3, 10]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    assert b["sequence_ids"].tolist() == [[0, 0, 0, 0], [2, 2, 2, 4], [1, 1, 3, 3]]
+    assert b["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [0, 1, 0, 1]]
+    assert b["completion_tokens"].tolist() == [2, 1, 1, 1]
+
+
+def test_pack_rows_never_overfills_and_places_every_sequence():
+    from raydpo.data.collate import pack_rows
+
+    lengths = np.random.default_rng(0).integers(1, 100, 64).tolist()
+    rows = pack_rows(lengths, max(lengths))
+    assert sorted(i for r in rows for i in r) == list(range(64))
+    assert all(sum(lengths[i] for i in r) <= max(lengths) for r in rows)
+    assert len(rows) <= 1.25 * sum(lengths) / max(lengths) + 1  # first-fit decreasing packs tightly
 
 
 def test_empty_prompt_first_token_is_not_scored_in_either_layout():
@@ -25,14 +45,15 @@ def test_empty_prompt_first_token_is_not_scored_in_either_layout():
     assert padded["completion_tokens"].tolist() == packed["completion_tokens"].tolist() == [2, 1]
 
 
+@pytest.mark.parametrize("one_row", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_free_equals_padded(tiny_model_dir, tokenizer, attn):
+def test_padding_free_equals_padded(tiny_model_dir, tokenizer, attn, one_row):
     from raydpo.models import load_causal_lm
 
     model = load_causal_lm(tiny_model_dir, attn_implementation=attn)
     for seed in range(2):
         cols = random_pairs(8, seed, len(tokenizer))
-        padded, packed = collate_pairs(*cols, tokenizer.pad_token_id), collate_packed(*cols)
+        padded, packed = collate_pairs(*cols, tokenizer.pad_token_id), collate_packed(*cols, tokenizer.pad_token_id, one_row)
         assert packed["input_ids"].numel() < padded["input_ids"].numel()
         assert torch.equal(padded["completion_tokens"], packed["completion_tokens"])
         grads = []

@@ -53,36 +53,72 @@ def collate_packed(
     prompt_ids: Sequence[Sequence[int]],
     chosen_ids: Sequence[Sequence[int]],
     rejected_ids: Sequence[Sequence[int]],
+    pad_id: int = 0,
+    one_row: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """B pairs -> one padding-free row of all 2B sequences (chosen ones first), N tokens in total.
+    """B pairs -> padding-free rows of the 2B sequences (chosen ones first), N tokens in total.
+
+    The sequences are packed first-fit-decreasing into R rows as wide as the longest sequence, W
+    tokens, each row's tail filled by a filler sequence of ``pad_id`` that is never scored. Rows of
+    bounded width keep attention (which transformers computes over a row's whole block-diagonal mask
+    with sdpa or eager) at about N x W instead of N x N, while the linear layers see almost no padding.
+    ``one_row``: all 2B sequences in one row of N tokens, for kernels that skip the masked blocks
+    (flash-attention varlen).
 
     Returns ``input_ids``, ``position_ids`` (restarting at 0 per sequence, which is how transformers
-    detects the sequence boundaries and keeps attention within each) and ``completion_mask``, each
-    [1, N]; ``sequence_ids`` [1, N] (which of the 2B sequences a token belongs to) and
-    ``completion_tokens`` [2B]. The first token of each sequence is never scored: in the row it
-    follows the previous sequence, not its own prefix.
+    detects the sequence boundaries and keeps attention within each), ``completion_mask`` and
+    ``sequence_ids`` (which of the 2B sequences a token belongs to; 2B for fillers), each [R, W], and
+    ``completion_tokens`` [2B]. The first token of each sequence is never scored: in a row it follows
+    the previous sequence, not its own prefix.
     """
-    ids, pos, mask, seq = [], [], [], []
-    for i, (p, c) in enumerate((p, c) for completions in (chosen_ids, rejected_ids) for p, c in zip(prompt_ids, completions)):
-        n = len(p) + len(c)
-        ids += list(p) + list(c)
-        pos += range(n)
-        flags = [0] * len(p) + [1] * len(c)
-        flags[0] = 0  # predicted from the previous sequence's last token: not scored (see above)
-        mask += flags
-        seq += [i] * n
-    row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
-    completion_mask, sequence_ids = row(mask), row(seq)
-    counts = torch.zeros(2 * len(prompt_ids)).index_add_(0, sequence_ids[0, 1:], completion_mask[0, 1:].float())
-    return {"input_ids": row(ids), "position_ids": row(pos), "completion_mask": completion_mask,
-            "sequence_ids": sequence_ids, "completion_tokens": counts}
+    pieces = [(p, c) for completions in (chosen_ids, rejected_ids) for p, c in zip(prompt_ids, completions)]
+    lengths = [len(p) + len(c) for p, c in pieces]
+    rows = [list(range(len(pieces)))] if one_row else pack_rows(lengths, max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    filler = len(pieces)
+    ids, pos, mask, seq = ([[] for _ in rows] for _ in range(4))
+    for r, row in enumerate(rows):
+        for i in row:
+            p, c = pieces[i]
+            ids[r] += list(p) + list(c)
+            pos[r] += range(lengths[i])
+            flags = [0] * len(p) + [1] * len(c)
+            flags[0] = 0  # predicted from whatever precedes it in the row: not scored (see above)
+            mask[r] += flags
+            seq[r] += [i] * lengths[i]
+        tail = width - len(ids[r])
+        ids[r] += [pad_id] * tail
+        pos[r] += range(tail)
+        mask[r] += [0] * tail
+        seq[r] += [filler] * tail
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    completion_mask, sequence_ids = t(mask), t(seq)
+    counts = torch.zeros(filler + 1).index_add_(0, sequence_ids[:, 1:].flatten(), completion_mask[:, 1:].flatten().float())
+    return {"input_ids": t(ids), "position_ids": t(pos), "completion_mask": completion_mask,
+            "sequence_ids": sequence_ids, "completion_tokens": counts[:filler]}
 
 
-def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_free: bool = False) -> dict[str, torch.Tensor]:
-    """Collate a Ray Data numpy batch (columns of id arrays), padded or ``padding_free``; carries
-    ``ref_*_logps`` when present."""
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices grouped into rows of at most ``width`` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+        if j is None:
+            rows.append([])
+            room.append(width)
+            j = len(rows) - 1
+        rows[j].append(i)
+        room[j] -= lengths[i]
+    return rows
+
+
+def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_free: bool = False,
+                 one_row: bool = False) -> dict[str, torch.Tensor]:
+    """Collate a Ray Data numpy batch (columns of id arrays), padded or ``padding_free`` (``one_row``:
+    see :func:`collate_packed`); carries ``ref_*_logps`` when present."""
     cols = (batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
-    out = collate_packed(*cols) if padding_free else collate_pairs(*cols, pad_id, padding_side)
+    out = collate_packed(*cols, pad_id, one_row) if padding_free else collate_pairs(*cols, pad_id, padding_side)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in batch:
             out[key] = torch.as_tensor(batch[key], dtype=torch.float32)

@@ -60,4 +60,8 @@ def build_engine(model, t: TrainConfig, dtype: str, total_steps: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype)
     )
+    if t.zero_stage == 0 and engine.dp_world_size == 1:
+        # A lone data-parallel rank has nothing to all-reduce, but DeepSpeed would still flatten every
+        # gradient into buckets, all-reduce them over the process group and copy them back each step.
+        engine.enable_backward_allreduce = False
     return engine, scheduler

@@ -50,7 +50,7 @@ def step_metrics(engine, batch: dict, loss_cfg) -> tuple[torch.Tensor, dict, tor
     return losses.mean(), sums, logps
 
 
-def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False) -> dict[str, float]:
+def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False) -> dict[str, float]:
     """Metric means over this worker's whole eval shard, reduced over all workers."""
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
@@ -59,7 +59,7 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool =
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
-            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free), engine.device), loss_cfg)
+            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row), engine.device), loss_cfg)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
@@ -142,8 +142,12 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.manual_seed(t.seed + rank)
     loss_cfg = cfg.loss
+    # Flash-attention varlen skips the masked blocks of one long packed row; sdpa / eager compute them.
+    one_row = (cfg.model.attn_implementation or "").startswith("flash_attention")
 
     device = f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # compute on the CPUs this worker reserved, whatever torch guessed at import
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     model = build_policy(cfg.model, config["model_path"], device)
     params = trainable_summary(model)
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
@@ -158,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
     def run_eval(step: int) -> dict:
         if eval_shard is None:
             return {}
-        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free)}
+        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row)}
         log.write(row)
         return row
 
@@ -179,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
         for raw in itertools.islice(epoch_batches(epoch), micro, None):
             if step >= config["total_steps"] or micro >= per_epoch:
                 continue  # drain the epoch so every shard iterator finishes together
-            batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free), engine.device)
+            batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free, one_row=one_row), engine.device)
             loss, s, logps = step_metrics(engine, batch, loss_cfg)
             if guard_pending:  # before the first update the policy is the reference
                 cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])

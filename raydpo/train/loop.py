@@ -45,8 +45,9 @@ def step_metrics(engine, batch: dict, loss_cfg) -> tuple[torch.Tensor, dict, tor
     logps = forward_logps(engine, batch)
     ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"]) if "ref_chosen_logps" in batch else None
     _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg)
-    sums["tokens"] = batch["attention_mask"].sum().float() if "attention_mask" in batch else torch.tensor(
-        float(batch["input_ids"].numel()), device=logps.device)
+    # Real tokens: padding-free rows' fillers carry sequence id 2B and are not counted.
+    sums["tokens"] = (batch["attention_mask"].sum() if "attention_mask" in batch
+                      else (batch["sequence_ids"] < logps.shape[0]).sum()).float()
     return losses.mean(), sums, logps
 
 

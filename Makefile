@@ -42,9 +42,10 @@ runs/data/train.jsonl: | install
 
 # The demo: the tiny model learns the synthetic task on an embedded local Ray cluster
 # (2 Ray Train workers, DeepSpeed ZeRO-2 on gloo); the run lands in runs/demo/ (--force: a second
-# `make demo` trains again instead of reporting the finished run).
+# `make demo` trains again instead of reporting the finished run), and its report in runs/demo/report/.
 demo: install runs/tiny-model/config.json runs/data/train.jsonl
 	$(RAYDPO) train examples/tiny.yaml --force
+	$(RAYDPO) report runs/demo
 
 # The whole suite, then the vLLM reference backend against transformers in the vllm venv.
 test: install install-vllm

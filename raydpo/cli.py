@@ -12,7 +12,8 @@ import sys
 def _load(args):
     from raydpo.config import load
 
-    return load(args.config, args.overrides)
+    level = "quiet" if getattr(args, "quiet", False) else "verbose" if getattr(args, "verbose", False) else None
+    return load(args.config, args.overrides + ([f"logging.console={level}"] if level else []))
 
 
 def cmd_train(args) -> int:
@@ -45,7 +46,7 @@ def cmd_precompute(args) -> int:
     if args.export:
         n = export_reference(data.processed, data.files, [r.dataset for r in refs.values()], args.export)
         print(f"[raydpo] exported {n} pairs to {args.export}", file=sys.stderr)
-    for split, r in refs.items():
+    for split, r in refs.items() if not args.quiet else ():
         state = "cache hit" if r.cache_hit else f"scored {r.pairs_scored} pairs"
         print(f"[raydpo] {split}: {state}, cache entry {r.entry}", file=sys.stderr)
     print(refs["train"].entry)
@@ -55,7 +56,9 @@ def cmd_precompute(args) -> int:
 def cmd_validate(args) -> int:
     from raydpo.pipeline import validate_data
 
-    print(json.dumps(validate_data(_load(args)), indent=1))
+    summary = validate_data(_load(args))
+    summary.pop("token_length_histogram")  # in summary.json and `raydpo report`; too long for a terminal
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -79,6 +82,14 @@ def cmd_synthetic(args) -> int:
 
     for path in write_task(args.out_dir, args.n_train, args.n_eval, args.seed):
         print(path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from raydpo.report import write_report
+
+    out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1 else "raydpo-report")
+    print(write_report(args.run_dirs, out))
     return 0
 
 
@@ -133,6 +144,10 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.05")
+        level = sp.add_mutually_exclusive_group()
+        level.add_argument("-q", "--quiet", action="store_true", help="no progress: errors and the final result only (logging.console=quiet)")
+        level.add_argument("-v", "--verbose", action="store_true",
+                           help="every logged step with all metrics, Ray's own logs and progress bars (logging.console=verbose)")
         return sp
 
     tr = with_config("train", "run data, reference and train stages (re-running resumes an unfinished run)")
@@ -171,6 +186,11 @@ def parser() -> argparse.ArgumentParser:
     sd.add_argument("--n-eval", type=int, default=200)
     sd.add_argument("--seed", type=int, default=0)
     sd.set_defaults(fn=cmd_synthetic)
+
+    rp = sub.add_parser("report", help="write report.html and PNG plots for one run directory, or compare several")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (output.dir of train, precompute or validate-data)")
+    rp.add_argument("--out", help="where to write (default: RUN_DIR/report for one run, ./raydpo-report for several)")
+    rp.set_defaults(fn=cmd_report)
     return p
 
 
@@ -178,14 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray Data announces every dataset execution at INFO; raydpo prints its own progress.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not getattr(args, "verbose", False):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if getattr(args, "quiet", False):
+        logging.getLogger("ray").setLevel(logging.WARNING)
     import yaml
 
     from raydpo.train.guard import GuardError
 
     try:
         return args.fn(args)
-    except (ValueError, OSError, yaml.YAMLError, GuardError) as e:  # bad config, data, paths or cache: the message says it all
+    # Bad config, data, paths or cache, or a missing optional package: the message says it all.
+    except (ValueError, OSError, ImportError, yaml.YAMLError, GuardError) as e:
         if os.environ.get("RAYDPO_TRACEBACK"):
             import traceback
 

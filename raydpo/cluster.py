@@ -10,23 +10,34 @@ from raydpo.config import Config
 
 def ensure_ray(cfg: Config) -> str:
     """Initialise Ray once per process; returns 'existing', 'joined' or 'embedded'."""
+    import logging
+
     import ray
+
+    from raydpo import console
 
     if ray.is_initialized():
         configure_data(progress_bars=None)
         return "existing"
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # quiet: no worker output on the console (a worker's error still comes back as the exception).
+    # Ray's own start-up lines (with colour codes in them) only in verbose mode; raydpo says the gist.
+    options = {"log_to_driver": cfg.logging.console != "quiet",
+               "logging_level": logging.INFO if cfg.logging.console == "verbose" else logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
-        kind = "joined"
+        ctx = ray.init(address=address, **options)
+        kind = f"joined the Ray cluster at {address}"
     else:
         # Declare more logical CPUs than cores so the tokenizer actors, the reference pool and the
         # train workers can all be placed at once on a small machine; they are mostly not busy together.
         num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
-        kind = "embedded"
-    configure_data(progress_bars=True)
-    return kind
+        ctx = ray.init(num_cpus=num_cpus, **options)
+        kind = f"started an embedded local Ray cluster ({num_cpus} logical CPUs)"
+    dashboard = getattr(ctx, "dashboard_url", None)
+    console.get().say(kind + (f"; dashboard http://{dashboard}" if dashboard else ""))
+    # raydpo's console shows each stage's progress; Ray Data's own bars only with logging.console=verbose.
+    configure_data(progress_bars=cfg.logging.console == "verbose")
+    return "joined" if address else "embedded"
 
 
 def configure_data(progress_bars: bool | None = False) -> None:

@@ -28,6 +28,9 @@ Optimizer = Literal["adamw", "cpu_adam"]
 Quantization = Literal["8bit", "4bit"]
 Backend = Literal["hf", "vllm"]
 ReferenceMode = Literal["precompute", "streaming"]
+ConsoleLevel = Literal["quiet", "normal", "verbose"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+WandbMode = Literal["online", "offline", "disabled"]
 
 # Derived settings live in config_rules and are re-exported here, where users look for them.
 __all__ = ["Config", "ConfigError", "apply_overrides", "dump", "from_dict", "load", "to_dict", "loss_names", "loss_weights",
@@ -280,6 +283,34 @@ class RayConfig:
 
 
 @dataclass
+class LoggingConfig:
+    console: ConsoleLevel = "normal"
+    """Console progress: ``quiet`` (errors and the final result only), ``normal`` (each stage's
+    progress), ``verbose`` (every logged step with all its metrics, and Ray's own logs).
+    ``--quiet`` / ``--verbose`` on the command line set it."""
+    progress_every_s: float = 10.0
+    """Off a terminal (a file, a pipe, ``ray job logs``): at most one progress line per stage this
+    often, each a whole line (no carriage returns); stage ends and evaluations are always printed."""
+    backends: list[Tracker] = field(default_factory=list)
+    """Experiment trackers fed the same rows as metrics.jsonl plus the resolved config, by rank 0:
+    ``tensorboard``, ``mlflow``, ``wandb`` (each an optional extra: ``pip install 'raydpo[wandb]'``)."""
+    project: str = "raydpo"
+    """The mlflow experiment and the wandb project."""
+    run_name: Optional[str] = None
+    """The trackers' run name; default: the last component of ``output.dir``."""
+    tensorboard_dir: Optional[str] = None
+    """Where TensorBoard event files go; default ``<output.dir>/tensorboard``."""
+    mlflow_tracking_uri: Optional[str] = None
+    """mlflow server or store; default ``MLFLOW_TRACKING_URI``, else a local file store at
+    ``<output.dir>/mlruns`` (no server, no network)."""
+    wandb_mode: Optional[WandbMode] = None
+    """``online``, ``offline`` (files under ``<output.dir>/wandb`` for a later ``wandb sync``) or
+    ``disabled``; default ``WANDB_MODE``, else online."""
+    wandb_entity: Optional[str] = None
+    """The wandb team or user; default: the API key's default entity."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy."""
@@ -295,6 +326,8 @@ class Config:
     """Where the run writes."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Which Ray cluster to use."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console progress and experiment trackers."""
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -97,6 +97,8 @@ def validate(cfg: "Config") -> None:
         (cfg.reference.mode != "streaming" or (cfg.train.checkpoint_every == 0 and cfg.train.max_failures == 0),
          "reference.mode=streaming trains on pairs in the order the pool scores them, which a restart cannot "
          "replay: checkpoints and recovery (train.checkpoint_every, train.max_failures) need reference.mode=precompute"),
+        (cfg.logging.progress_every_s >= 0, "logging.progress_every_s must be >= 0"),
+        (len(set(cfg.logging.backends)) == len(cfg.logging.backends), "logging.backends lists a tracker twice"),
     ]
     _raise_first(checks)
 

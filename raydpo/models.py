@@ -85,7 +85,11 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     ``device`` (bitsandbytes 0.50 runs both on CPU too); such a model cannot be moved afterwards.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # Per-tensor load/save bars animate with carriage returns; from a Ray worker they land in the
+    # driver's log (and a job's) as clutter. raydpo's console says what each stage is doing.
+    hf_logging.disable_progress_bar()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantization is not None:
         extra |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device or "cpu"}}

@@ -39,8 +39,10 @@ def _paths(cfg: Config) -> dict[str, str]:
 
 
 def _start(cfg: Config) -> dict[str, str]:
+    from raydpo import console
     from raydpo.cluster import ensure_ray
 
+    console.configure(cfg.logging.console, cfg.logging.progress_every_s)
     paths = _paths(cfg)
     os.makedirs(paths["dir"], exist_ok=True)
     config_mod.dump(cfg, paths["config"])
@@ -83,8 +85,8 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
     settings = data.settings.__dict__
     results = {}
     if data.eval is not None:
-        results["eval"] = run_reference(data.eval, cfg, pad_id, settings)
-    results["train"] = run_reference(data.train, cfg, pad_id, settings, stream=stream)
+        results["eval"] = run_reference(data.eval, cfg, pad_id, settings, label="eval")
+    results["train"] = run_reference(data.train, cfg, pad_id, settings, stream=stream, label="train")
     return results
 
 
@@ -137,6 +139,7 @@ def precompute(cfg: Config) -> tuple[object, dict]:
     summary = {
         **data.summary.as_dict(),
         "quarantine_file": paths["quarantine"],
+        **_lengths(data, cfg),
         "reference": _reference_summary(refs),
         "timings_s": {"data": round(t1 - t0, 3), "reference": round(time.perf_counter() - t1, 3)},
     }
@@ -144,14 +147,18 @@ def precompute(cfg: Config) -> tuple[object, dict]:
     return data, refs
 
 
+def _lengths(data, cfg: Config) -> dict:
+    """Token-length statistics and histograms of every kept pair (train and eval) for summary.json."""
+    from raydpo.data.stats import token_length_summary
+
+    return token_length_summary(data.train if data.eval is None else data.train.union(data.eval), cfg.data.max_length)
+
+
 def validate_data(cfg: Config) -> dict:
     """Read, validate and tokenize only (no model); writes and returns summary.json's content."""
-    from raydpo.data.stats import token_length_stats
-
     paths = _start(cfg)
     data = prepare_data(cfg)
-    pairs = data.train if data.eval is None else data.train.union(data.eval)
-    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], "token_lengths": token_length_stats(pairs)}
+    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], **_lengths(data, cfg)}
     _write_json(paths["summary"], summary)
     return summary
 
@@ -162,11 +169,13 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     Re-running an unfinished run resumes it from its latest checkpoint (``train.checkpoint_every``);
     a finished one is left alone (status ``finished``) unless ``force``, which starts over."""
     from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.trackers import check_installed
     from raydpo.train.preflight import check_writable, preflight
     from raydpo.train.resume import FinishedRun, prepare_run_dir
     from raydpo.train.stage import check_eval, storage_path
 
     paths = _paths(cfg)
+    check_installed(cfg.logging.backends)  # before any work: a missing tracker would fail the trainers
     check_writable(paths["dir"])
     try:
         status = prepare_run_dir(paths, config_mod.to_dict(cfg), storage_path(cfg), force)
@@ -179,6 +188,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     timings = {}
     t0, started = time.perf_counter(), time.time()
     data = prepare_data(cfg)
+    lengths = _lengths(data, cfg)
     timings["data"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     refs = score_reference(data, cfg, stream=cfg.reference.mode == "streaming")
@@ -196,6 +206,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     summary = {
         **data.summary.as_dict(),
         "quarantine_file": paths["quarantine"],
+        **lengths,
         "reference": _reference_summary(refs),
         "steps": trained["steps"],
         "steps_per_epoch": plan.steps_per_epoch,

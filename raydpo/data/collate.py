@@ -121,5 +121,6 @@ def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_
     out = collate_packed(*cols, pad_id, one_row) if padding_free else collate_pairs(*cols, pad_id, padding_side)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in batch:
-            out[key] = torch.as_tensor(batch[key], dtype=torch.float32)
+            # A copy: Ray hands read-only arrays (zero-copy from its object store), which torch warns about.
+            out[key] = torch.tensor(batch[key], dtype=torch.float32)
     return out

@@ -9,7 +9,7 @@ multi-node cluster these passes move the (small, token-id) blocks to the driver.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -29,18 +29,44 @@ def from_tables(tables: list[pa.Table]):
     falls back to ``ray.data.from_arrow`` if those internals move.
     """
     import ray
+
+    return _materialized([ray.put(t) for t in tables], [_metadata(t) for t in tables])
+
+
+def collect(dataset, on_table: Callable[[pa.Table], None]):
+    """Execute ``dataset`` (streaming, in order) and return it materialized, calling ``on_table``
+    with each output block as it arrives: progress and counts while a pipeline runs, where
+    ``Dataset.materialize()`` says nothing until it is done."""
+    import ray
+
+    refs, metadata = [], []
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        on_table(table)
+        refs.append(ray.put(table))
+        metadata.append(_metadata(table))
+    return _materialized(refs, metadata)
+
+
+def _metadata(table: pa.Table):
+    try:
+        from ray.data.block import BlockExecStats, BlockMetadataWithSchema
+    except ImportError:
+        return None
+    return BlockMetadataWithSchema.from_block(table, block_exec_stats=BlockExecStats.builder().build())
+
+
+def _materialized(refs: list, metadata: list):
     import ray.data
 
     try:
         from ray.data._internal.logical.interfaces import LogicalPlan
         from ray.data._internal.logical.operators import FromArrow
         from ray.data._internal.stats import DatasetStats
-        from ray.data.block import BlockExecStats, BlockMetadataWithSchema
         from ray.data.dataset import MaterializedDataset
     except ImportError:
-        return ray.data.from_arrow(tables)
-    metadata = [BlockMetadataWithSchema.from_block(t, block_exec_stats=BlockExecStats.builder().build()) for t in tables]
-    refs = [ray.put(t) for t in tables]
+        return ray.data.from_arrow_refs(refs)
+    if any(m is None for m in metadata):
+        return ray.data.from_arrow_refs(refs)
     context = ray.data.DataContext.get_current().copy()
     stats = DatasetStats(metadata={"FromArrow": metadata}, parent=None)
     return MaterializedDataset(LogicalPlan(FromArrow(refs, metadata), context), context, stats)

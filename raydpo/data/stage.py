@@ -8,14 +8,17 @@ alone exceeds max_length). Counts always add up: read = used + quarantined + fil
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydpo.data.local import blocks, from_tables
+from raydpo import console
+from raydpo.data.local import blocks, collect, from_tables
 from raydpo.data.tokenize import TokenizeSettings, pair_key, token_digest, tokenize_normalized
 from raydpo.data.validate import parse_row
 
@@ -209,6 +212,32 @@ def write_quarantine(processed, path: str) -> int:
     return n
 
 
+class _LiveCounts:
+    """Counts of the rows leaving the tokenizer pool, shown on the console as they stream."""
+
+    def __init__(self):
+        self.by_status: collections.Counter = collections.Counter()
+        self.start = time.perf_counter()
+
+    def __call__(self, table: pa.Table) -> None:
+        found = pc.value_counts(table["status"])
+        self.by_status.update(dict(zip(found.field("values").to_pylist(), found.field("counts").to_pylist())))
+        read, elapsed = sum(self.by_status.values()), time.perf_counter() - self.start
+        tokenized = self.by_status["ok"] + self.by_status["filtered"]
+        console.get().update("data", f"data: {read:,} rows read, {tokenized:,} tokenized, "
+                                     f"{self.by_status['quarantined']:,} quarantined ({read / max(elapsed, 1e-9):,.0f} rows/s)")
+
+
+def describe(summary: DataSummary, seconds: float) -> str:
+    """The data stage's closing console line: every row accounted for, reasons included."""
+    splits = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.used.items(), key=lambda kv: kv[0] != "train"))
+    line = f"data: {summary.read:,} rows read in {console.duration(seconds)}: {sum(summary.used.values()):,} kept ({splits})"
+    for name, by_reason in (("quarantined", summary.quarantined), ("filtered", summary.filtered)):
+        n = sum(by_reason.values())
+        line += f", {n:,} {name}" + (f" ({console.counts(by_reason)})" if n else "")
+    return line
+
+
 @dataclass
 class PreparedData:
     """The data stage's result: kept pairs per split (materialized) and the accounting."""
@@ -286,11 +315,18 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
     ds = _process(train_raw, "train", cfg, cfg.data.eval_fraction if eval_raw is None else 0.0)
     if eval_raw is not None:
         ds = ds.union(_process(eval_raw, "eval", cfg, 0.0))
-    processed = ds.materialize()
+    inputs = train_files + eval_files
+    console.get().say(f"data: reading {len(inputs)} source(s), tokenizing on {cfg.data.num_workers} actor(s)"
+                      + (f": {', '.join(inputs)}" if len(inputs) <= 3 else ""))
+    live = _LiveCounts()
+    processed = collect(ds, live)
     if cfg.data.deduplicate:
         processed = mark_duplicates(processed, train_files + eval_files)
     summary = summarize(processed)
+    console.get().update("data", describe(summary, time.perf_counter() - live.start), final=True)
     write_quarantine(processed, quarantine_path)
+    if summary.quarantined:
+        console.get().say(f"quarantined rows, each with its source, position and reason: {quarantine_path}")
     bad = sum(summary.quarantined.values())
     if summary.read and bad / summary.read > cfg.data.max_bad_fraction:
         raise ValueError(

@@ -9,21 +9,41 @@ import numpy as np
 from raydpo.data.stage import input_order
 
 
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _lengths(pairs) -> dict[str, np.ndarray]:
+    """Token counts per pair of prompt, chosen and rejected (after truncation): name -> [N]."""
+    parts = {name: [] for name in FIELDS}
+    for batch in pairs.iter_batches(batch_format="pyarrow", batch_size=4096):
+        for name in FIELDS:
+            parts[name].append(np.asarray(batch[f"{name}_ids"].combine_chunks().value_lengths()))
+    return {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()}
+
+
+def _stats(arr: np.ndarray) -> dict[str, float]:
+    if not arr.size:
+        return {}
+    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max()), "mean": float(arr.mean())}
+
+
 def token_length_stats(pairs) -> dict[str, dict[str, float]]:
     """p50 / p95 / max / mean token counts of prompt, chosen and rejected (after truncation)."""
-    lengths = {"prompt": [], "chosen": [], "rejected": []}
-    for batch in pairs.iter_batches(batch_format="pyarrow", batch_size=4096):
-        for name in lengths:
-            lengths[name].append(np.asarray(batch[f"{name}_ids"].combine_chunks().value_lengths()))
-    stats = {}
-    for name, parts in lengths.items():
-        arr = np.concatenate(parts) if parts else np.zeros(0)
-        stats[name] = (
-            {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max()), "mean": float(arr.mean())}
-            if arr.size
-            else {}
-        )
-    return stats
+    return {name: _stats(arr) for name, arr in _lengths(pairs).items()}
+
+
+def token_length_summary(pairs, max_length: int, bins: int = 32) -> dict:
+    """summary.json's ``token_lengths`` (as :func:`token_length_stats`) and
+    ``token_length_histogram``: ``edges`` ([bins + 1] integers from 0 to ``max_length``) and
+    per-pair counts per bin for prompt, chosen, rejected and ``total`` (prompt + longer completion,
+    the width the pair takes in a batch)."""
+    lengths = _lengths(pairs)
+    lengths_total = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
+    edges = np.unique(np.linspace(0, max(max_length, 1), bins + 1).round().astype(np.int64))
+    hist = {"edges": edges.tolist()}
+    for name, arr in (*lengths.items(), ("total", lengths_total)):
+        hist[name] = np.histogram(arr, bins=edges)[0].tolist()
+    return {"token_lengths": {name: _stats(arr) for name, arr in lengths.items()}, "token_length_histogram": hist}
 
 
 def export_reference(processed, files: list[str], scored: list, path: str) -> int:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from raydpo import console
 from raydpo.config import Config, pool_size, reference_dtype, reference_path, reference_trusts_code
 from raydpo.data.local import blocks, from_tables
 from raydpo.reference import cache, store
@@ -143,7 +144,29 @@ def in_input_order(tables: list, entry: str):
     return from_tables(out)
 
 
-def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scorer=None, stream: bool = False) -> ReferenceResult:
+def drive(scored_ds, label: str, total: int) -> None:
+    """Run the pool to the end (the actors write the shards), showing pairs/s and an ETA.
+
+    The rate counts from the first scored batch, so model loading does not skew the ETA."""
+    out = console.get()
+    start = time.perf_counter()
+    done, first = 0, None
+    for batch in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done += batch.num_rows
+        now = time.perf_counter()
+        if first is None:
+            first = (done, now)
+            rate = ""
+        else:
+            rate = f", {(done - first[0]) / max(now - first[1], 1e-9):,.1f} pairs/s, {console.eta(done - first[0], total - first[0], now - first[1])}"
+        out.update(f"reference-{label}", f"reference {label}: {done:,}/{total:,} pairs scored{rate}")
+    elapsed = time.perf_counter() - start
+    out.update(f"reference-{label}", f"reference {label}: {done:,} pairs scored in {console.duration(elapsed)} "
+                                     f"({done / max(elapsed, 1e-9):,.1f} pairs/s incl. loading the model)", final=True)
+
+
+def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scorer=None, stream: bool = False,
+                  label: str = "train") -> ReferenceResult:
     """Return the scored pairs from the cache, scoring what the cache lacks first.
 
     A complete, verified entry is a hit (no model loaded). Otherwise the pairs that no shard of the
@@ -152,7 +175,7 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
 
     ``stream``: on a miss with nothing scored yet, return at once with the pool's *lazy* output as
     the dataset (the consumer, the trainer, drives the scoring) and ``seal`` to call when it has
-    read everything; resumed entries are completed first.
+    read everything; resumed entries are completed first. ``label``: the split, for the console.
     """
     start = time.perf_counter()
     tables = [t.select(CACHED_COLUMNS[:5]) for t in blocks(pairs)]
@@ -163,6 +186,7 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
     if damaged:
         sys.stderr.write(f"[raydpo] reference cache entry {key} was damaged and is completed again: {'; '.join(damaged[:5])}\n")
     if entry is not None:
+        console.get().say(f"reference {label}: cache hit, {len(digests):,} pairs' log-probs read from {entry} (no model loaded)")
         return ReferenceResult(in_input_order(tables, entry), entry, key, True, 0, time.perf_counter() - start)
     part, done, dropped = store.open_partial(cfg.reference.cache_dir, key)
     resumed = sum(done.values()) > 0
@@ -174,10 +198,15 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
         return store.finalize(cfg.reference.cache_dir, key, inputs, collections.Counter(digests), paths)
 
     scored_ds = score_pairs(from_tables(todo), cfg, pad_id, os.path.join(part, "data"), scorer) if todo else None
+    low, high = pool_size(cfg.reference.num_actors)
+    pool = f"{low}" if low == high else f"{low}-{high}"
+    already = f"; {len(digests) - scored:,} already in the partial cache entry" if resumed else ""
     if stream and scored_ds is not None and not resumed:
+        console.get().say(f"reference {label}: {scored:,} pairs are scored on {pool} actor(s) as the trainer reads them "
+                          "(reference.mode=streaming)")
         return ReferenceResult(scored_ds, part, key, False, scored, time.perf_counter() - start, seal)
     if scored_ds is not None:
-        for _ in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            pass  # the actors write the shards; this only drives the pipeline
+        console.get().say(f"reference {label}: cache miss, scoring {scored:,} pairs on {pool} actor(s){already}")
+        drive(scored_ds, label, scored)
     entry = seal()
     return ReferenceResult(in_input_order(tables, entry), entry, key, scored == 0, scored, time.perf_counter() - start)

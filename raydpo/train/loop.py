@@ -83,28 +83,21 @@ def _say(line: str) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl writer and console progress, active on rank 0 only."""
+    """metrics.jsonl and the experiment trackers, written by rank 0 only.
 
-    def __init__(self, path: str, active: bool, total_steps: int):
-        self.path, self.active, self.total = path, active, total_steps
+    The console shows these rows from the driver (:mod:`raydpo.train.watch`), which prints
+    no matter where rank 0 runs and without Ray's per-worker line prefixes."""
+
+    def __init__(self, path: str, active: bool, trackers=None):
+        self.path, self.active, self.trackers = path, active, trackers
 
     def write(self, row: dict) -> None:
         if not self.active:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if "loss" in row:
-            _say(
-                f"[raydpo] step {row['step']:>4}/{self.total} loss {row['loss']:.4f} "
-                f"acc {row['rewards/accuracies']:.2f} margin {row['rewards/margins']:+.4f} "
-                f"lr {row['learning_rate']:.2e} {row['pairs_per_s']:.1f} pairs/s"
-            )
-        else:
-            _say(
-                f"[raydpo] eval @ step {row['step']:>4}: loss {row['eval/loss']:.4f} "
-                f"acc {row['eval/rewards/accuracies']:.3f} margin {row['eval/rewards/margins']:+.4f} "
-                f"({int(row['eval/pairs'])} pairs)"
-            )
+        if self.trackers is not None:
+            self.trackers.log(row)
 
 
 def _epoch_source(config: dict, rank: int, t):
@@ -136,6 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
     from raydpo.train.policy import build_policy, trainable_summary
+    from raydpo.trackers import Trackers
 
     cfg = from_dict(config["cfg"])
     t, pad_id = cfg.train, config["pad_id"]
@@ -152,18 +146,18 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_policy(cfg.model, config["model_path"], device)
     params = trainable_summary(model)
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
-    if rank == 0:
+    if rank == 0 and cfg.logging.console != "quiet":
         _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
     eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None
     metrics_path = os.path.join(config["output_dir"], "metrics.jsonl")
-    log = MetricsLog(metrics_path, rank == 0, config["total_steps"])
     epoch_batches = _epoch_source(config, rank, t)
     per_epoch = config["steps_per_epoch"] * t.gradient_accumulation_steps
 
     def run_eval(step: int) -> dict:
         if eval_shard is None:
             return {}
-        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row)}
+        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row),
+               "time": time.time()}
         log.write(row)
         return row
 
@@ -171,62 +165,70 @@ def train_loop_per_worker(config: dict) -> None:
     record(os.path.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_step=position.step if position else 0)
     if rank == 0:
         trim_metrics(metrics_path, position)
-    if position is None:
-        step, epoch, micro, last_eval = 0, 0, 0, run_eval(0)
-        guard_pending = config.get("guard") is not None
-    else:  # the policy has moved on from the reference: no guard, no step-0 eval
-        step, epoch, micro, last_eval, guard_pending = position.step, position.epoch, position.micro, {}, False
+    trackers = Trackers(config.get("trackers") if rank == 0 else None, config.get("tracker_params", {}),
+                        position.step if position else None)
+    log = MetricsLog(metrics_path, rank == 0, trackers)
+    try:
+        if position is None:
+            step, epoch, micro, last_eval = 0, 0, 0, run_eval(0)
+            guard_pending = config.get("guard") is not None
+        else:  # the policy has moved on from the reference: no guard, no step-0 eval
+            step, epoch, micro, last_eval, guard_pending = position.step, position.epoch, position.micro, {}, False
+            if rank == 0 and cfg.logging.console != "quiet":
+                _say(f"[raydpo] resumed from the checkpoint at step {step} (epoch {epoch}, micro-batch {micro})")
+        sums, last_train = {}, {}
+        step_start = time.perf_counter()
+        while step < config["total_steps"]:
+            for raw in itertools.islice(epoch_batches(epoch), micro, None):
+                if step >= config["total_steps"] or micro >= per_epoch:
+                    continue  # drain the epoch so every shard iterator finishes together
+                batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free, one_row=one_row), engine.device)
+                loss, s, logps = step_metrics(engine, batch, loss_cfg)
+                if guard_pending:  # before the first update the policy is the reference
+                    cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+                    drift = token_drift(logps, cached, batch["completion_tokens"])
+                    check(drift, config["guard"]["tolerance"], config["output_dir"], rank == 0, config["guard"]["entry"])
+                    guard_pending = False
+                engine.backward(loss)
+                lr = scheduler.get_last_lr()[0]
+                engine.step()
+                sums = _add(sums, {k: v.detach() for k, v in s.items()})
+                micro += 1
+                if micro % t.gradient_accumulation_steps:
+                    continue
+                step += 1
+                totals = _global_sums(sums)
+                elapsed = time.perf_counter() - step_start
+                # The first step is always logged: its wall time tells how soon training started.
+                if step % t.log_every == 0 or step in (1, config["total_steps"]):
+                    last_train = {
+                        "step": step,
+                        "epoch": epoch,
+                        **{k: v for k, v in mean_metrics(totals).items() if k != "tokens"},
+                        "learning_rate": lr,
+                        "grad_norm": _float_or_none(engine.get_global_grad_norm()),
+                        "pairs_per_s": totals["count"] / elapsed,
+                        "tokens_per_s": totals["tokens"] / elapsed,
+                        "step_time_s": elapsed,
+                        "time": time.time(),
+                    }
+                    log.write(last_train)
+                if t.eval_every and step % t.eval_every == 0 and step != config["total_steps"]:
+                    last_eval = run_eval(step)
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step != config["total_steps"]:
+                    at = Position(step, epoch + 1, 0) if micro >= per_epoch else Position(step, epoch, micro)
+                    save(engine, at, rank, {"step": step})
+                sums, step_start = {}, time.perf_counter()
+            epoch, micro = epoch + 1, 0
+        last_eval = run_eval(step)
+        export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
+                     cfg.output.save_adapter_only)
         if rank == 0:
-            _say(f"[raydpo] resumed from the checkpoint at step {step} (epoch {epoch}, micro-batch {micro})")
-    sums, last_train = {}, {}
-    step_start = time.perf_counter()
-    while step < config["total_steps"]:
-        for raw in itertools.islice(epoch_batches(epoch), micro, None):
-            if step >= config["total_steps"] or micro >= per_epoch:
-                continue  # drain the epoch so every shard iterator finishes together
-            batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free, one_row=one_row), engine.device)
-            loss, s, logps = step_metrics(engine, batch, loss_cfg)
-            if guard_pending:  # before the first update the policy is the reference
-                cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-                drift = token_drift(logps, cached, batch["completion_tokens"])
-                check(drift, config["guard"]["tolerance"], config["output_dir"], rank == 0, config["guard"]["entry"])
-                guard_pending = False
-            engine.backward(loss)
-            lr = scheduler.get_last_lr()[0]
-            engine.step()
-            sums = _add(sums, {k: v.detach() for k, v in s.items()})
-            micro += 1
-            if micro % t.gradient_accumulation_steps:
-                continue
-            step += 1
-            totals = _global_sums(sums)
-            elapsed = time.perf_counter() - step_start
-            # The first step is always logged: its wall time tells how soon training started.
-            if step % t.log_every == 0 or step in (1, config["total_steps"]):
-                last_train = {
-                    "step": step,
-                    "epoch": epoch,
-                    **{k: v for k, v in mean_metrics(totals).items() if k != "tokens"},
-                    "learning_rate": lr,
-                    "grad_norm": _float_or_none(engine.get_global_grad_norm()),
-                    "pairs_per_s": totals["count"] / elapsed,
-                    "tokens_per_s": totals["tokens"] / elapsed,
-                    "step_time_s": elapsed,
-                    "time": time.time(),
-                }
-                log.write(last_train)
-            if t.eval_every and step % t.eval_every == 0 and step != config["total_steps"]:
-                last_eval = run_eval(step)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != config["total_steps"]:
-                at = Position(step, epoch + 1, 0) if micro >= per_epoch else Position(step, epoch, micro)
-                save(engine, at, rank, {"step": step})
-            sums, step_start = {}, time.perf_counter()
-        epoch, micro = epoch + 1, 0
-    last_eval = run_eval(step)
-    export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
-                 cfg.output.save_adapter_only)
-    if rank == 0:
-        with open(os.path.join(config["output_dir"], "train_result.json"), "w") as f:
-            json.dump({"steps": step, "epochs_started": epoch, "params": params, "final": last_train, "final_eval": last_eval}, f)
+            with open(os.path.join(config["output_dir"], "train_result.json"), "w") as f:
+                json.dump({"steps": step, "epochs_started": epoch, "params": params, "final": last_train, "final_eval": last_eval}, f)
+    except BaseException:
+        trackers.close(ok=False)
+        raise
+    trackers.close(ok=True)
     # Every worker reports once, so Ray Train sees the same number of reports on each rank.
     ray.train.report({"steps": step, **{k: v for k, v in last_train.items() if isinstance(v, (int, float))}})

@@ -12,6 +12,7 @@ import yaml
 #: run, and how often it logs and checkpoints, but nothing that changes the numbers.
 RESUMABLE_CHANGES = {
     "ray": None,
+    "logging": None,
     "train": {"max_failures", "keep_checkpoints", "checkpoint_every", "log_every", "eval_every", "storage_path"},
     "reference": {"num_actors", "num_cpus_per_actor", "num_gpus_per_actor", "resources", "accelerator_type",
                   "max_restarts", "max_task_retries", "batch_size", "max_tokens_per_batch", "guard"},

@@ -70,8 +70,11 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydpo import console, trackers
     from raydpo.train.loop import train_loop_per_worker
+    from raydpo.train.watch import MetricsWatcher
 
+    trackers.check_installed(cfg.logging.backends)
     plan = plan_steps(cfg, n_train)
     check_eval(cfg, n_eval)
     out = os.path.abspath(cfg.output.dir)
@@ -96,6 +99,8 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "output_dir": out,
             "guard": guard,
             "train_splits": splits,
+            "trackers": trackers.resolve(cfg),
+            "tracker_params": {**to_dict(cfg), "pairs": {"train": n_train, "eval": n_eval}},
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -117,8 +122,13 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
 
     if os.path.exists(os.path.join(out, GUARD_FILE)):
         os.remove(os.path.join(out, GUARD_FILE))
+    t = cfg.train
+    console.get().say(f"train: {t.num_workers} worker(s), DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
+                      f"({plan.steps_per_epoch:,} per epoch) of {t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps} "
+                      f"pairs; starting the workers" + (f"; trackers: {', '.join(cfg.logging.backends)}" if cfg.logging.backends else ""))
     try:
-        return trainer.fit(), plan
+        with MetricsWatcher(os.path.join(out, "metrics.jsonl"), plan.total_steps):
+            return trainer.fit(), plan
     except Exception:
         message = read_failure(out)
         if message:

@@ -1,0 +1,126 @@
+"""Console progress on the driver: what each stage is doing, readable on a terminal and in a log.
+
+On a terminal a stage's progress is one line rewritten in place. Anywhere else (a file, a pipe,
+``ray job logs``) every update is a whole line, at most one per stage every
+``logging.progress_every_s`` seconds, so a job log stays short and free of control characters.
+Only the driver prints progress; trainer progress comes from rank 0's metrics.jsonl
+(:mod:`raydpo.train.watch`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from typing import TextIO
+
+LEVELS = {"quiet": 0, "normal": 1, "verbose": 2}
+PREFIX = "[raydpo] "
+#: On a terminal: erase what is left of the line after a shorter rewrite.
+_CLEAR_TO_END = "\x1b[K"
+#: On a terminal: the fastest a status line is rewritten (a cheap stage may update thousands of times).
+_TTY_EVERY_S = 0.2
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or a stand-in without isatty
+        return False
+
+
+class Console:
+    """Progress writer with a level (``quiet`` / ``normal`` / ``verbose``).
+
+    ``say`` writes a permanent line; ``update`` a stage's progress (see the module docstring).
+    Thread-safe: the trainer watcher prints from its own thread.
+    """
+
+    def __init__(self, level: str = "normal", every_s: float = 10.0, stream: TextIO | None = None):
+        self.level = LEVELS[level]
+        self.every_s = every_s
+        self._stream = stream
+        self._last: dict[str, float] = {}
+        self._live = False
+        self._lock = threading.Lock()
+
+    @property
+    def stream(self) -> TextIO:
+        # Looked up at write time: pytest and Ray swap sys.stdout after this object is made.
+        return self._stream or sys.stdout
+
+    def enabled(self, level: str = "normal") -> bool:
+        return self.level >= LEVELS[level]
+
+    def say(self, message: str, level: str = "normal") -> None:
+        """A permanent line (ends any status line showing)."""
+        if not self.enabled(level):
+            return
+        with self._lock:
+            self._write(PREFIX + message + "\n", end_live=True)
+
+    def update(self, key: str, message: str, final: bool = False) -> None:
+        """Progress of stage ``key``; ``final`` marks its last update (always printed)."""
+        if not self.enabled("normal"):
+            return
+        now = time.monotonic()
+        tty = is_terminal(self.stream)
+        with self._lock:
+            if tty:
+                if not final and now - self._last.get(key, -math.inf) < _TTY_EVERY_S:
+                    return
+                self._last[key] = now
+                self._write("\r" + PREFIX + message + _CLEAR_TO_END + ("\n" if final else ""))
+                self._live = not final
+                return
+            if final or self.enabled("verbose") or now - self._last.get(key, -math.inf) >= self.every_s:
+                self._last[key] = now
+                self._write(PREFIX + message + "\n")
+
+    def _write(self, text: str, end_live: bool = False) -> None:
+        if end_live and self._live:
+            text = "\n" + text
+            self._live = False
+        self.stream.write(text)
+        self.stream.flush()
+
+
+_current = Console()
+
+
+def configure(level: str = "normal", every_s: float = 10.0, stream: TextIO | None = None) -> Console:
+    """Set the process's console (``logging.console``, ``logging.progress_every_s``)."""
+    global _current
+    if not is_terminal(stream or sys.stdout):
+        # Ray wraps the prefix of every forwarded worker line in colour codes unless told not to.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    _current = Console(level, every_s, stream)
+    return _current
+
+
+def get() -> Console:
+    return _current
+
+
+def duration(seconds: float) -> str:
+    """12.3 -> '12s', 185 -> '3m05s', 7384 -> '2h03m'."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def eta(done: float, total: float, elapsed: float) -> str:
+    """'ETA 3m05s' at the average rate so far, or 'ETA ?' before there is one."""
+    if done <= 0 or elapsed <= 0:
+        return "ETA ?"
+    return f"ETA {duration((total - done) * elapsed / done)}"
+
+
+def counts(by_name: dict[str, int]) -> str:
+    """{'missing_field': 3, 'wrong_type': 1} -> 'missing_field 3, wrong_type 1' (largest first)."""
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(by_name.items(), key=lambda kv: (-kv[1], kv[0])))

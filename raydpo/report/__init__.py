@@ -1,0 +1,24 @@
+"""``raydpo report``: report.html and PNG plots of one run directory, or several side by side."""
+
+from __future__ import annotations
+
+import os
+
+from raydpo.report.html import render
+from raydpo.report.plots import write_plots
+from raydpo.report.runs import label_runs, load_run
+
+
+def write_report(run_dirs: list[str], out_dir: str) -> str:
+    """Write ``out_dir/report.html`` and its plots for ``run_dirs``; returns the HTML file's path.
+
+    Reads only the run directories' files (config.yaml, summary.json, metrics.jsonl), so it works
+    for a finished run, one still training, and on a machine without Ray or the model."""
+    runs = [load_run(d) for d in run_dirs]
+    label_runs(runs)
+    os.makedirs(out_dir, exist_ok=True)
+    plots = write_plots(runs, out_dir)
+    path = os.path.join(os.path.abspath(out_dir), "report.html")
+    with open(path, "w") as f:
+        f.write(render(runs, plots))
+    return path

@@ -197,19 +197,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray Data announces every dataset execution at INFO; raydpo prints its own progress.
-    if not getattr(args, "verbose", False):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    if getattr(args, "quiet", False):
-        logging.getLogger("ray").setLevel(logging.WARNING)
+    # Ray Data announces every dataset execution at INFO; raydpo prints its own progress
+    # (logging.console=verbose turns it back on, see cluster.ensure_ray).
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     import yaml
 
     from raydpo.train.guard import GuardError
 
     try:
         return args.fn(args)
-    # Bad config, data, paths or cache, or a missing optional package: the message says it all.
-    except (ValueError, OSError, ImportError, yaml.YAMLError, GuardError) as e:
+    # Bad config, data, paths or cache, or a missing tracker extra: the message says it all.
+    except (ValueError, OSError, yaml.YAMLError, GuardError) as e:
         if os.environ.get("RAYDPO_TRACEBACK"):
             import traceback
 

@@ -16,6 +16,10 @@ def ensure_ray(cfg: Config) -> str:
 
     from raydpo import console
 
+    # Ray Data announces every dataset execution at INFO: shown in verbose mode only.
+    logging.getLogger("ray.data").setLevel(logging.INFO if cfg.logging.console == "verbose" else logging.WARNING)
+    if cfg.logging.console == "quiet":
+        logging.getLogger("ray").setLevel(logging.WARNING)
     if ray.is_initialized():
         configure_data(progress_bars=None)
         return "existing"

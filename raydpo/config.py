@@ -299,13 +299,15 @@ class LoggingConfig:
     run_name: Optional[str] = None
     """The trackers' run name; default: the last component of ``output.dir``."""
     tensorboard_dir: Optional[str] = None
-    """Where TensorBoard event files go; default ``<output.dir>/tensorboard``."""
+    """A TensorBoard log directory shared by runs (each writes to ``<it>/<run name>``); default
+    ``<output.dir>/tensorboard``."""
     mlflow_tracking_uri: Optional[str] = None
-    """mlflow server or store; default ``MLFLOW_TRACKING_URI``, else a local file store at
-    ``<output.dir>/mlruns`` (no server, no network)."""
+    """mlflow server or store (a relative path is made absolute); default ``MLFLOW_TRACKING_URI``,
+    else a local file store at ``<output.dir>/mlruns`` (no server, no network)."""
     wandb_mode: Optional[WandbMode] = None
     """``online``, ``offline`` (files under ``<output.dir>/wandb`` for a later ``wandb sync``) or
-    ``disabled``; default ``WANDB_MODE``, else online."""
+    ``disabled``; default ``WANDB_MODE``, else online when logged in (``WANDB_API_KEY`` or
+    ``~/.netrc``), else offline."""
     wandb_entity: Optional[str] = None
     """The wandb team or user; default: the API key's default entity."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -66,12 +67,15 @@ class Console:
         if not self.enabled("normal"):
             return
         now = time.monotonic()
-        tty = is_terminal(self.stream)
+        # Verbose keeps every update, so even a terminal gets whole lines.
+        tty = is_terminal(self.stream) and not self.enabled("verbose")
         with self._lock:
             if tty:
                 if not final and now - self._last.get(key, -math.inf) < _TTY_EVERY_S:
                     return
                 self._last[key] = now
+                if not final:  # \r only rewinds one screen row: a status line must fit on it
+                    message = message[:max(20, shutil.get_terminal_size().columns - len(PREFIX) - 1)]
                 self._write("\r" + PREFIX + message + _CLEAR_TO_END + ("\n" if final else ""))
                 self._live = not final
                 return
@@ -119,6 +123,25 @@ def eta(done: float, total: float, elapsed: float) -> str:
     if done <= 0 or elapsed <= 0:
         return "ETA ?"
     return f"ETA {duration((total - done) * elapsed / done)}"
+
+
+class Rate:
+    """Throughput since the first update, so start-up (actors starting, a model loading) does not
+    skew it: ``suffix(done)`` -> ', 1,234.5 rows/s' (', ETA 12s' too when the total is known)."""
+
+    def __init__(self, unit: str, total: int | None = None):
+        self.unit, self.total = unit, total
+        self.first: tuple[int, float] | None = None
+
+    def suffix(self, done: int, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        if self.first is None:
+            self.first = (done, now)
+        n, elapsed = done - self.first[0], now - self.first[1]
+        if n <= 0 or elapsed <= 0:
+            return ""
+        text = f", {n / elapsed:,.1f} {self.unit}/s"
+        return text + (f", {eta(n, self.total - self.first[0], elapsed)}" if self.total is not None else "")
 
 
 def counts(by_name: dict[str, int]) -> str:

@@ -131,3 +131,15 @@ def apply_overrides(cls: type, raw: dict[str, Any], overrides: list[str]) -> dic
 
 def _copy(raw: Any) -> Any:
     return {k: _copy(v) for k, v in raw.items()} if isinstance(raw, dict) else raw
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys: {'loss': {'beta': 0.1}} -> {'loss.beta': 0.1} (empty
+    mappings stay values)."""
+    out = {}
+    for k, v in (tree or {}).items():
+        if isinstance(v, dict) and v:
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

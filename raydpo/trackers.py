@@ -19,41 +19,73 @@ import secrets
 import sys
 import time
 
+from raydpo.schema import flatten
+
 #: Tracker -> (module it needs, the raydpo extra that installs it).
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 STATE_FILE = "trackers.json"
 
 
-def missing_message(name: str) -> str:
-    module, extra = PACKAGES[name]
-    return (f"logging.backends includes {name!r}, but the {module} package is not installed: "
-            f"pip install 'raydpo[{extra}]' (or drop {name!r} from logging.backends)")
+class MissingExtra(ValueError):
+    """A configured tracker's package is not installed; the message names the extra to install."""
 
 
 def check_installed(backends: list[str]) -> None:
-    """Raise ImportError naming the extra for the first tracker whose package is missing."""
+    """Raise MissingExtra for the first tracker whose package is missing."""
     for name in backends:
-        if importlib.util.find_spec(PACKAGES[name][0]) is None:
-            raise ImportError(missing_message(name))
+        module, extra = PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra(f"logging.backends includes {name!r}, but the {module} package is not installed: "
+                               f"pip install 'raydpo[{extra}]' (or drop {name!r} from logging.backends)")
+
+
+def _mlflow_uri(uri: str) -> str:
+    """A path or relative ``file:`` URI made absolute: Ray Train workers run in their own directory."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri  # a server or database
+    path = uri.removeprefix("file://").removeprefix("file:")
+    return "file://" + os.path.abspath(os.path.expanduser(path))
+
+
+def _wandb_logged_in(env) -> bool:
+    import netrc
+
+    if env.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def resolve(cfg, env: dict | None = None) -> dict:
     """The trackers' settings with every default filled in on the driver (the train workers may run
-    on other nodes, without the driver's environment variables)."""
+    on other nodes, without the driver's environment variables or working directory)."""
     env = os.environ if env is None else env
     lg, out = cfg.logging, os.path.abspath(cfg.output.dir)
+    run_name = lg.run_name or os.path.basename(out.rstrip(os.sep))
+    # wandb with no login would fail in the worker (no terminal to ask on): offline then, said on the console.
+    wandb_mode = lg.wandb_mode or env.get("WANDB_MODE") or ("online" if _wandb_logged_in(env) else "offline")
     return {
         "backends": list(lg.backends),
         "project": lg.project,
-        "run_name": lg.run_name or os.path.basename(out.rstrip(os.sep)),
-        "tensorboard_dir": os.path.abspath(os.path.expanduser(lg.tensorboard_dir)) if lg.tensorboard_dir else os.path.join(out, "tensorboard"),
-        "mlflow_tracking_uri": lg.mlflow_tracking_uri or env.get("MLFLOW_TRACKING_URI") or "file://" + os.path.join(out, "mlruns"),
-        "wandb_mode": lg.wandb_mode or env.get("WANDB_MODE") or "online",
+        "run_name": run_name,
+        # A shared directory gets one subdirectory per run, so runs do not mix their curves.
+        "tensorboard_dir": os.path.join(os.path.abspath(os.path.expanduser(lg.tensorboard_dir)), run_name) if lg.tensorboard_dir
+        else os.path.join(out, "tensorboard"),
+        "mlflow_tracking_uri": _mlflow_uri(lg.mlflow_tracking_uri or env.get("MLFLOW_TRACKING_URI") or os.path.join(out, "mlruns")),
+        "wandb_mode": wandb_mode,
         "wandb_entity": lg.wandb_entity,
         "wandb_dir": out,
         "state_file": os.path.join(out, STATE_FILE),
         "quiet": lg.console == "quiet",
     }
+
+
+def describe(s: dict) -> str:
+    """'tensorboard, mlflow (file:///run/mlruns), wandb (offline)': where each tracker writes, for the console."""
+    where = {"tensorboard": s["tensorboard_dir"], "mlflow": s["mlflow_tracking_uri"], "wandb": s["wandb_mode"]}
+    return ", ".join(f"{name} ({where[name]})" for name in s["backends"])
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -62,15 +94,9 @@ def scalars(row: dict) -> dict[str, float]:
             if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+def params(config: dict) -> dict[str, str]:
     """{'loss': {'beta': 0.1}} -> {'loss.beta': '0.1'} (MLflow params are flat strings)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-    return out
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(config).items()}
 
 
 class TensorBoard:
@@ -78,8 +104,9 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         import yaml
 
-        # purge_step drops what a crashed attempt logged after the checkpoint it resumes from.
-        self.writer = SummaryWriter(s["tensorboard_dir"], purge_step=None if resume_step is None else resume_step + 1)
+        # purge_step drops what an earlier attempt logged after the checkpoint this one resumes from
+        # (everything, for a fresh start: --force, or a restart before the first checkpoint).
+        self.writer = SummaryWriter(s["tensorboard_dir"], purge_step=0 if resume_step is None else resume_step + 1)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
     def log(self, step: int, values: dict[str, float], when: float) -> None:
@@ -102,17 +129,18 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        if resume_step is not None and state.get("mlflow_run_id"):
+        if resume_step is not None and state.get("mlflow_run_id") and state.get("mlflow_tracking_uri") == uri:
             self.run_id = state["mlflow_run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             return
+        state["mlflow_tracking_uri"] = uri
         exp = self.client.get_experiment_by_name(s["project"])
         exp_id = exp.experiment_id if exp else self.client.create_experiment(s["project"])
         self.run_id = self.client.create_run(exp_id, run_name=s["run_name"]).info.run_id
         state["mlflow_run_id"] = self.run_id
-        params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        flat = [Param(k[:250], v[:6000]) for k, v in params(config).items()]
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=flat[i:i + 100])
         self.client.log_dict(self.run_id, config, "config.json")
 
     def log(self, step: int, values: dict[str, float], when: float) -> None:
@@ -165,9 +193,11 @@ class Trackers:
             with open(s["state_file"]) as f:
                 state = json.load(f)
         for name in s["backends"]:
-            if importlib.util.find_spec(PACKAGES[name][0]) is None:
-                raise ImportError(missing_message(name))
-            self.active[name] = BACKENDS[name](s, config, state, resume_step)
+            try:
+                check_installed([name])
+                self.active[name] = BACKENDS[name](s, config, state, resume_step)
+            except Exception as e:  # noqa: BLE001 - as mid-run: a tracker that cannot start does not stop training
+                _warn(f"the {name} tracker could not start and is left out of this run: {type(e).__name__}: {e}")
         with open(s["state_file"], "w") as f:
             json.dump(state, f)
 
@@ -177,8 +207,7 @@ class Trackers:
             try:
                 backend.log(int(row["step"]), values, when)
             except Exception as e:  # noqa: BLE001 - any tracker failure: say it once, keep training
-                sys.stderr.write(f"[raydpo] warning: the {name} tracker failed and is dropped for the rest of the run: "
-                                 f"{type(e).__name__}: {e}\n")
+                _warn(f"the {name} tracker failed and is dropped for the rest of the run: {type(e).__name__}: {e}")
                 del self.active[name]
 
     def close(self, ok: bool = True) -> None:
@@ -186,5 +215,10 @@ class Trackers:
             try:
                 backend.close(ok)
             except Exception as e:  # noqa: BLE001
-                sys.stderr.write(f"[raydpo] warning: closing the {name} tracker failed: {type(e).__name__}: {e}\n")
+                _warn(f"closing the {name} tracker failed: {type(e).__name__}: {e}")
         self.active = {}
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"[raydpo] warning: {message}\n")
+    sys.stderr.flush()

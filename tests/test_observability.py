@@ -60,7 +60,7 @@ def test_piped_progress_has_each_stage_and_no_control_characters(piped_run):
     data = next(line for line in ours if re.match(r"\[raydpo\] data: [\d,]+ rows read, ", line))
     assert "tokenized" in data and "quarantined" in data
     assert any(line.startswith("[raydpo] data: 322 rows read in ") and "2 quarantined (" in line for line in ours)
-    assert any(re.match(r"\[raydpo\] reference train: [\d,]+/256 pairs scored, [\d.]+ pairs/s, ETA \d+", line) for line in ours)
+    assert any(re.match(r"\[raydpo\] reference train: [\d,]+/256 pairs scored, [\d,.]+ pairs/s, ETA \d+", line) for line in ours)
     assert any(line.startswith("[raydpo] reference train: 256 pairs scored in ") for line in ours)
     steps = [line for line in ours if line.startswith("[raydpo] train: step ")]
     # Written once per logged step (rank 0's rows only), in order, each with its values and an ETA.

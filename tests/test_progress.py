@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import re
 import time
 
@@ -106,3 +107,28 @@ def test_watcher_verbose_line_has_every_metric(tmp_path):
     for part in ("step 1/1", "margin +0.0100", "chosen +0.0200", "rejected +0.0100", "logps -10.00/-11.00", "lr 1.00e-03",
                  "grad_norm 1.500", "900 tokens/s", "ETA 0s"):
         assert part in line, part
+
+
+def test_watcher_shows_the_steps_a_restarted_worker_group_logs_again(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    out = io.StringIO()
+    w = MetricsWatcher(str(path), total_steps=4, out=console.Console("normal", every_s=0, stream=out))
+    t0 = time.time()
+    path.write_text("".join(json.dumps(_row(s, t0 + s / 10)) + "\n" for s in (1, 2, 3)))
+    w.poll()
+    # The attempt dies; Ray Train restarts the group from the checkpoint at step 2.
+    tmp = tmp_path / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(_row(s, t0 + s / 10)) + "\n" for s in (1, 2)))
+    os.replace(tmp, path)  # rank 0 trims the file back to the checkpoint
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(_row(s, t0 + 1 + s / 10)) + "\n" for s in (3, 4)))
+    w.poll()
+    steps = [int(re.search(r"step (\d)/4", line).group(1)) for line in out.getvalue().splitlines()]
+    assert steps == [1, 2, 3, 3, 4]
+
+
+def test_rate_counts_from_the_first_update():
+    rate = console.Rate("pairs", total=100)
+    assert rate.suffix(10, now=50.0) == ""  # the first batch only marks the start (model loading left out)
+    assert rate.suffix(30, now=52.0) == ", 10.0 pairs/s, ETA 7s"  # 20 pairs in 2 s; 70 left
+    assert console.Rate("rows").suffix(5, now=1.0) == ""

@@ -36,14 +36,20 @@ def from_tables(tables: list[pa.Table]):
 def collect(dataset, on_table: Callable[[pa.Table], None]):
     """Execute ``dataset`` (streaming, in order) and return it materialized, calling ``on_table``
     with each output block as it arrives: progress and counts while a pipeline runs, where
-    ``Dataset.materialize()`` says nothing until it is done."""
+    ``Dataset.materialize()`` says nothing until it is done. The blocks stay where they were made
+    (their refs are kept); only a slice of a block is stored anew."""
     import ray
 
     refs, metadata = [], []
-    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        on_table(table)
-        refs.append(ray.put(table))
-        metadata.append(_metadata(table))
+    for bundle in dataset.iter_internal_ref_bundles():
+        for entry, piece in zip(bundle.blocks, bundle.slices):
+            table, ref = ray.get(entry.ref), entry.ref
+            if piece is not None:
+                table = table.slice(piece.start_offset, piece.end_offset - piece.start_offset)
+                ref = ray.put(table)
+            on_table(table)
+            refs.append(ref)
+            metadata.append(_metadata(table))
     return _materialized(refs, metadata)
 
 

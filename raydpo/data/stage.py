@@ -218,14 +218,15 @@ class _LiveCounts:
     def __init__(self):
         self.by_status: collections.Counter = collections.Counter()
         self.start = time.perf_counter()
+        self.rate = console.Rate("rows")
 
     def __call__(self, table: pa.Table) -> None:
         found = pc.value_counts(table["status"])
         self.by_status.update(dict(zip(found.field("values").to_pylist(), found.field("counts").to_pylist())))
-        read, elapsed = sum(self.by_status.values()), time.perf_counter() - self.start
+        read = sum(self.by_status.values())
         tokenized = self.by_status["ok"] + self.by_status["filtered"]
         console.get().update("data", f"data: {read:,} rows read, {tokenized:,} tokenized, "
-                                     f"{self.by_status['quarantined']:,} quarantined ({read / max(elapsed, 1e-9):,.0f} rows/s)")
+                                     f"{self.by_status['quarantined']:,} quarantined{self.rate.suffix(read)}")
 
 
 def describe(summary: DataSummary, seconds: float) -> str:

@@ -145,21 +145,12 @@ def in_input_order(tables: list, entry: str):
 
 
 def drive(scored_ds, label: str, total: int) -> None:
-    """Run the pool to the end (the actors write the shards), showing pairs/s and an ETA.
-
-    The rate counts from the first scored batch, so model loading does not skew the ETA."""
-    out = console.get()
-    start = time.perf_counter()
-    done, first = 0, None
+    """Run the pool to the end (the actors write the shards), showing pairs/s and an ETA."""
+    out, rate = console.get(), console.Rate("pairs", total)
+    start, done = time.perf_counter(), 0
     for batch in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         done += batch.num_rows
-        now = time.perf_counter()
-        if first is None:
-            first = (done, now)
-            rate = ""
-        else:
-            rate = f", {(done - first[0]) / max(now - first[1], 1e-9):,.1f} pairs/s, {console.eta(done - first[0], total - first[0], now - first[1])}"
-        out.update(f"reference-{label}", f"reference {label}: {done:,}/{total:,} pairs scored{rate}")
+        out.update(f"reference-{label}", f"reference {label}: {done:,}/{total:,} pairs scored{rate.suffix(done)}")
     elapsed = time.perf_counter() - start
     out.update(f"reference-{label}", f"reference {label}: {done:,} pairs scored in {console.duration(elapsed)} "
                                      f"({done / max(elapsed, 1e-9):,.1f} pairs/s incl. loading the model)", final=True)

@@ -1,5 +1,5 @@
-"""PNG plots of runs with matplotlib (Agg: no display needed): one colour per run, one line style
-per series, training rows as lines and evaluation rows as lines with markers."""
+"""PNG plots of runs with matplotlib (no display needed): one colour per run, one line style per
+series, training rows as lines and evaluation rows as lines with markers."""
 
 from __future__ import annotations
 
@@ -48,13 +48,21 @@ PLOTS = [
 ]
 
 
-def _pyplot():
+def _figure(panels: int, width: float, height: float):
+    """A figure of ``panels`` side by side and the colour cycle. matplotlib's object API, not
+    pyplot: no display, no global figure state (safe to call from a notebook)."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; never a window, also on machines without a display
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(width * panels, height))
+    return fig, fig.subplots(1, panels, squeeze=False)[0], matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    return plt
+
+def _save(fig, title: str, out_dir: str, file: str) -> str:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, file), dpi=100)
+    return file
 
 
 def points(run: Run, key: str) -> tuple[list[int], list[float]]:
@@ -70,10 +78,8 @@ def line_plot(runs: list[Run], plot: Plot, out_dir: str) -> str | None:
     panels = [p for p in plot.panels if any(points(r, s.key)[0] for r in runs for s in p)]
     if not panels:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, panel in zip(axes[0], panels):
+    fig, axes, colors = _figure(len(panels), 7, 4)
+    for ax, panel in zip(axes, panels):
         for i, run in enumerate(runs):
             for j, series in enumerate(panel):
                 x, y = points(run, series.key)
@@ -89,11 +95,7 @@ def line_plot(runs: list[Run], plot: Plot, out_dir: str) -> str | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(plot.title)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, plot.file), dpi=100)
-    plt.close(fig)
-    return plot.file
+    return _save(fig, plot.title, out_dir, plot.file)
 
 
 def length_histograms(runs: list[Run], out_dir: str, file: str = "token_lengths.png") -> str | None:
@@ -102,11 +104,9 @@ def length_histograms(runs: list[Run], out_dir: str, file: str = "token_lengths.
     hists = [(r, h) for r, h in hists if h]
     if not hists:
         return None
-    plt = _pyplot()
     names = [n for n in ("prompt", "chosen", "rejected", "total") if n in hists[0][1]]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, name in zip(axes[0], names):
+    fig, axes, colors = _figure(len(names), 4, 3.5)
+    for ax, name in zip(axes, names):
         for i, (run, h) in enumerate(hists):
             ax.stairs(h[name], h["edges"], fill=len(hists) == 1, alpha=0.6 if len(hists) == 1 else 1.0,
                       color=colors[i % len(colors)], label=run.label if len(hists) > 1 else None)
@@ -116,11 +116,7 @@ def length_histograms(runs: list[Run], out_dir: str, file: str = "token_lengths.
         ax.grid(alpha=0.3)
         if len(hists) > 1:
             ax.legend(fontsize=7)
-    fig.suptitle("Token lengths of kept pairs (after truncation; total = prompt + longer completion)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, file), dpi=100)
-    plt.close(fig)
-    return file
+    return _save(fig, "Token lengths of kept pairs (after truncation; total = prompt + longer completion)", out_dir, file)
 
 
 def write_plots(runs: list[Run], out_dir: str) -> list[tuple[str, str]]:

@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 
 import yaml
 
-#: Config keys that say where or how a run was observed, not what it computed: left out of labels.
-NOT_COMPARED = ("output.", "logging.", "ray.", "reference.cache_dir", "train.storage_path", "train.max_failures",
-                "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+from raydpo.schema import flatten
+from raydpo.train.resume import RESUMABLE_CHANGES
+
+
+def computes_the_same(key: str) -> bool:
+    """Whether a dotted config key only says where or how a run ran or was watched, not what it
+    computed (the keys a resumed run may change, plus where it writes): left out of comparisons."""
+    section, _, name = key.partition(".")
+    allowed = RESUMABLE_CHANGES.get(section, set())
+    return allowed is None or name in allowed or section == "output" or key == "reference.cache_dir"
 
 
 @dataclass
@@ -74,22 +81,13 @@ def load_run(path: str) -> Run:
     return run
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict) and v:
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(runs: list[Run]) -> dict[str, list]:
-    """Dotted config keys whose values differ between runs -> each run's value (NOT_COMPARED left out)."""
+    """Dotted config keys whose values differ between runs -> each run's value (keys that do not
+    change the numbers left out, see :func:`computes_the_same`)."""
     flat = [flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat)) if flat else []
     return {k: [f.get(k) for f in flat] for k in keys
-            if not k.startswith(NOT_COMPARED) and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
+            if not computes_the_same(k) and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
 
 
 def label_runs(runs: list[Run], max_keys: int = 3) -> None:

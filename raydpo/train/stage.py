@@ -75,6 +75,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     from raydpo.train.watch import MetricsWatcher
 
     trackers.check_installed(cfg.logging.backends)
+    tracking = trackers.resolve(cfg)
     plan = plan_steps(cfg, n_train)
     check_eval(cfg, n_eval)
     out = os.path.abspath(cfg.output.dir)
@@ -99,7 +100,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "output_dir": out,
             "guard": guard,
             "train_splits": splits,
-            "trackers": trackers.resolve(cfg),
+            "trackers": tracking,
             "tracker_params": {**to_dict(cfg), "pairs": {"train": n_train, "eval": n_eval}},
         },
         scaling_config=ScalingConfig(
@@ -125,7 +126,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     t = cfg.train
     console.get().say(f"train: {t.num_workers} worker(s), DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
                       f"({plan.steps_per_epoch:,} per epoch) of {t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps} "
-                      f"pairs; starting the workers" + (f"; trackers: {', '.join(cfg.logging.backends)}" if cfg.logging.backends else ""))
+                      f"pairs; starting the workers" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
     try:
         with MetricsWatcher(os.path.join(out, "metrics.jsonl"), plan.total_steps):
             return trainer.fit(), plan

@@ -8,6 +8,7 @@ directory is on storage every node and the driver share, as for the rest of the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -36,15 +37,17 @@ def eval_line(row: dict) -> str:
 class MetricsWatcher:
     """Prints the rows rank 0 appends to ``path`` (a background thread; use as a context manager).
 
-    Rows written before the watcher started (a resumed run's earlier attempt) are skipped, and a
-    file rewritten in place (rank 0 trims it on resume) is read again from its start."""
+    Rows written before the watcher started (a resumed run's earlier attempt) are skipped. When
+    rank 0 replaces the file (it trims it back to the checkpoint whenever a worker group starts,
+    also after a restart within this run), the rows kept from before are skipped and the steps
+    logged again are shown again."""
 
     def __init__(self, path: str, total_steps: int, out: console.Console | None = None, poll_s: float = 0.5):
         self.path, self.total, self.poll_s = path, total_steps, poll_s
         self.out = out or console.get()
         self.started = time.time()
-        self.offset = 0
-        self.seen: set[tuple[str, int]] = set()
+        self.offset, self.file_id = 0, None
+        self.seen: set[tuple[str, int, float]] = set()  # (kind, step, time): a step logged again is new
         self.first: tuple[int, float] | None = None  # (step, time) of the first training row shown
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raydpo-metrics-watcher", daemon=True)
@@ -65,12 +68,14 @@ class MetricsWatcher:
     def poll(self) -> None:
         """Show the complete rows appended since the last poll."""
         try:
-            if os.path.getsize(self.path) < self.offset:
-                self.offset = 0
             with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino) != self.file_id or st.st_size < self.offset:
+                    self._replaced()
+                    self.file_id = (st.st_dev, st.st_ino)
                 f.seek(self.offset)
                 chunk = f.read()
-        except OSError:  # not written yet
+        except OSError:  # not written yet, or being replaced
             return
         end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
         self.offset += end
@@ -80,11 +85,18 @@ class MetricsWatcher:
             except (ValueError, KeyError, TypeError):
                 continue  # a row from another version of raydpo: the file has it, the console skips it
 
+    def _replaced(self) -> None:
+        """A new file (or one cut short): read it from the start; the rows already shown are
+        known by their time, and the ETA restarts with the new attempt."""
+        if self.file_id is not None:
+            self.first = None
+        self.offset = 0
+
     def show(self, row: dict) -> None:
         kind = "train" if "loss" in row else "eval"
-        key = (kind, int(row["step"]))
-        # One second of slack for clocks of other nodes; rows without a time are from before it had one.
-        if key in self.seen or row.get("time", self.started) < self.started - 1.0:
+        key = (kind, int(row["step"]), row.get("time"))
+        # One second of slack for clocks of other nodes; rows without a time are from an older raydpo.
+        if key in self.seen or row.get("time", -math.inf) < self.started - 1.0:
             return
         self.seen.add(key)
         if kind == "eval":

@@ -76,3 +76,11 @@ def test_train_benchmark_gpu_variant():
     if not torch.cuda.is_available():
         pytest.skip("the GPU variant (bf16, nccl) needs a CUDA device; none here")
     assert "peak MiB" in _train_bench("--device", "cuda")
+
+
+def test_tracker_overhead_benchmark_smoke():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "tracker_overhead.py"), "--rows", "5"],
+                         capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith("WANDB_")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["tensorboard"], ["mlflow"], ["wandb"])]
+    assert [r[0] for r in rows] == ["tensorboard", "mlflow", "wandb"] and all(float(r[2]) > 0 for r in rows)

@@ -23,6 +23,8 @@ PREFIX = "[raydpo] "
 _CLEAR_TO_END = "\x1b[K"
 #: On a terminal: the fastest a status line is rewritten (a cheap stage may update thousands of times).
 _TTY_EVERY_S = 0.2
+#: One lock for every console line and every worker line Ray forwards (see guard_ray_log_forwarding).
+_LOCK = threading.RLock()
 
 
 def is_terminal(stream) -> bool:
@@ -45,7 +47,7 @@ class Console:
         self._stream = stream
         self._last: dict[str, float] = {}
         self._live = False
-        self._lock = threading.Lock()
+        self._lock = _LOCK
 
     @property
     def stream(self) -> TextIO:
@@ -90,8 +92,38 @@ class Console:
         self.stream.write(text)
         self.stream.flush()
 
+    def end_live_line(self) -> None:
+        """Before someone else's line: finish a status line showing on the terminal."""
+        if self._live:
+            self._write("", end_live=True)
+
 
 _current = Console()
+
+
+def guard_ray_log_forwarding() -> None:
+    """Make the lines Ray forwards from workers take the console's lock.
+
+    Ray's driver thread prints each forwarded line as two writes (the text, then the newline), to
+    stdout or stderr; a console line written in between lands mid-line, and in a job log (stdout
+    and stderr in one file) it glues onto a worker's line. Under one lock neither splits the other,
+    and a terminal status line is ended first. Ray internals: if the name moves, nothing is wrapped.
+    """
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None or getattr(original, "raydpo_guarded", False):
+        return
+
+    def print_worker_logs(*args, **kwargs):
+        with _LOCK:
+            _current.end_live_line()
+            return original(*args, **kwargs)
+
+    print_worker_logs.raydpo_guarded = True
+    ray_worker.print_worker_logs = print_worker_logs
 
 
 def configure(level: str = "normal", every_s: float = 10.0, stream: TextIO | None = None) -> Console:
@@ -100,6 +132,7 @@ def configure(level: str = "normal", every_s: float = 10.0, stream: TextIO | Non
     if not is_terminal(stream or sys.stdout):
         # Ray wraps the prefix of every forwarded worker line in colour codes unless told not to.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    guard_ray_log_forwarding()
     _current = Console(level, every_s, stream)
     return _current
 

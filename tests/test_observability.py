@@ -57,6 +57,9 @@ def test_piped_progress_has_each_stage_and_no_control_characters(piped_run):
     log, train = piped_run["log"], piped_run["train"]
     ours = [line for line in log.splitlines() if line.startswith("[raydpo] ")]
     assert not CONTROL.search(log), [line for line in log.splitlines() if CONTROL.search(line)][:3]
+    # No console line glued onto a line Ray forwards from a worker (those start with "(Actor pid=...)").
+    glued = [line for line in log.splitlines() if "[raydpo] " in line and not line.startswith(("[raydpo] ", "("))]
+    assert not glued, glued[:3]
     data = next(line for line in ours if re.match(r"\[raydpo\] data: [\d,]+ rows read, ", line))
     assert "tokenized" in data and "quarantined" in data
     assert any(line.startswith("[raydpo] data: 322 rows read in ") and "2 quarantined (" in line for line in ours)

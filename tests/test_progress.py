@@ -132,3 +132,18 @@ def test_rate_counts_from_the_first_update():
     assert rate.suffix(10, now=50.0) == ""  # the first batch only marks the start (model loading left out)
     assert rate.suffix(30, now=52.0) == ", 10.0 pairs/s, ETA 7s"  # 20 pairs in 2 s; 70 left
     assert console.Rate("rows").suffix(5, now=1.0) == ""
+
+
+def test_lines_ray_forwards_from_workers_end_a_status_line_first():
+    import ray._private.worker as ray_worker
+
+    out = Terminal()
+    console.configure("normal", 10, stream=out)
+    try:
+        assert ray_worker.print_worker_logs.raydpo_guarded
+        console.get().update("train", "train: step 1/9")
+        ray_worker.print_worker_logs({"pid": 7, "ip": "a", "localhost": "a", "lines": ["deepspeed says hi"]}, out)
+    finally:
+        console.configure()
+    assert out.getvalue().startswith("\r[raydpo] train: step 1/9\x1b[K\n")
+    assert "(pid=7)" in out.getvalue() and out.getvalue().endswith(" deepspeed says hi\n")

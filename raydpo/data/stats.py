@@ -27,13 +27,8 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
     return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max()), "mean": float(arr.mean())}
 
 
-def token_length_stats(pairs) -> dict[str, dict[str, float]]:
-    """p50 / p95 / max / mean token counts of prompt, chosen and rejected (after truncation)."""
-    return {name: _stats(arr) for name, arr in _lengths(pairs).items()}
-
-
 def token_length_summary(pairs, max_length: int, bins: int = 32) -> dict:
-    """summary.json's ``token_lengths`` (as :func:`token_length_stats`) and
+    """summary.json's ``token_lengths`` (p50 / p95 / max / mean of prompt, chosen and rejected) and
     ``token_length_histogram``: ``edges`` ([bins + 1] integers from 0 to ``max_length``) and
     per-pair counts per bin for prompt, chosen, rejected and ``total`` (prompt + longer completion,
     the width the pair takes in a batch)."""

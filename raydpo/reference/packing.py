@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from raydpo.families.rules import packed_attention_mask
+
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
 
@@ -46,8 +48,12 @@ def packed_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     # An additive float mask: sdpa takes it as well as a boolean one, and eager attention only this.
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-    mask = torch.zeros(batch["attention_mask"].shape, dtype=dtype, device=ids.device)
-    mask = mask.masked_fill(~batch["attention_mask"], torch.finfo(dtype).min)
+    additive = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(  # noqa: E731
+        ~allowed, torch.finfo(dtype).min)
+    # Sliding-window layers need the window inside the mask the model is given (one place for the
+    # family rules: raydpo.families.rules).
+    masks = packed_attention_mask(model.config, batch["attention_mask"], batch["position_ids"])
+    mask = {kind: additive(m) for kind, m in masks.items()} if isinstance(masks, dict) else additive(masks)
     out = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
     logps = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
     width = ids.shape[1]

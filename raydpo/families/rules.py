@@ -1,0 +1,72 @@
+"""What a model family's transformers code needs from raydpo, in one place.
+
+Every family in :data:`raydpo.families.tiny.FAMILIES` is checked end to end by the suite
+(``tests/test_families.py``). Three things differ between families and matter to raydpo:
+
+- **Sliding windows** (Mistral, Mixtral, Phi-3 with ``sliding_window`` on every layer; Gemma 2/3 and
+  Qwen2 with ``layer_types`` mixing sliding and full layers). The packed reference row
+  (:mod:`raydpo.reference.packing`) hands the model its own 4D mask, which transformers uses as given
+  on every layer: the window has to be in it. :func:`packed_attention_mask` adds it, as a dict of one
+  mask per layer type where the model takes one (``layer_types``), else one windowed mask.
+  Padded batches and padding-free rows leave the mask to transformers, which windows them itself.
+- **Positions computed from the attention mask** (OPT, BLOOM, Falcon, MPT, BioGPT, XGLM): their
+  decoders build the causal mask without the position ids, so transformers cannot see where packed
+  sequences restart; padding-free rows would attend across sequences. :func:`padding_free_issue`
+  refuses ``train.padding_free`` for them before any stage. (Their packed reference rows are exact:
+  raydpo passes both the positions and the mask.)
+- **Final-logit soft-capping** (Gemma 2): applied inside the model's ``forward``, so raydpo's log-probs
+  from ``out.logits`` include it with no special case.
+
+MoE routers (Mixtral, Qwen2-MoE) route each token on its own without capacity limits, so packing and
+padding change nothing; the router's auxiliary loss is not added (TRL adds it only when
+``output_router_logits`` is set).
+"""
+
+from __future__ import annotations
+
+#: Decoder-only model types whose transformers 5.19 code builds the causal mask without position ids.
+MASK_WITHOUT_POSITIONS = frozenset({"opt", "bloom", "falcon", "mpt", "biogpt", "xglm"})
+#: Layer types a packed reference mask can be built for.
+PACKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def padding_free_issue(model_type: str | None) -> str | None:
+    """Why ``train.padding_free`` cannot give the padded numbers for ``model_type``, or None."""
+    if model_type in MASK_WITHOUT_POSITIONS:
+        return (f"train.padding_free is not exact for model_type {model_type!r}: its transformers decoder builds the "
+                "causal mask without the position ids, so sequences packed into one row would attend to each other "
+                "(learned positions from the attention mask). Use padded batches (train.padding_free=false), with "
+                "train.group_by_length=true to cut most of the padding")
+    return None
+
+
+def packed_mask_issue(config) -> str | None:
+    """Why a packed reference row cannot be masked exactly for this model config, or None."""
+    kinds = set(getattr(config, "layer_types", None) or ())
+    unknown = kinds - PACKABLE_LAYER_TYPES
+    if unknown:
+        return f"layer types {sorted(unknown)} have masks raydpo does not build"
+    return None
+
+
+def _windowed(allowed, positions, window: int):
+    """``allowed`` [B, 1, T, T] restricted to keys within ``window`` positions of the query, as
+    transformers' sliding-window mask (``kv > q - window``) on the position ids [B, T]."""
+    q, k = positions[:, None, :, None], positions[:, None, None, :]
+    keep = (q - k) < window
+    # A padding query keeps its self-attention (see packing.pack_pairs): its position is 0.
+    return allowed & (keep | (allowed & (q == k)))
+
+
+def packed_attention_mask(config, allowed, positions):
+    """The attention mask to pass the model for packed rows: ``allowed`` [B, 1, T, T] (bool) as is,
+    with the sliding window applied on the layers that slide, or a ``{layer_type: mask}`` dict for
+    models with ``config.layer_types`` (each mask [B, 1, T, T] bool)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return {kind: (_windowed(allowed, positions, window) if kind == "sliding_attention" and window else allowed)
+                for kind in set(layer_types)}
+    if window:  # Mistral, Mixtral, Phi-3, Starcoder2: every layer slides when the config sets a window
+        return _windowed(allowed, positions, window)
+    return allowed

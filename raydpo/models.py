@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -32,33 +32,31 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-#: ``tokenizer_class`` values that ``AutoTokenizer`` maps to transformers' generic fast tokenizer.
-GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
-
-
-def tokenizer_class_name(path: str) -> str | None:
-    """``tokenizer_class`` from ``tokenizer_config.json``, or None (missing, or remote code via auto_map)."""
-    try:
-        with open(os.path.join(path, "tokenizer_config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return None if config.get("auto_map") else config.get("tokenizer_class")
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The tokenizer, which must define a pad token (or EOS to fall back on) for batching."""
+    """``AutoTokenizer.from_pretrained`` of the model directory (the class transformers picks, whose
+    ids raydpo's data actors reproduce: :mod:`raydpo.data.tokenizer`), with a pad token (EOS if it
+    has none, as TRL does). Cached per directory and file times: the driver asks for it in several
+    stages, and some classes rebuild a large vocabulary's pipeline on every load."""
     path = resolve_local(name_or_path)
-    if tokenizer_class_name(path) in GENERIC_TOKENIZER_CLASSES:
-        # The class AutoTokenizer would pick, imported alone: AutoTokenizer's import pulls in torch
-        # and the model registry (2.7 s against 0.7 s), paid by every tokenizer actor at start.
-        from transformers import PreTrainedTokenizerFast as cls
-    else:
-        from transformers import AutoTokenizer as cls
-    tok = cls.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _load_tokenizer(path, trust_remote_code, _files_stamp(path))
+
+
+def _files_stamp(path: str) -> tuple:
+    return tuple(sorted((f, os.stat(os.path.join(path, f)).st_mtime_ns) for f in os.listdir(path) if "token" in f))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, trust_remote_code: bool, _stamp: tuple):
+    from raydpo.data.tokenizer import auto_tokenizer
+
+    return ensure_pad_token(auto_tokenizer(path, trust_remote_code), path)
+
+
+def ensure_pad_token(tok, name: str):
+    """``tok`` with a pad token: its own, else EOS; neither is an error (batches need one to pad with)."""
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token: batches need one to pad "
+            raise ValueError(f"tokenizer of {name!r} has neither a pad nor an EOS token: batches need one to pad "
                              "with; add a pad token to the tokenizer (tokenizer.add_special_tokens({'pad_token': ...}))")
         tok.pad_token = tok.eos_token
     return tok

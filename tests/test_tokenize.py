@@ -83,14 +83,14 @@ def test_backend_encoding_equals_tokenizer_call(tokenizer):
         assert encode(tokenizer, texts, special) == tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
-def test_light_tokenizer_load_equals_auto_tokenizer(tiny_model_dir):
-    """load_tokenizer skips AutoTokenizer's imports for the generic class; the result is the same."""
+def test_load_tokenizer_is_auto_tokenizer(tiny_model_dir):
+    """The driver's tokenizer is AutoTokenizer's (class, pipeline, specials, template), loaded once."""
     from transformers import AutoTokenizer
 
-    from raydpo.models import load_tokenizer, tokenizer_class_name
+    from raydpo.models import load_tokenizer
 
-    assert tokenizer_class_name(tiny_model_dir) in ("PreTrainedTokenizerFast", "TokenizersBackend")
     ours, auto = load_tokenizer(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     assert type(ours) is type(auto)
     assert ours.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
     assert (ours.special_tokens_map, ours.chat_template) == (auto.special_tokens_map, auto.chat_template)
+    assert load_tokenizer(tiny_model_dir) is ours

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from raydpo import console
 from raydpo.data.local import blocks, collect, from_tables
+from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec
 from raydpo.data.tokenize import TokenizeSettings, pair_key, token_digest, tokenize_normalized
 from raydpo.data.validate import parse_row
 
@@ -50,16 +51,17 @@ def eval_bucket(pid: str, eval_fraction: float) -> bool:
 class Preprocess:
     """Ray Data callable: raw rows -> validated, tokenized rows with a status (one tokenizer per actor)."""
 
-    def __init__(self, tokenizer_path: str, settings: TokenizeSettings, split: str, eval_fraction: float = 0.0,
+    def __init__(self, tokenizer: TokenizerSpec, settings: TokenizeSettings, split: str, eval_fraction: float = 0.0,
                  columns: dict | None = None, fmt: str = "auto", marker: str = "\n\nAssistant:",
                  shared_prompt: bool = True):
         # One thread per actor: the pool is the parallelism. The Rust tokenizer would otherwise
         # run a thread per core in every actor, which costs 20% more CPU per pair here.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from raydpo.data.prompt_cut import special_prefix
-        from raydpo.models import load_tokenizer
+        from raydpo.data.tokenizer import load_spec
 
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        # AutoTokenizer's pipeline as the driver loaded it, checked on probe texts (raydpo.data.tokenizer).
+        self.tokenizer = load_spec(tokenizer)
         self.cut_prefix = special_prefix(self.tokenizer)[0] if shared_prompt else None
         self.settings = settings
         self.split = split
@@ -273,13 +275,21 @@ def tokenize_settings(cfg) -> TokenizeSettings:
     )
 
 
+def driver_tokenizer_spec(cfg) -> TokenizerSpec:
+    """What the tokenizer actors load: the driver's ``AutoTokenizer`` of ``model.name_or_path``."""
+    from raydpo.models import load_tokenizer, resolve_local
+
+    path, trust = resolve_local(cfg.model.name_or_path), cfg.model.trust_remote_code
+    return tokenizer_spec(path, trust, load_tokenizer(path, trust))
+
+
 def _process(raw_rows, split: str, cfg, eval_fraction: float):
     import ray.data
 
     return raw_rows.map_batches(
         Preprocess,
         fn_constructor_kwargs={
-            "tokenizer_path": cfg.model.name_or_path,
+            "tokenizer": driver_tokenizer_spec(cfg),
             "settings": tokenize_settings(cfg),
             "split": split,
             "eval_fraction": eval_fraction,

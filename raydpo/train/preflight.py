@@ -6,6 +6,7 @@ with a stack trace from inside a Ray Train worker.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -105,6 +106,24 @@ def check_disk(need: float, free: float, where: str) -> None:
                       "train.keep_checkpoints, or point train.storage_path elsewhere")
 
 
+def model_type(model_path: str) -> str | None:
+    """``model_type`` from the directory's ``config.json`` (None when it has none)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def check_family(cfg: Config, model_path: str) -> None:
+    """Settings a model family cannot serve exactly (:mod:`raydpo.families.rules`), refused up front."""
+    from raydpo.families.rules import padding_free_issue
+
+    issue = padding_free_issue(model_type(model_path)) if cfg.train.padding_free else None
+    if issue:
+        raise ValueError(issue)
+
+
 def preflight(cfg: Config, model_path: str) -> None:
     """All the checks, in the order a user would fix them."""
     from raydpo.models import load_tokenizer
@@ -112,6 +131,7 @@ def preflight(cfg: Config, model_path: str) -> None:
     out = os.path.abspath(cfg.output.dir)
     check_writable(out)
     load_tokenizer(model_path, cfg.model.trust_remote_code)  # a missing pad and EOS token fails here, not in an actor
+    check_family(cfg, model_path)
     n = count_params(model_path, cfg.model.trust_remote_code)
     check_memory(n, cfg, *budgets(cfg))
     check_disk(disk_need(n, cfg), shutil.disk_usage(out).free, out)

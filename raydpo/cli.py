@@ -65,6 +65,12 @@ def cmd_validate(args) -> int:
 def cmd_tiny_model(args) -> int:
     from raydpo.tiny import TinyModelSpec, write_tiny_model
 
+    if args.family:  # one of the model-family matrix's architectures, at the matrix's sizes
+        from raydpo.families.tiny import write_family_model
+
+        print(write_family_model(args.out_dir, args.family, seed=args.seed, vocab_size=args.vocab_size))
+        return 0
+
     spec = TinyModelSpec(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -178,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
     tm.add_argument("--num-layers", type=int, default=2)
     tm.add_argument("--num-heads", type=int, default=2)
     tm.add_argument("--seed", type=int, default=0)
+    tm.add_argument("--family", default=None, help="another architecture with its own tokenizer class: "
+                    "llama, qwen2, qwen3, mistral, gemma2, gemma3_text, phi3, gpt2, gpt_neox, opt, mixtral, qwen2_moe "
+                    "(the sizes options other than --vocab-size do not apply)")
     tm.set_defaults(fn=cmd_tiny_model)
 
     sd = sub.add_parser("synthetic-data", help="write the synthetic preference task (train.jsonl, eval.jsonl)")

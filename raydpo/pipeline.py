@@ -170,13 +170,14 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     a finished one is left alone (status ``finished``) unless ``force``, which starts over."""
     from raydpo.models import load_tokenizer, resolve_local
     from raydpo.trackers import check_installed
-    from raydpo.train.preflight import check_writable, preflight
+    from raydpo.train.preflight import check_family, check_writable, preflight
     from raydpo.train.resume import FinishedRun, prepare_run_dir
     from raydpo.train.stage import check_eval, storage_path
 
     paths = _paths(cfg)
     check_installed(cfg.logging.backends)  # before any work: a missing tracker would fail the trainers
     check_writable(paths["dir"])
+    check_family(cfg, resolve_local(cfg.model.name_or_path))  # before Ray starts: settings this family cannot serve
     try:
         status = prepare_run_dir(paths, config_mod.to_dict(cfg), storage_path(cfg), force)
     except FinishedRun:

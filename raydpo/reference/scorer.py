@@ -36,6 +36,11 @@ class HfBackend:
         self.packed = False
         if share_prompt:
             self.packed = self._packing_agrees()
+            if not self.packed:
+                import sys
+
+                sys.stderr.write("[raydpo] reference actor: this model does not give the packed rows' numbers (probe "
+                                 "pairs differ); scoring chosen and rejected rows separately\n")
 
     def _forward(self, cols: list, packed: bool):
         from raydpo.data.collate import collate_pairs
@@ -52,6 +57,10 @@ class HfBackend:
         (An attention implementation that ignores custom masks would let rejected see chosen.)"""
         # Prompts, chosen and rejected completions of two pairs of different lengths.
         probe = [[[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17]], [[18, 19], [20, 21, 22, 23, 24]]]
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and window <= 512:  # a third pair longer than the window, so the windowed masks are probed too
+            long = [5 + i % 20 for i in range(window + 8)]
+            probe = [col + [part] for col, part in zip(probe, (long, long[:9], long[3:12]))]
         try:
             a, b = self._forward(probe, packed=False), self._forward(probe, packed=True)
         except Exception:  # noqa: BLE001 - a model that rejects a 4D mask takes the concatenated path

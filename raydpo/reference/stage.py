@@ -90,6 +90,24 @@ def pool_options(r) -> dict:
     return options
 
 
+_SAID: set = set()
+
+
+def packs_exactly(model_path: str, trust_remote_code: bool) -> bool:
+    """Whether this model's packed reference rows can be masked exactly (raydpo.families.rules); if
+    not, say once why the pool scores chosen and rejected rows separately instead."""
+    from transformers import AutoConfig
+
+    from raydpo.families.rules import packed_mask_issue
+
+    issue = packed_mask_issue(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code))
+    if issue and model_path not in _SAID:
+        _SAID.add(model_path)
+        console.get().say(f"reference: one packed row per pair is off for this model ({issue}); chosen and rejected "
+                          "rows are scored separately (same numbers, the prompt computed twice)")
+    return issue is None
+
+
 def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, scorer=None):
     """Lazily add reference log-probs to ``pairs`` on the reference actor pool.
 
@@ -100,10 +118,12 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
     from raydpo.reference.scorer import ReferenceScorer
 
     r = cfg.reference
+    model_path = resolve_local(reference_path(cfg))
+    share_prompt = r.share_prompt and r.backend == "hf" and packs_exactly(model_path, reference_trusts_code(cfg))
     return pairs.map_batches(
         scorer or ReferenceScorer,
         fn_constructor_kwargs={
-            "model_path": resolve_local(reference_path(cfg)),
+            "model_path": model_path,
             "dtype": reference_dtype(cfg),
             "pad_id": pad_id,
             "trust_remote_code": reference_trusts_code(cfg),
@@ -112,7 +132,7 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
             "max_tokens": r.max_tokens_per_batch,
             "quantization": r.quantization,
             "backend": r.backend,
-            "share_prompt": r.share_prompt,
+            "share_prompt": share_prompt,
             "workers_dir": os.path.join(os.path.abspath(cfg.output.dir), "workers"),
             "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
                                 "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,

@@ -135,3 +135,14 @@ def test_data_stage_on_ray_gives_auto_tokenizer_ids(ray_cluster, family_dirs, tm
         assert p + r == full_sequences(reference, pair, 1024)[1]
         checked_numbers |= NUMBERS in pair.prompt
     assert checked_numbers
+
+
+def test_a_tokenizer_without_chat_template_quarantines_chat_rows(family_dirs):
+    """As with transformers: no template renders nothing, and the row is bad input with its reason."""
+    tok = load_spec(dataclasses.replace(tokenizer_spec(family_dirs["gpt2"]), chat_template=None))
+    chat = Pair([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "a"}],
+                [{"role": "assistant", "content": "b"}], "chat")
+    text = Pair("Hello", " a", " b", "text")
+    bad, good = tokenize_normalized(tok, [chat, text], TokenizeSettings(64), special_prefix(tok)[0])
+    assert bad["error"].startswith("template_error: ValueError") and "chat_template is not set" in bad["error"]
+    assert good["error"] is None and good["chosen_ids"]

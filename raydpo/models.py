@@ -103,12 +103,14 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
 
 
 def zero_dropout(model) -> None:
-    """Every dropout probability to 0: ``nn.Dropout`` modules and the attention-probability dropout
-    that attention layers read from a float attribute (``attention_dropout``, as Llama's do)."""
+    """Every dropout probability to 0: ``nn.Dropout`` modules, and the float attributes layers read
+    as probabilities for ``nn.functional.dropout`` or layer drop (``dropout``, ``attention_dropout``,
+    ``activation_dropout``, ``layerdrop``...: OPT's decoder layers keep ``dropout`` as a float)."""
     import torch
 
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in vars(module).items():
+            if isinstance(value, float) and (name == "dropout" or name.endswith("_dropout") or name == "layerdrop"):
+                setattr(module, name, 0.0)

@@ -146,6 +146,9 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_policy(cfg.model, config["model_path"], device)
     params = trainable_summary(model)
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
+    # from_pretrained returns eval mode; training must run in train mode even with no eval split
+    # (gradient checkpointing and any dropout kept on act only there).
+    engine.train()
     if rank == 0 and cfg.logging.console != "quiet":
         _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
     eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None

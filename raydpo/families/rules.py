@@ -53,9 +53,8 @@ def _windowed(allowed, positions, window: int):
     """``allowed`` [B, 1, T, T] restricted to keys within ``window`` positions of the query, as
     transformers' sliding-window mask (``kv > q - window``) on the position ids [B, T]."""
     q, k = positions[:, None, :, None], positions[:, None, None, :]
-    keep = (q - k) < window
-    # A padding query keeps its self-attention (see packing.pack_pairs): its position is 0.
-    return allowed & (keep | (allowed & (q == k)))
+    # A padding query's self-attention (packing.pack_pairs) is kept: q - k = 0 is inside any window.
+    return allowed & ((q - k) < window)
 
 
 def packed_attention_mask(config, allowed, positions):

@@ -62,6 +62,16 @@ class ModelConfig:
     transformers' choice."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for about a third more compute."""
+    activation_offloading: bool = False
+    """Keep the activations saved for backward in (pinned) CPU memory instead of on the GPU
+    (``torch.autograd.graph.save_on_cpu``); with ``gradient_checkpointing`` only the layer inputs are
+    saved, so this moves those too. No effect on CPU training."""
+    logits_chunk_tokens: Optional[int] = None
+    """Scored positions per ``lm_head`` chunk in the log-probs of the trainer, the ``hf`` reference
+    actors and ``raydpo.DPO``: only completion positions go through the head, a chunk at a time,
+    recomputed in backward, so no ``[T, vocab]`` logits tensor exists. None: automatic, as many
+    positions as keep one chunk's float32 logits within 256 MiB (441 at a 152k vocabulary); 0: the
+    model's full logits (the memory of TRL's path)."""
     disable_dropout: bool = True
     """Set every dropout probability to 0, as TRL does: DPO compares log-probs with the reference's,
     and dropout noise in the policy's would bias the loss."""

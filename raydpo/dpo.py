@@ -95,6 +95,9 @@ class DPO(torch.nn.Module):
             ``ref_model`` is frozen in place. Reference-free losses (simpo, orpo, sft) keep none.
         disable_dropout: set the policy's dropout probabilities to 0 (TRL's default; dropout in the
             policy's pass but not the reference's would bias the log-ratios).
+        logits_chunk_tokens: positions per output-head chunk of the log-probs
+            (:mod:`raydpo.logprobs.chunked`, the pipeline's ``model.logits_chunk_tokens``): None sizes
+            chunks automatically, 0 scores from the model's full ``[B, T, V]`` logits.
         **loss_options: the other keys of the pipeline's ``loss`` section (``label_smoothing``,
             ``loss_weights`` as ``weights``, ``simpo_gamma``, ``discopop_tau``, ``f_divergence``,
             ``f_alpha_divergence_coef``).
@@ -109,6 +112,7 @@ class DPO(torch.nn.Module):
         loss_type: Union[str, Sequence[str]] = "sigmoid",
         ref_model: Optional[torch.nn.Module] = None,
         disable_dropout: bool = True,
+        logits_chunk_tokens: Optional[int] = None,
         **loss_options: Any,
     ):
         super().__init__()
@@ -116,6 +120,7 @@ class DPO(torch.nn.Module):
         self.loss_config: LossConfig = build("", LossConfig, {"type": loss_type, "beta": beta, **loss_options})
         validate_loss(self.loss_config)
         self.pad_id = pad_id
+        self.logits_chunk_tokens = logits_chunk_tokens
         self.policy = model
         if disable_dropout:
             zero_dropout(model)
@@ -160,9 +165,9 @@ class DPO(torch.nn.Module):
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's sequence log-probs of a ``pair_batch``: [2B], chosen then rejected."""
         if self._reference is not None:
-            return forward_logps(self._reference, batch)
+            return forward_logps(self._reference, batch, self.logits_chunk_tokens)
         with self.policy.disable_adapter(), eval_mode(self.policy):
-            return forward_logps(self.policy, batch)
+            return forward_logps(self.policy, batch, self.logits_chunk_tokens)
 
     def forward(
         self,
@@ -190,7 +195,7 @@ class DPO(torch.nn.Module):
         r_mask = token_mask(rejected_ids, rejected_mask, self.pad_id)
         batch = pair_batch(chosen_ids, rejected_ids, c_mask, r_mask,
                            prompt_lengths_of(prompt_mask, prompt_lengths, c_mask), self.pad_id)
-        logps = forward_logps(self.policy, batch)
+        logps = forward_logps(self.policy, batch, self.logits_chunk_tokens)
         ref = None
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             if ref_chosen_logps is None or ref_rejected_logps is None:

@@ -14,8 +14,10 @@ Every family in :data:`raydpo.families.tiny.FAMILIES` is checked end to end by t
   sequences restart; padding-free rows would attend across sequences. :func:`padding_free_issue`
   refuses ``train.padding_free`` for them before any stage. (Their packed reference rows are exact:
   raydpo passes both the positions and the mask.)
-- **Final-logit soft-capping** (Gemma 2): applied inside the model's ``forward``, so raydpo's log-probs
-  from ``out.logits`` include it with no special case.
+- **The final transform of the logits** (Gemma 2/3's soft-capping, Cohere's ``logit_scale``, Granite's
+  ``logits_scaling``): applied inside the model's ``forward`` after ``lm_head``. The chunked log-probs
+  (:mod:`raydpo.logprobs.chunked`) call the head themselves and apply :func:`logit_transform`; the
+  model's own last-position logits check it on the first forward of each head.
 
 MoE routers (Mixtral, Qwen2-MoE) route each token on its own without capacity limits, so packing and
 padding change nothing; the router's auxiliary loss is not added (TRL adds it only when
@@ -28,6 +30,29 @@ from __future__ import annotations
 MASK_WITHOUT_POSITIONS = frozenset({"opt", "bloom", "falcon", "mpt", "biogpt", "xglm"})
 #: Layer types a packed reference mask can be built for.
 PACKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+
+def logit_transform(config):
+    """The element-wise function a model applies to ``lm_head``'s output (float32 logits [..., V] ->
+    [..., V]), from its config: Gemma 2/3 soft-capping ``tanh(x / c) * c``, Cohere's ``x * logit_scale``,
+    Granite's ``x / logits_scaling``; identity otherwise."""
+    import torch
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None) if str(getattr(text, "model_type", "")).startswith("cohere") else None
+    divide = getattr(text, "logits_scaling", None)
+
+    def transform(logits):
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
 
 
 def padding_free_issue(model_type: str | None) -> str | None:

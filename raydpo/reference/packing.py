@@ -16,6 +16,9 @@ import torch
 from raydpo.families.rules import packed_attention_mask
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+#: Widest packed row the reference scores (its 4D mask is width x width per pair, 64 MiB as float32
+#: at 4,096); wider pairs go through the concatenated rows instead.
+PACKED_MAX_WIDTH = 4096
 
 
 def pack_pairs(prompt_ids, chosen_ids, rejected_ids, pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,13 +41,32 @@ def pack_pairs(prompt_ids, chosen_ids, rejected_ids, pad_id: int) -> dict[str, t
             "attention_mask": allowed[:, None]}
 
 
-def packed_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The scored positions of a packed batch: ``rows``, ``cols`` (the predicting position),
+    ``targets`` and ``seq`` (2 * row for chosen, 2 * row + 1 for rejected), each [N].
+
+    Token t of a completion is predicted from position t - 1, except the first rejected token, which
+    follows the prompt's last token (the chosen tokens sit in between in the row)."""
+    ids, seg = batch["input_ids"], batch["segments"]
+    width = ids.shape[1]
+    pred = torch.arange(width, device=ids.device).expand_as(ids) - 1
+    prompt_len = (seg == PROMPT).sum(1)
+    first_rejected = (seg == REJECTED) & (torch.roll(seg, 1, dims=1) != REJECTED)
+    pred = torch.where(first_rejected, (prompt_len - 1)[:, None].expand_as(pred), pred)
+    # A completion token with no prompt before it has no prediction (as in collate_pairs).
+    rows, at = (((seg == CHOSEN) | (seg == REJECTED)) & (pred >= 0)).nonzero(as_tuple=True)
+    return rows, pred[rows, at], ids[rows, at], 2 * rows + (seg[rows, at] == REJECTED).long()
+
+
+def packed_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a packed batch -> (chosen, rejected) sequence log-probs, each [B] float32.
 
-    Token t of a completion is predicted by the logits at t - 1, except the first rejected token,
-    which follows the prompt's last token (the chosen tokens sit in between in the row).
-    """
-    ids, seg = batch["input_ids"], batch["segments"]
+    ``chunk_tokens`` as in :func:`raydpo.logprobs.forward_logps` (None: chunked, automatic size; 0:
+    full logits)."""
+    from raydpo.logprobs.chunked import chunked_token_logps
+    from raydpo.logprobs.forward import sum_by_sequence
+
+    ids = batch["input_ids"]
     # An additive float mask: sdpa takes it as well as a boolean one, and eager attention only this.
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
@@ -54,14 +76,11 @@ def packed_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     # family rules: raydpo.families.rules).
     masks = packed_attention_mask(model.config, batch["attention_mask"], batch["position_ids"])
     mask = {kind: additive(m) for kind, m in masks.items()} if isinstance(masks, dict) else additive(masks)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
-    logps = torch.log_softmax(out.logits.float(), dim=-1)  # [B, T, V]
-    width = ids.shape[1]
-    pred = torch.arange(width, device=ids.device).expand_as(ids) - 1
-    prompt_len = (seg == PROMPT).sum(1)
-    first_rejected = (seg == REJECTED) & (torch.roll(seg, 1, dims=1) != REJECTED)
-    pred = torch.where(first_rejected, (prompt_len - 1)[:, None].expand_as(pred), pred)
-    scored = pred >= 0  # a completion token with no prompt before it has no prediction (as in collate_pairs)
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-    token = logps[rows, pred.clamp(min=0), ids] * scored
-    return (token * (seg == CHOSEN)).sum(1), (token * (seg == REJECTED)).sum(1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": batch["position_ids"], "use_cache": False}
+    rows, cols, targets, seq = packed_positions(batch)
+    token = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens)
+    if token is None:
+        logps = torch.log_softmax(model(**inputs).logits.float(), dim=-1)  # [B, T, V]
+        token = logps[rows, cols, targets]
+    sums = sum_by_sequence(token, seq, 2 * ids.shape[0]).view(-1, 2)
+    return sums[:, 0], sums[:, 1]

@@ -19,7 +19,7 @@ class HfBackend:
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
                  max_tokens: int | None = None, quantization: str | None = None, share_prompt: bool = True,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, logits_chunk_tokens: int | None = None):
         import torch
 
         from raydpo.models import load_causal_lm
@@ -33,6 +33,7 @@ class HfBackend:
             self.model.to(self.device)
         self.pad_id = pad_id
         self.max_tokens = max_tokens
+        self.chunk = logits_chunk_tokens
         self.packed = False
         if share_prompt:
             self.packed = self._packing_agrees()
@@ -45,12 +46,17 @@ class HfBackend:
     def _forward(self, cols: list, packed: bool):
         from raydpo.data.collate import collate_pairs
         from raydpo.logprobs import forward_logps, split_pairs
-        from raydpo.reference.packing import pack_pairs, packed_logps
+        from raydpo.reference.packing import PACKED_MAX_WIDTH, pack_pairs, packed_logps
 
+        # The packed row's mask is [T, T]: past PACKED_MAX_WIDTH the concatenated rows (causal
+        # attention without a materialized mask) take less memory than the shared prompt saves.
+        packed = packed and max(len(p) + len(c) + len(r) for p, c, r in zip(*cols)) <= PACKED_MAX_WIDTH
         with self.torch.inference_mode():
             if packed:
-                return packed_logps(self.model, {k: v.to(self.device) for k, v in pack_pairs(*cols, self.pad_id).items()})
-            return split_pairs(forward_logps(self.model, {k: v.to(self.device) for k, v in collate_pairs(*cols, self.pad_id).items()}))
+                return packed_logps(self.model, {k: v.to(self.device) for k, v in pack_pairs(*cols, self.pad_id).items()},
+                                    self.chunk)
+            return split_pairs(forward_logps(self.model, {k: v.to(self.device) for k, v in collate_pairs(*cols, self.pad_id).items()},
+                                             self.chunk))
 
     def _packing_agrees(self) -> bool:
         """Whether this model honours the packed 4D mask: two probe pairs scored both ways agree.
@@ -98,7 +104,8 @@ class ReferenceScorer:
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
                  shard_dir: str | None = None, max_tokens: int | None = None, quantization: str | None = None,
                  backend: str = "hf", backend_options: dict | None = None, share_prompt: bool = True,
-                 attn_implementation: str | None = None, workers_dir: str | None = None):
+                 attn_implementation: str | None = None, workers_dir: str | None = None,
+                 logits_chunk_tokens: int | None = None):
         if workers_dir:
             from raydpo.workers import record
 
@@ -109,7 +116,7 @@ class ReferenceScorer:
             self.backend = VllmBackend(model_path, dtype, trust_remote_code, **(backend_options or {}))
         else:
             self.backend = HfBackend(model_path, dtype, pad_id, trust_remote_code, max_tokens, quantization, share_prompt,
-                                     attn_implementation)
+                                     attn_implementation, logits_chunk_tokens)
         self.shard_dir = shard_dir
 
     def score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):

@@ -130,6 +130,7 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
             "attn_implementation": r.attn_implementation,
             "shard_dir": shard_dir,
             "max_tokens": r.max_tokens_per_batch,
+            "logits_chunk_tokens": cfg.model.logits_chunk_tokens,
             "quantization": r.quantization,
             "backend": r.backend,
             "share_prompt": share_prompt,

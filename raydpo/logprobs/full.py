@@ -1,9 +1,5 @@
-"""Sequence log-probabilities of completions, the quantity every preference loss is built on.
-
-Convention (TRL's): the log-prob of a completion is the **sum** over its tokens of
-``log p(token | prefix)``, logits shifted by one so position t predicts token t+1, the prompt
-and padding masked out, accumulated in float32 whatever the model's dtype.
-"""
+"""Log-probs from a full ``[B, T, V]`` logits tensor: the definition, and the path of
+``model.logits_chunk_tokens: 0`` (see :mod:`raydpo.logprobs` for the convention)."""
 
 from __future__ import annotations
 
@@ -45,30 +41,6 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
     """
     per_token = token_logps(logits, input_ids)
     return (per_token * completion_mask[:, 1:].float()).sum(-1)
-
-
-def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One forward of a collated batch -> [2B] logps, chosen sequences first, then rejected ones.
-
-    A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]) or padding-free rows
-    (:func:`raydpo.data.collate.collate_packed`, [R, W] with ``sequence_ids``): there the attention
-    mask is left out so transformers builds a block-diagonal causal mask from the restarting
-    position ids, and token log-probs are summed per sequence.
-    """
-    packed = "sequence_ids" in batch
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=None if packed else batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    )
-    if not packed:
-        return sequence_logps(out.logits, batch["input_ids"], batch["completion_mask"])
-    per_token = token_logps(out.logits, batch["input_ids"]) * batch["completion_mask"][:, 1:].float()  # [R, W-1]
-    n = batch["completion_tokens"].shape[0]
-    # Fillers carry sequence id n: summed into an extra slot that is dropped.
-    sums = torch.zeros(n + 1, device=per_token.device, dtype=per_token.dtype)
-    return sums.index_add(0, batch["sequence_ids"][:, 1:].flatten(), per_token.flatten())[:n]
 
 
 def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,133 @@
+"""Sequence parallelism for the policy: DeepSpeed's Ulysses (ALST) attention, DPO's log-probs.
+
+``train.sequence_parallel_size`` = P groups consecutive ranks by P. The P ranks of a group read the
+same data split and collate the same micro-batch; each runs the model on its 1/P of the columns
+(embeddings, MLPs, norms and the chunked output head see T/P tokens), and DeepSpeed's
+``UlyssesSPAttentionHF`` exchanges heads for sequence around each attention (all-to-all), so
+attention sees the whole sequence for H/P heads. Each rank sums its scored positions per sequence;
+the sums are added over the group (:func:`sum_over_group`), so every rank holds the batch's full
+log-probs and the same loss. DeepSpeed reduces gradients over all ranks and divides by the data-
+parallel size W/P (``mpu`` from ``parallel_state_sp``), which adds the P partial gradients.
+
+Masks: Ulysses drops the model's attention mask (built for T/P columns) and runs the core attention
+causally over the gathered sequence. For ``sdpa``, raydpo's core attention (:func:`document_sdpa`)
+rebuilds what the mask said from the gathered position ids: padding-free rows' sequences (positions
+restart), padding (position 0 on each pad) and sliding windows. Flash attention reads packed
+sequences from the position ids itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+#: Core attention implementations the Ulysses wrapper can patch (DeepSpeed 0.19 refuses eager).
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def sp_issue(sp: int, num_workers: int, attn_implementation: Optional[str], streaming: bool, config=None) -> Optional[str]:
+    """Why ``train.sequence_parallel_size`` = ``sp`` cannot run with these settings, or None."""
+    if sp < 1:
+        return f"train.sequence_parallel_size must be 1 or more, got {sp}"
+    if sp == 1:
+        return None
+    if num_workers % sp:
+        divisors = [d for d in range(1, num_workers + 1) if num_workers % d == 0]
+        return (f"train.sequence_parallel_size {sp} does not divide train.num_workers {num_workers}; allowed: "
+                f"{', '.join(map(str, divisors))}")
+    if attn_implementation is not None and attn_implementation not in SP_ATTENTION:
+        return (f"model.attn_implementation {attn_implementation!r} cannot be patched for sequence parallelism; "
+                f"allowed: {', '.join(SP_ATTENTION)} (or unset: sdpa)")
+    if streaming:
+        return "train.sequence_parallel_size > 1 needs reference.mode precompute (every rank of a group reads the same split)"
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = getattr(text, "num_attention_heads", None)
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        if heads is None:
+            return f"model_type {getattr(text, 'model_type', '?')!r} has no num_attention_heads for Ulysses to split"
+        if heads % sp or not (kv % sp == 0 or sp % kv == 0):
+            return (f"train.sequence_parallel_size {sp} must divide the model's {heads} attention heads, and divide or "
+                    f"be a multiple of its {kv} key/value heads")
+    return None
+
+
+def document_sdpa(sdpa):
+    """transformers' sdpa attention, with the mask rebuilt from the (gathered) position ids when
+    none is given: a key is visible if causal, in the query's sequence (a sequence starts where
+    positions do not increase) and, on a sliding-window layer, within the window."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        pos = kwargs.get("position_ids")
+        if attention_mask is None and pos is not None and query.shape[2] > 1:
+            pos = pos.to(query.device)
+            starts = torch.ones_like(pos, dtype=torch.bool)
+            starts[:, 1:] = pos[:, 1:] <= pos[:, :-1]
+            doc = starts.long().cumsum(-1)  # [B, T]
+            t = pos.shape[1]
+            allowed = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+            allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])
+            window = getattr(module, "sliding_window", None)
+            if window:
+                allowed = allowed & ((pos[:, None, :, None] - pos[:, None, None, :]) < window)
+            attention_mask = allowed  # [B, 1, T, T]
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return attention
+
+
+class SumOverGroup(torch.autograd.Function):
+    """Forward: all-reduce (sum) over the group. Backward: the gradient as is.
+
+    Every rank computes the same loss from the summed log-probs, so each rank's partial sums get
+    dL/d(sum) once; DeepSpeed then adds the P ranks' parameter gradients (a summing backward, as
+    ``torch.distributed.nn.all_reduce``'s, would count them P times)."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class SequenceParallel:
+    """This rank's place in its sequence-parallel group, after :func:`setup`."""
+
+    def __init__(self, size: int, rank: int, group):
+        self.size, self.rank, self.group = size, rank, group
+
+    def shard(self):
+        """This rank's :class:`raydpo.logprobs.forward.SequenceShard` for ``forward_logps``."""
+        from raydpo.logprobs.forward import SequenceShard
+
+        return SequenceShard(self.size, self.rank, lambda partial: SumOverGroup.apply(partial, self.group))
+
+
+def setup(model, size: int):
+    """Patch transformers' attention for Ulysses over groups of ``size`` consecutive ranks.
+
+    Returns (``mpu`` for ``deepspeed.initialize``, :class:`SequenceParallel`), or (None, None) for
+    ``size`` 1. Call on every rank after the process group exists and before the first forward."""
+    if size == 1:
+        return None, None
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if attn == "sdpa":
+        # Ulysses captures the core attention registered under this name; ours rebuilds the masks.
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = document_sdpa(ALL_ATTENTION_FUNCTIONS["sdpa"])
+    # disable_in_eval: evaluation runs each rank's own eval pairs whole, without the group.
+    # micro_batch_size 1: forward_logps lays each rank's part of a micro-batch out as one row.
+    mpu = UlyssesSPAttentionHF.register_with_transformers(model, attn, size, 1, seq_length_is_variable=True,
+                                                          disable_in_eval=True)
+    return mpu, SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group())

@@ -244,6 +244,10 @@ class TrainConfig:
     """ZeRO offload of optimizer states (and the update) to CPU memory; stage 1 to 3."""
     offload_params: bool = False
     """ZeRO-3 offload of the parameters themselves to CPU memory."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each micro-batch's sequences (DeepSpeed Ulysses): each computes 1/N of the
+    tokens, attention exchanges heads for sequence (all-to-all). Must divide ``num_workers``; data
+    parallelism is ``num_workers / sequence_parallel_size``. Needs ``sdpa`` or flash attention."""
     padding_free: bool = False
     """Pack each micro-batch's sequences into rows as wide as its longest sequence (first-fit
     decreasing; position ids restart per sequence, attention kept within it), so the linear layers

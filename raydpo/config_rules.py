@@ -98,9 +98,21 @@ def validate(cfg: "Config") -> None:
          "reference.mode=streaming trains on pairs in the order the pool scores them, which a restart cannot "
          "replay: checkpoints and recovery (train.checkpoint_every, train.max_failures) need reference.mode=precompute"),
         (cfg.logging.progress_every_s >= 0, "logging.progress_every_s must be >= 0"),
+        (cfg.model.logits_chunk_tokens is None or cfg.model.logits_chunk_tokens >= 0,
+         "model.logits_chunk_tokens must be >= 0 (0: full logits) or unset (automatic)"),
+        *sequence_parallel_checks(cfg),
         (len(set(cfg.logging.backends)) == len(cfg.logging.backends), "logging.backends lists a tracker twice"),
     ]
     _raise_first(checks)
+
+
+def sequence_parallel_checks(cfg: "Config") -> list[tuple[bool, str]]:
+    """``train.sequence_parallel_size`` against the other settings (the model's heads: preflight)."""
+    from raydpo.train.sequence_parallel import sp_issue
+
+    t = cfg.train
+    issue = sp_issue(t.sequence_parallel_size, t.num_workers, cfg.model.attn_implementation, cfg.reference.mode == "streaming")
+    return [(issue is None, issue or "")]
 
 
 def loss_names(loss: LossConfig) -> list[str]:

@@ -74,19 +74,52 @@ def captured_hidden(head: torch.nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
-def head_logps(head: Callable, transform: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def partitioned(head: torch.nn.Module) -> bool:
+    """Whether ``head``'s weights are ZeRO-3 partitioned: each call of it is then a collective
+    gather, and every rank must call it equally often."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def chunk_count(n: int, chunk: int, collective: bool) -> int:
+    """Head calls for ``n`` positions; with ``collective`` the most over all ranks (a rank with fewer
+    scored positions makes empty calls, so ZeRO-3's gathers match up)."""
+    count = max(1, -(-n // chunk))
+    if not collective:
+        return count
+    import torch.distributed as dist
+
+    total = torch.tensor([count], dtype=torch.long)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())
+
+
+def recomputable(head: torch.nn.Module) -> bool:
+    """Whether a chunk's logits can be recomputed in backward. Not for a frozen ZeRO-3 head (LoRA's
+    lm_head under ZeRO-3): ZeRO-3 gathers a module's weights for backward only when they train, so
+    the recomputation would meet the empty partition; those chunks keep their logits instead (still
+    only the scored positions')."""
+    return not partitioned(head) or any(p.requires_grad for p in head.parameters())
+
+
+def head_logps(head: torch.nn.Module, transform: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
+               count: int | None = None) -> torch.Tensor:
     """log p(target) at each scored position.
 
     hidden: [N, H] (model dtype) final hidden states of the predicting positions; targets: [N] token
-    ids -> [N] float32. ``chunk`` positions per head call; with gradients and more than one chunk, each
-    chunk's logits are recomputed in backward (one chunk's logits alive at a time)."""
+    ids -> [N] float32. ``chunk`` positions per head call, in ``count`` calls (default: as many as
+    needed; more give empty calls); with gradients and more than one call, each chunk's logits are
+    recomputed in backward (one chunk's logits alive at a time)."""
     def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = transform(head(h).float())  # [n, V]
         # gather - logsumexp: no second [n, V] log-softmax tensor.
         return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    chunks = list(zip(hidden.split(chunk), targets.split(chunk))) or [(hidden, targets)]
-    if len(chunks) == 1 or not (torch.is_grad_enabled() and hidden.requires_grad):
+    count = count or max(1, -(-hidden.shape[0] // chunk))
+    bounds = [min(i * chunk, hidden.shape[0]) for i in range(count)] + [hidden.shape[0]]
+    chunks = [(hidden[a:b], targets[a:b]) for a, b in zip(bounds, bounds[1:])]
+    if count == 1 or not (torch.is_grad_enabled() and hidden.requires_grad) or not recomputable(head):
         return torch.cat([piece(h, y) for h, y in chunks])
     return torch.cat([checkpoint(piece, h, y, use_reentrant=False) for h, y in chunks])
 
@@ -128,4 +161,5 @@ def chunked_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor
         check_transform(head, transform, hidden[..., -1:, :], out.logits, config)
         head._raydpo_transform_checked = True
     size = chunk or auto_chunk(int(out.logits.shape[-1]))
-    return head_logps(head, transform, hidden[rows, cols], targets, size)
+    count = chunk_count(rows.shape[0], size, partitioned(head))
+    return head_logps(head, transform, hidden[rows, cols], targets, size, count)

@@ -18,7 +18,8 @@ def deepspeed_config(t: TrainConfig, dtype: str) -> dict:
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * t.num_workers,
+        # Ranks of a sequence-parallel group share each micro-batch.
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * (t.num_workers // t.sequence_parallel_size),
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
         # A torch AdamW may be passed in: DeepSpeed's fused Adam needs CUDA and its CPU Adam offload.
@@ -49,18 +50,20 @@ def build_scheduler(optimizer, t: TrainConfig, total_steps: int):
     return get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
 
 
-def build_engine(model, t: TrainConfig, dtype: str, total_steps: int):
+def build_engine(model, t: TrainConfig, dtype: str, total_steps: int, mpu=None):
     """Wrap ``model`` in a DeepSpeed engine (joining the process group Ray Train already set up).
 
-    Only parameters that require grad (all, or the LoRA adapters) are optimized."""
+    Only parameters that require grad (all, or the LoRA adapters) are optimized. ``mpu``: the
+    sequence-parallel groups (:func:`raydpo.train.sequence_parallel.setup`); DeepSpeed then reduces
+    gradients over data and sequence ranks and averages over the data-parallel ones."""
     import deepspeed
 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype), mpu=mpu
     )
-    if t.zero_stage == 0 and engine.dp_world_size == 1:
+    if t.zero_stage == 0 and engine.seq_dp_world_size == 1:
         # A lone data-parallel rank has nothing to all-reduce, but DeepSpeed would still flatten every
         # gradient into buckets, all-reduce them over the process group and copy them back each step.
         engine.enable_backward_allreduce = False

@@ -36,23 +36,28 @@ def _add(acc: dict, new: dict) -> dict:
     return {k: acc.get(k, 0.0) + v for k, v in new.items()}
 
 
-def step_metrics(engine, batch: dict, loss_cfg) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Loss (mean over pairs), metric sums and the policy's sequence log-probs ([2B]: chosen then
-    rejected) of one micro-batch. batch from ``collate_rows``; ``loss_cfg`` the ``loss`` section."""
+    rejected) of one micro-batch. batch from ``collate_rows``; ``loss_cfg`` the ``loss`` section;
+    ``chunk_tokens`` ``model.logits_chunk_tokens``; ``shard`` this rank's sequence-parallel part."""
     from raydpo.logprobs import forward_logps
     from raydpo.losses import preference_loss
 
-    logps = forward_logps(engine, batch)
+    logps = forward_logps(engine, batch, chunk_tokens, shard)
     ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"]) if "ref_chosen_logps" in batch else None
     _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg)
     # Real tokens: padding-free rows' fillers carry sequence id 2B and are not counted.
     sums["tokens"] = (batch["attention_mask"].sum() if "attention_mask" in batch
                       else (batch["sequence_ids"] < logps.shape[0]).sum()).float()
+    if shard is not None and shard.rank:  # the group's ranks hold the same pairs: counted once
+        sums = {k: v * 0 for k, v in sums.items()}
     return losses.mean(), sums, logps
 
 
-def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False) -> dict[str, float]:
-    """Metric means over this worker's whole eval shard, reduced over all workers."""
+def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False,
+             chunk_tokens=None) -> dict[str, float]:
+    """Metric means over this worker's whole eval shard, reduced over all workers (each its own
+    pairs, whole: sequence parallelism is off in eval)."""
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
 
@@ -60,7 +65,8 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool =
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
-            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row), engine.device), loss_cfg)
+            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row), engine.device),
+                                   loss_cfg, chunk_tokens)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
@@ -101,6 +107,7 @@ class MetricsLog:
 
 
 def _epoch_source(config: dict, rank: int, t):
+    # rank: this worker's data-parallel rank (its sequence-parallel group's).
     """epoch -> that epoch's micro-batches (numpy column dicts) for this worker.
 
     From this worker's in-memory split in a replayable order (``config["train_splits"]``), or from
@@ -128,7 +135,8 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
-    from raydpo.train.policy import build_policy, trainable_summary
+    from raydpo.train.policy import activations, build_policy, trainable_summary
+    from raydpo.train.sequence_parallel import setup as setup_sp
     from raydpo.trackers import Trackers
 
     cfg = from_dict(config["cfg"])
@@ -143,9 +151,12 @@ def train_loop_per_worker(config: dict) -> None:
     device = f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu"
     if device == "cpu":  # compute on the CPUs this worker reserved, whatever torch guessed at import
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    model = build_policy(cfg.model, config["model_path"], device)
+    model = build_policy(cfg.model, config["model_path"], device, sequence_parallel=t.sequence_parallel_size > 1)
     params = trainable_summary(model)
-    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
+    mpu, sp = setup_sp(model, t.sequence_parallel_size, t.zero_stage)
+    shard = sp.shard() if sp else None
+    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"], mpu)
+    chunk = cfg.model.logits_chunk_tokens
     # from_pretrained returns eval mode; training must run in train mode even with no eval split
     # (gradient checkpointing and any dropout kept on act only there).
     engine.train()
@@ -153,13 +164,13 @@ def train_loop_per_worker(config: dict) -> None:
         _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
     eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None
     metrics_path = os.path.join(config["output_dir"], "metrics.jsonl")
-    epoch_batches = _epoch_source(config, rank, t)
+    epoch_batches = _epoch_source(config, rank // t.sequence_parallel_size, t)
     per_epoch = config["steps_per_epoch"] * t.gradient_accumulation_steps
 
     def run_eval(step: int) -> dict:
         if eval_shard is None:
             return {}
-        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row),
+        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row, chunk),
                "time": time.time()}
         log.write(row)
         return row
@@ -186,7 +197,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if step >= config["total_steps"] or micro >= per_epoch:
                     continue  # drain the epoch so every shard iterator finishes together
                 batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free, one_row=one_row), engine.device)
-                loss, s, logps = step_metrics(engine, batch, loss_cfg)
+                with activations(cfg.model, engine.device):
+                    loss, s, logps = step_metrics(engine, batch, loss_cfg, chunk, shard)
                 if guard_pending:  # before the first update the policy is the reference
                     cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
                     drift = token_drift(logps, cached, batch["completion_tokens"])

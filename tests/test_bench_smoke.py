@@ -84,3 +84,16 @@ def test_tracker_overhead_benchmark_smoke():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["tensorboard"], ["mlflow"], ["wandb"])]
     assert [r[0] for r in rows] == ["tensorboard", "mlflow", "wandb"] and all(float(r[2]) > 0 for r in rows)
+
+
+def test_gpu_check_smoke():
+    """bench/gpu_check.py (run as is on a GPU machine) works on CPU at tiny sizes, and its checks hold."""
+    import json
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["padded_vs_padding_free_max_abs"] < 1e-4
+    assert result["bf16_chunked_vs_full_per_token"] < 1e-2
+    assert result["chunked"]["step_s"] > 0 and result["full_logits"]["step_s"] > 0

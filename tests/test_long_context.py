@@ -122,15 +122,62 @@ def run_ranks(world: int, sp: int, model_dir: str, out: str, zero: int, layout: 
     return torch.load(out)
 
 
-@pytest.mark.parametrize("zero,layout,lora", [(0, "padded", 0), (2, "padding_free", 1), (3, "padding_free", 0)])
-def test_sequence_parallel_trains_to_the_same_weights(family_dirs, tmp_path, zero, layout, lora):
+@pytest.mark.parametrize("family,zero,layout,lora", [("llama", 0, "padded", 0), ("llama", 2, "padding_free", 1),
+                                                     ("llama", 3, "padding_free", 0), ("gemma2", 1, "padded", 0)])
+def test_sequence_parallel_trains_to_the_same_weights(family_dirs, tmp_path, family, zero, layout, lora):
     """SP=2 on 2 ranks against 1 rank: the same loss at every step and the same weights after 3 SGD
-    steps (gradient checkpointing on; LoRA on one case; a gradient off by any factor would show)."""
-    one = run_ranks(1, 1, family_dirs["llama"], str(tmp_path / "sp1.pt"), zero, layout, lora)
-    two = run_ranks(2, 2, family_dirs["llama"], str(tmp_path / "sp2.pt"), zero, layout, lora)
+    steps (gradient checkpointing on; LoRA on one case; Gemma 2's 24-token windows on rows of up to
+    ~85 tokens; a gradient off by any factor would show)."""
+    one = run_ranks(1, 1, family_dirs[family], str(tmp_path / "sp1.pt"), zero, layout, lora)
+    two = run_ranks(2, 2, family_dirs[family], str(tmp_path / "sp2.pt"), zero, layout, lora)
     assert len(one["losses"]) == 3
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5)
     moved = max((one["state"][k] - one["initial"][k]).abs().max().item() for k in one["state"])
     assert moved > 1e-3  # the steps really changed the weights
     for k, w in one["state"].items():
         torch.testing.assert_close(two["state"][k], w, rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_a_16k_pair_goes_through_tokenization_reference_and_sequence_parallel_training(ray_cluster, synthetic_dir, tmp_path):
+    """One pair of 16k+ tokens among short ones, end to end on the embedded cluster: tokenized (no
+    truncation at data.max_length 20,000), scored by the reference pool alone in its batch (token
+    budget 4,096, over its 4,096-token packed-row limit), trained by 2 workers in one sequence-parallel
+    group. The step-0 guard compares the SP policy's log-probs with the actor's on the long pair
+    (the seed puts it first): they agree to float32 rounding."""
+    import json
+
+    import numpy as np
+
+    from raydpo.config import from_dict
+    from raydpo.pipeline import run
+    from raydpo.synthetic import WORDS
+    from raydpo.tiny import TinyModelSpec, write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", TinyModelSpec(max_position_embeddings=32768))
+    short = [json.loads(line) for line in open(f"{synthetic_dir}/train.jsonl").readlines()[:3]]
+    words = lambda n, k: " " + " ".join(WORDS[(i * k) % len(WORDS)] for i in range(n))  # noqa: E731
+    long = {"prompt": "Count on from window:" + words(12_000, 7), "chosen": words(2_500, 3), "rejected": words(2_000, 5)}
+    rows = [long] + short
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The seed whose epoch order puts the long pair (row 0) first, so the guard checks it.
+    seed = next(s for s in range(100) if np.random.default_rng([s, 0]).permutation(len(rows))[0] == 0)
+    cfg = from_dict({
+        "model": {"name_or_path": model_dir},
+        "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 4, "max_tokens_per_batch": 4096},
+        "data": {"train": str(data), "max_length": 20_000, "num_workers": 1},
+        "train": {"num_workers": 2, "sequence_parallel_size": 2, "zero_stage": 2, "micro_batch_size": 1,
+                  "gradient_accumulation_steps": 2, "learning_rate": 1e-4, "seed": seed},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    result = run(cfg)
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["counts_add_up"] and summary["rows_used"] == 4 and summary["steps"] == 2, summary
+    guard = json.load(open(tmp_path / "run" / "guard.json"))
+    assert guard["ok"] and guard["max_token_drift"] < 1e-4, guard
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert len(steps) == 2 and all(np.isfinite(s["loss"]) for s in steps)
+    # The first step holds the long pair: its real tokens (both sequences) are counted once.
+    assert steps[0]["tokens_per_s"] * steps[0]["step_time_s"] > 2 * 14_000
+    assert result is not None

@@ -23,15 +23,15 @@ class SequenceShard:
     """Sums per-sequence partial log-probs [S] over the sequence-parallel group (differentiable)."""
 
 
-def one_row(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``position_ids`` [R, W] laid end to end as [1, R * W], right-padded (position
-    0) to a multiple of ``multiple``. Each row starts at position 0, so the rows stay separate
-    sequences for attention that reads sequence starts from the positions (Ulysses' core attention)."""
-    out = {}
-    for key in ("input_ids", "position_ids"):
-        flat = batch[key].reshape(1, -1)
-        out[key] = torch.nn.functional.pad(flat, (0, -flat.shape[1] % multiple))
-    return out
+def sp_layout(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``position_ids`` as the sequence-parallel group computes them, right-padded
+    (position 0) to a width that is a multiple of ``multiple``: a padded batch keeps its [2B, T] rows
+    (a fixed row count, as Ulysses needs); padding-free rows [R, W], R varying, are laid end to end as
+    [1, R * W] (each starts at position 0, so they stay separate sequences for attention that reads
+    sequence starts from the positions)."""
+    flat = "sequence_ids" in batch
+    return {key: torch.nn.functional.pad(v, (0, -v.shape[1] % multiple))
+            for key, v in ((k, batch[k].reshape(1, -1) if flat else batch[k]) for k in ("input_ids", "position_ids"))}
 
 
 def scored_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -66,7 +66,7 @@ def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[
     ``chunk_tokens`` (``model.logits_chunk_tokens``): None scores the completion positions through the
     output head in automatically sized chunks (:mod:`raydpo.logprobs.chunked`), N > 0 in chunks of N,
     0 from the model's full ``[B, T, V]`` logits. With ``shard`` the model sees only columns
-    its part of the batch laid out as one row (:func:`one_row`; masks are left to the SP attention)
+    its columns of the batch as the group lays it out (:func:`sp_layout`; masks are left to the SP attention)
     and the per-sequence sums are reduced over the group, so every rank returns the whole batch's
     log-probs.
     """
@@ -75,13 +75,15 @@ def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
               "attention_mask": None if packed else batch["attention_mask"], "use_cache": False}
     if shard:
-        flat = one_row(batch, shard.size)
-        width = flat["input_ids"].shape[1] // shard.size
+        layout = sp_layout(batch, shard.size)
+        width = layout["input_ids"].shape[1] // shard.size
         lo = shard.rank * width
-        inputs = {k: v[:, lo:lo + width] for k, v in flat.items()} | {"attention_mask": None, "use_cache": False}
-        cols = rows * batch["input_ids"].shape[1] + cols - lo
+        inputs = {k: v[:, lo:lo + width] for k, v in layout.items()} | {"attention_mask": None, "use_cache": False}
+        if packed:  # rows end to end: position (r, c) is column r * W + c of the one row
+            rows, cols = torch.zeros_like(rows), rows * batch["input_ids"].shape[1] + cols
+        cols = cols - lo
         keep = (cols >= 0) & (cols < width)
-        rows, cols, targets, seq = torch.zeros_like(rows[keep]), cols[keep], targets[keep], seq[keep]
+        rows, cols, targets, seq = rows[keep], cols[keep], targets[keep], seq[keep]
     token = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens)
     if token is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
         logits = model(**inputs).logits

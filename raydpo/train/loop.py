@@ -153,7 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     model = build_policy(cfg.model, config["model_path"], device, sequence_parallel=t.sequence_parallel_size > 1)
     params = trainable_summary(model)
-    mpu, sp = setup_sp(model, t.sequence_parallel_size, t.zero_stage)
+    mpu, sp = setup_sp(model, t.sequence_parallel_size, t.zero_stage, 1 if t.padding_free else 2 * t.micro_batch_size)
     shard = sp.shard() if sp else None
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"], mpu)
     chunk = cfg.model.logits_chunk_tokens

@@ -53,25 +53,33 @@ def sp_issue(sp: int, num_workers: int, attn_implementation: Optional[str], stre
     return None
 
 
+def sequence_mask(pos: torch.Tensor, window: Optional[int]) -> Optional[torch.Tensor]:
+    """The attention a batch's position ids [B, T] imply, as a boolean [B, 1, T, T] mask (True:
+    visible): causal, within the query's sequence (one starts where positions do not increase) and,
+    with ``window``, within it. None where plain causal attention is already exact: no sequence
+    starts after another in a row (a pad at position 0 followed by 1 would be one) and no window
+    shorter than the row, so sdpa keeps its memory-efficient causal kernels for padded batches."""
+    t = pos.shape[1]
+    restarts = bool(((pos[:, 1:-1] == 0) & (pos[:, 2:] == 1)).any()) if t > 2 else False
+    if not restarts and not (window and t > window):
+        return None
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] <= pos[:, :-1]
+    doc = starts.long().cumsum(-1)  # [B, T]
+    allowed = torch.ones(t, t, dtype=torch.bool, device=pos.device).tril() & (doc[:, None, :, None] == doc[:, None, None, :])
+    if window:
+        allowed = allowed & ((pos[:, None, :, None] - pos[:, None, None, :]) < window)
+    return allowed
+
+
 def document_sdpa(sdpa):
-    """transformers' sdpa attention, with the mask rebuilt from the (gathered) position ids when
-    none is given: a key is visible if causal, in the query's sequence (a sequence starts where
-    positions do not increase) and, on a sliding-window layer, within the window."""
+    """transformers' sdpa attention, given the mask :func:`sequence_mask` rebuilds from the
+    (gathered) position ids when the model's own was dropped."""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         pos = kwargs.get("position_ids")
         if attention_mask is None and pos is not None and query.shape[2] > 1:
-            pos = pos.to(query.device)
-            starts = torch.ones_like(pos, dtype=torch.bool)
-            starts[:, 1:] = pos[:, 1:] <= pos[:, :-1]
-            doc = starts.long().cumsum(-1)  # [B, T]
-            t = pos.shape[1]
-            allowed = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
-            allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])
-            window = getattr(module, "sliding_window", None)
-            if window:
-                allowed = allowed & ((pos[:, None, :, None] - pos[:, None, None, :]) < window)
-            attention_mask = allowed  # [B, 1, T, T]
+            attention_mask = sequence_mask(pos.to(query.device), getattr(module, "sliding_window", None))
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attention
@@ -120,9 +128,11 @@ class SequenceParallel:
         return SequenceShard(self.size, self.rank, lambda partial: SumOverGroup.apply(partial, self.group, self.scale))
 
 
-def setup(model, size: int, zero_stage: int):
+def setup(model, size: int, zero_stage: int, rows: int):
     """Patch transformers' attention for Ulysses over groups of ``size`` consecutive ranks (the
-    policy trained with DeepSpeed ZeRO ``zero_stage``).
+    policy trained with DeepSpeed ZeRO ``zero_stage``, ``rows`` rows per forward: 2 x the micro-batch
+    of pairs for padded batches, 1 for padding-free ones, see
+    :func:`raydpo.logprobs.forward.sp_layout`).
 
     Returns (``mpu`` for ``deepspeed.initialize``, :class:`SequenceParallel`), or (None, None) for
     ``size`` 1. Call on every rank after the process group exists and before the first forward."""
@@ -138,8 +148,7 @@ def setup(model, size: int, zero_stage: int):
         # Ulysses captures the core attention registered under this name; ours rebuilds the masks.
         ALL_ATTENTION_FUNCTIONS["sdpa"] = document_sdpa(ALL_ATTENTION_FUNCTIONS["sdpa"])
     # disable_in_eval: evaluation runs each rank's own eval pairs whole, without the group.
-    # micro_batch_size 1: forward_logps lays each rank's part of a micro-batch out as one row.
-    mpu = UlyssesSPAttentionHF.register_with_transformers(model, attn, size, 1, seq_length_is_variable=True,
+    mpu = UlyssesSPAttentionHF.register_with_transformers(model, attn, size, rows, seq_length_is_variable=True,
                                                           disable_in_eval=True)
     return mpu, SequenceParallel(size, mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_group(),
                                  grad_scale(size, zero_stage))

@@ -70,7 +70,7 @@ class ModelConfig:
     """Scored positions per ``lm_head`` chunk in the log-probs of the trainer, the ``hf`` reference
     actors and ``raydpo.DPO``: only completion positions go through the head, a chunk at a time,
     recomputed in backward, so no ``[T, vocab]`` logits tensor exists. None: automatic, as many
-    positions as keep one chunk's float32 logits within 256 MiB (441 at a 152k vocabulary); 0: the
+    positions as keep one chunk's float32 logits within 128 MiB (220 at a 152k vocabulary); 0: the
     model's full logits (the memory of TRL's path)."""
     disable_dropout: bool = True
     """Set every dropout probability to 0, as TRL does: DPO compares log-probs with the reference's,

@@ -97,3 +97,16 @@ def test_gpu_check_smoke():
     assert result["padded_vs_padding_free_max_abs"] < 1e-4
     assert result["bf16_chunked_vs_full_per_token"] < 1e-2
     assert result["chunked"]["step_s"] > 0 and result["full_logits"]["step_s"] > 0
+
+
+@pytest.mark.slow
+def test_long_context_benchmark_smoke():
+    """bench/long_context.py at a tiny size (BENCH_VOCAB): every implementation, TRL's included, runs one step."""
+    import json
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "long_context.py"), "--tokens", "64"], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "BENCH_VOCAB": "512"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads(out.stdout[out.stdout.index('{\n'):])["runs"]
+    assert [r["impl"] for r in runs] == ["raydpo", "raydpo-full", "trl"]
+    assert all(r["peak_mib"] > 0 and r["step_s"] > 0 for r in runs), runs

@@ -32,15 +32,17 @@ from torch.utils.checkpoint import checkpoint
 
 from raydpo.families.rules import logit_transform
 
-#: float32 logits of one chunk are kept at most this many elements (256 MiB) by the automatic size.
-AUTO_CHUNK_ELEMENTS = 1 << 26
+#: float32 logits of one chunk are kept at most this many elements (128 MiB) by the automatic size;
+#: at a 152k vocabulary 256 MiB chunks made a 4k-token step's peak 1.67 GB, 128 MiB ones 1.15 GB, at
+#: the same speed (bench/long_context.py).
+AUTO_CHUNK_ELEMENTS = 1 << 25
 #: Bounds of the automatic chunk, in positions.
 AUTO_CHUNK_MIN, AUTO_CHUNK_MAX = 128, 1 << 16
 
 
 def auto_chunk(vocab_size: int) -> int:
     """Scored positions per head chunk when ``model.logits_chunk_tokens`` is unset: as many as keep a
-    chunk's float32 logits within :data:`AUTO_CHUNK_ELEMENTS` (441 at a 152k vocabulary, 32,768 at 2k)."""
+    chunk's float32 logits within :data:`AUTO_CHUNK_ELEMENTS` (220 at a 152k vocabulary, 16,384 at 2k)."""
     return max(AUTO_CHUNK_MIN, min(AUTO_CHUNK_MAX, AUTO_CHUNK_ELEMENTS // max(1, vocab_size)))
 
 

@@ -2,18 +2,19 @@
 
 ``train.sequence_parallel_size`` = P groups consecutive ranks by P. The P ranks of a group read the
 same data split and collate the same micro-batch; each runs the model on its 1/P of the columns
-(embeddings, MLPs, norms and the chunked output head see T/P tokens), and DeepSpeed's
-``UlyssesSPAttentionHF`` exchanges heads for sequence around each attention (all-to-all), so
-attention sees the whole sequence for H/P heads. Each rank sums its scored positions per sequence;
-the sums are added over the group (:func:`sum_over_group`), so every rank holds the batch's full
-log-probs and the same loss. DeepSpeed reduces gradients over all ranks and divides by the data-
-parallel size W/P (``mpu`` from ``parallel_state_sp``), which adds the P partial gradients.
+(:func:`raydpo.logprobs.forward.sp_layout`: a padded batch's rows as they are, padding-free rows end
+to end in one row), so embeddings, MLPs, norms and the chunked output head see T/P tokens, and
+DeepSpeed's ``UlyssesSPAttentionHF`` exchanges heads for sequence around each attention
+(all-to-all), so attention sees the whole sequence for H/P heads. Each rank sums its scored
+positions per sequence; the sums are added over the group (:class:`SumOverGroup`), so every rank
+holds the batch's full log-probs and the same loss. DeepSpeed reduces gradients over all ranks
+(``mpu`` from ``parallel_state_sp``), which adds the P partial gradients (:func:`grad_scale`).
 
 Masks: Ulysses drops the model's attention mask (built for T/P columns) and runs the core attention
 causally over the gathered sequence. For ``sdpa``, raydpo's core attention (:func:`document_sdpa`)
-rebuilds what the mask said from the gathered position ids: padding-free rows' sequences (positions
-restart), padding (position 0 on each pad) and sliding windows. Flash attention reads packed
-sequences from the position ids itself.
+rebuilds what the mask said from the gathered position ids where causal attention is not enough
+(:func:`sequence_mask`): padding-free rows' sequences (positions restart) and sliding windows
+shorter than the row. Flash attention reads packed sequences from the position ids itself.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def test_sequence_parallel_run_recovers_a_killed_worker_to_the_same_model(ray_cl
                 "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 64},
                 "data": {"train": f"{synthetic_dir}/train.jsonl", "max_length": 64},
                 "train": {"num_workers": 2, "sequence_parallel_size": 2, "zero_stage": 2, "micro_batch_size": 8,
-                          "learning_rate": 1e-3, "max_steps": 4, "checkpoint_every": 2, "max_failures": 1, "seed": 0,
+                          "learning_rate": 1e-3, "max_steps": 6, "checkpoint_every": 2, "max_failures": 1, "seed": 0,
                           "padding_free": True},
                 "output": {"dir": str(tmp_path / name)}}
 
@@ -214,7 +214,8 @@ def test_sequence_parallel_run_recovers_a_killed_worker_to_the_same_model(ray_cl
     thread = threading.Thread(target=lambda: outcome.update(r=run(from_dict(raw("killed")))))
     thread.start()
     deadline = time.time() + 300
-    while not ((tmp_path / "killed" / "metrics.jsonl").exists() and any(s >= 3 for s, _ in losses("killed"))):
+    # Step 5: the checkpoint of step 2 is registered by then (that of step 4 may still be in flight).
+    while not ((tmp_path / "killed" / "metrics.jsonl").exists() and any(s >= 5 for s, _ in losses("killed"))):
         assert time.time() < deadline
         time.sleep(0.02)
     killed = json.load(open(tmp_path / "killed" / "workers" / "rank1.json"))["pid"]
@@ -222,9 +223,9 @@ def test_sequence_parallel_run_recovers_a_killed_worker_to_the_same_model(ray_cl
     thread.join(timeout=600)
     assert "r" in outcome, "the run did not recover"
     now = json.load(open(tmp_path / "killed" / "workers" / "rank1.json"))
-    assert now["pid"] != killed and now["start_step"] >= 2
+    assert now["pid"] != killed and now["start_step"] in (2, 4)
     got, want = losses("killed"), losses("whole")
-    assert [s for s, _ in got] == list(range(1, 5)) and [s for s, _ in want] == list(range(1, 5))
+    assert [s for s, _ in got] == list(range(1, 7)) and [s for s, _ in want] == list(range(1, 7))
     assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) < 1e-5
     w = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "model").state_dict()
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model").state_dict()

@@ -5,7 +5,7 @@ Torch-free, so that loading and checking a config stays instant.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from raydpo.schema import ConfigError
 
@@ -106,12 +106,43 @@ def validate(cfg: "Config") -> None:
     _raise_first(checks)
 
 
+#: Core attention implementations the Ulysses wrapper can patch (DeepSpeed 0.19 refuses eager).
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def sequence_parallel_issue(sp: int, num_workers: int, attn_implementation: Optional[str], streaming: bool,
+                            config=None) -> Optional[str]:
+    """Why ``train.sequence_parallel_size`` = ``sp`` cannot run with these settings, or None."""
+    if sp < 1:
+        return f"train.sequence_parallel_size must be 1 or more, got {sp}"
+    if sp == 1:
+        return None
+    if num_workers % sp:
+        divisors = [d for d in range(1, num_workers + 1) if num_workers % d == 0]
+        return (f"train.sequence_parallel_size {sp} does not divide train.num_workers {num_workers}; allowed: "
+                f"{', '.join(map(str, divisors))}")
+    if attn_implementation is not None and attn_implementation not in SP_ATTENTION:
+        return (f"model.attn_implementation {attn_implementation!r} cannot be patched for sequence parallelism; "
+                f"allowed: {', '.join(SP_ATTENTION)} (or unset: sdpa)")
+    if streaming:
+        return "train.sequence_parallel_size > 1 needs reference.mode precompute (every rank of a group reads the same split)"
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = getattr(text, "num_attention_heads", None)
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        if heads is None:
+            return f"model_type {getattr(text, 'model_type', '?')!r} has no num_attention_heads for Ulysses to split"
+        if heads % sp or not (kv % sp == 0 or sp % kv == 0):
+            return (f"train.sequence_parallel_size {sp} must divide the model's {heads} attention heads, and divide or "
+                    f"be a multiple of its {kv} key/value heads")
+    return None
+
+
 def sequence_parallel_checks(cfg: "Config") -> list[tuple[bool, str]]:
     """``train.sequence_parallel_size`` against the other settings (the model's heads: preflight)."""
-    from raydpo.train.sequence_parallel import sp_issue
-
     t = cfg.train
-    issue = sp_issue(t.sequence_parallel_size, t.num_workers, cfg.model.attn_implementation, cfg.reference.mode == "streaming")
+    issue = sequence_parallel_issue(t.sequence_parallel_size, t.num_workers, cfg.model.attn_implementation,
+                                    cfg.reference.mode == "streaming")
     return [(issue is None, issue or "")]
 
 

@@ -31,6 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from raydpo.families.rules import logit_transform
+from raydpo.logprobs.full import target_logps
 
 #: float32 logits of one chunk are kept at most this many elements (128 MiB) by the automatic size;
 #: at a 152k vocabulary 256 MiB chunks made a 4k-token step's peak 1.67 GB, 128 MiB ones 1.15 GB, at
@@ -114,9 +115,7 @@ def head_logps(head: torch.nn.Module, transform: Callable, hidden: torch.Tensor,
     needed; more give empty calls); with gradients and more than one call, each chunk's logits are
     recomputed in backward (one chunk's logits alive at a time)."""
     def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = transform(head(h).float())  # [n, V]
-        # gather - logsumexp: no second [n, V] log-softmax tensor.
-        return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return target_logps(transform(head(h).float()), y)  # via [n, V] logits
 
     count = count or max(1, -(-hidden.shape[0] // chunk))
     bounds = [min(i * chunk, hidden.shape[0]) for i in range(count)] + [hidden.shape[0]]

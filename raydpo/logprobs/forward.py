@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from raydpo.logprobs.chunked import chunked_token_logps
-from raydpo.logprobs.full import token_logps
+from raydpo.logprobs.full import target_logps, token_logps
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,7 @@ def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[
     if token is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
         logits = model(**inputs).logits
         if shard:
-            picked = logits[rows, cols].float()  # [N, V]
-            token = picked.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+            token = target_logps(logits[rows, cols], targets)  # via [N, V]
         else:
             per_token = token_logps(logits, batch["input_ids"]) * batch["completion_mask"][:, 1:].float()  # [., T-1]
             if not packed:

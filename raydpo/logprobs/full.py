@@ -20,15 +20,20 @@ def scored_tokens(completion_mask: torch.Tensor) -> torch.Tensor:
     return completion_mask[:, 1:].sum(-1).float()
 
 
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log-softmax of ``logits`` [..., V] (any dtype) at ``targets`` [...] -> [...] float32.
+
+    gather - logsumexp avoids materialising a second [..., V] float32 log-softmax tensor."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
 
     logits: [B, T, V] (any dtype), input_ids: [B, T] -> [B, T-1] float32.
     """
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    # gather - logsumexp avoids materialising a second [B, T, V] float32 log-softmax tensor.
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return target_logps(logits[:, :-1], input_ids[:, 1:])
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ def packed_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None
     full logits)."""
     from raydpo.logprobs.chunked import chunked_token_logps
     from raydpo.logprobs.forward import sum_by_sequence
+    from raydpo.logprobs.full import target_logps
 
     ids = batch["input_ids"]
     # An additive float mask: sdpa takes it as well as a boolean one, and eager attention only this.
@@ -80,7 +81,6 @@ def packed_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None
     rows, cols, targets, seq = packed_positions(batch)
     token = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens)
     if token is None:
-        logps = torch.log_softmax(model(**inputs).logits.float(), dim=-1)  # [B, T, V]
-        token = logps[rows, cols, targets]
+        token = target_logps(model(**inputs).logits[rows, cols], targets)  # via [N, V]
     sums = sum_by_sequence(token, seq, 2 * ids.shape[0]).view(-1, 2)
     return sums[:, 0], sums[:, 1]

@@ -118,7 +118,7 @@ def model_type(model_path: str) -> str | None:
 def check_family(cfg: Config, model_path: str) -> None:
     """Settings a model family cannot serve exactly (:mod:`raydpo.families.rules`), refused up front."""
     from raydpo.families.rules import padding_free_issue
-    from raydpo.train.sequence_parallel import sp_issue
+    from raydpo.config_rules import sequence_parallel_issue
 
     issue = padding_free_issue(model_type(model_path)) if cfg.train.padding_free else None
     if issue is None and cfg.train.sequence_parallel_size > 1:
@@ -126,7 +126,7 @@ def check_family(cfg: Config, model_path: str) -> None:
 
         t = cfg.train
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        issue = sp_issue(t.sequence_parallel_size, t.num_workers, cfg.model.attn_implementation,
+        issue = sequence_parallel_issue(t.sequence_parallel_size, t.num_workers, cfg.model.attn_implementation,
                          cfg.reference.mode == "streaming", config)
     if issue:
         raise ValueError(issue)

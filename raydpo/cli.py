@@ -38,6 +38,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_online(args) -> int:
+    from raydpo.online.run import run_online
+
+    result = run_online(_load(args), force=args.force)
+    s = result.summary
+    if result.status == "finished":
+        print(f"[raydpo] {result.output_dir} already holds a finished online run ({s.get('rounds')} rounds); nothing to do "
+              "(--force runs it again from the start)")
+        return 0
+    print(f"[raydpo] done: {s['rounds']} rounds, {s['steps']} steps, {s['pairs']} pairs from {s['samples']} samples "
+          f"({s['ties']} ties, {s['judge_failures']} judge failures)"
+          + (f", held-out reward {s['initial_eval_reward']:.3f} -> {s['final_eval_reward']:.3f}"
+             if s.get("initial_eval_reward") is not None and s.get("final_eval_reward") is not None else ""))
+    print(f"[raydpo] model: {result.model_path}")
+    print(f"[raydpo] run directory: {result.output_dir}")
+    return 0
+
+
 def cmd_precompute(args) -> int:
     from raydpo.data.stats import export_reference
     from raydpo.pipeline import precompute
@@ -79,6 +97,11 @@ def cmd_tiny_model(args) -> int:
         num_heads=args.num_heads,
         seed=args.seed,
     )
+    if args.reward_model:
+        from raydpo.tiny import write_tiny_reward_model
+
+        print(write_tiny_reward_model(args.out_dir, spec))
+        return 0
     print(write_tiny_model(args.out_dir, spec))
     return 0
 
@@ -159,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     tr = with_config("train", "run data, reference and train stages (re-running resumes an unfinished run)")
     tr.add_argument("--force", action="store_true", help="train again from the start even if output.dir holds a finished run")
     tr.set_defaults(fn=cmd_train)
+    on = with_config("online", "online / iterative DPO rounds: generate, judge, reference, train, sync (re-running resumes)")
+    on.add_argument("--force", action="store_true", help="start again from round 0 even if output.dir holds a finished run")
+    on.set_defaults(fn=cmd_online)
     pc = with_config("precompute", "data and reference stages only; prints the cache directory")
     pc.add_argument("--export", metavar="FILE.jsonl", help="write reference log-probs per kept pair, in input order")
     pc.set_defaults(fn=cmd_precompute)
@@ -187,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     tm.add_argument("--family", default=None, help="another architecture with its own tokenizer class: "
                     "llama, qwen2, qwen3, mistral, gemma2, gemma3_text, phi3, gpt2, gpt_neox, opt, mixtral, qwen2_moe "
                     "(the sizes options other than --vocab-size do not apply)")
+    tm.add_argument("--reward-model", action="store_true", help="a sequence-classification head with one score instead "
+                    "of the LM head (a judge for raydpo online)")
     tm.set_defaults(fn=cmd_tiny_model)
 
     sd = sub.add_parser("synthetic-data", help="write the synthetic preference task (train.jsonl, eval.jsonl)")

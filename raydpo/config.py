@@ -16,6 +16,7 @@ import yaml
 from raydpo.config_rules import (
     loss_names, loss_weights, pool_size, reference_dtype, reference_path, reference_trusts_code, uses_reference, validate,
 )
+from raydpo.online.settings import OnlineConfig
 from raydpo.schema import ConfigError, build, fields_of
 from raydpo.schema import apply_overrides as schema_overrides
 
@@ -344,6 +345,8 @@ class Config:
     """Which Ray cluster to use."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console progress and experiment trackers."""
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    """Online / iterative DPO rounds (``raydpo online``); unused by ``raydpo train``."""
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

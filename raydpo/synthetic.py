@@ -32,6 +32,21 @@ def make_pair(rng: random.Random, min_words: int = 3, max_words: int = 5) -> dic
     return {"prompt": f"Count on from {WORDS[start]}:", "chosen": " " + " ".join(good), "rejected": " " + " ".join(bad)}
 
 
+def count_on_reward(prompt: str, completion: str) -> float:
+    """The task's reward for online DPO (``online.judge.reward_fn: raydpo.synthetic:count_on_reward``):
+    10 per word that continues the count from the prompt's start word (up to the first mistake),
+    1 per other task word, minus a little per character. Graded, so even an untrained policy's
+    samples rank."""
+    start = WORDS.index(prompt.split()[-1].rstrip(":"))
+    words = completion.split()
+    correct = 0
+    for i, word in enumerate(words):
+        if word != WORDS[(start + 1 + i) % len(WORDS)]:
+            break
+        correct += 1
+    return 10 * correct + sum(w in WORDS for w in words[correct:]) - 0.01 * len(completion)
+
+
 def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
     """``n`` pairs from a seeded generator: the same seed gives the same rows on every machine."""
     rng = random.Random(seed)

@@ -131,3 +131,21 @@ def write_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = No
     with open(os.path.join(out_dir, "raydpo_tiny.json"), "w") as f:
         json.dump(spec.__dict__, f, indent=1)
     return str(out_dir)
+
+
+def write_tiny_reward_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = None, tokenizer=None) -> str:
+    """A random ``LlamaForSequenceClassification`` with one score (a reward model's shape) and the
+    tiny tokenizer, as a Hugging Face directory: the judge of online-DPO tests and demos."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    spec = spec or TinyModelSpec()
+    tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
+    config = build_model(spec, tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(spec.seed + 1)
+    model = LlamaForSequenceClassification(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)

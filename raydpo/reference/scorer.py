@@ -123,6 +123,14 @@ class ReferenceScorer:
         """(chosen, rejected) reference log-probs, each a [B] float32 numpy array in input order."""
         return self.backend.score(prompt_ids, chosen_ids, rejected_ids)
 
+    def timed_score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):
+        """:meth:`score` plus the seconds it took in this actor (the online pool reports compute time)."""
+        import time
+
+        start = time.perf_counter()
+        chosen, rejected = self.score(prompt_ids, chosen_ids, rejected_ids)
+        return chosen, rejected, time.perf_counter() - start
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Arrow in and out keeps the id columns list<int32>; a numpy round trip would turn them
         # into Ray's tensor extension type.

@@ -108,39 +108,45 @@ def packs_exactly(model_path: str, trust_remote_code: bool) -> bool:
     return issue is None
 
 
+def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dict:
+    """Constructor arguments of :class:`raydpo.reference.scorer.ReferenceScorer` for this config."""
+    from raydpo.models import resolve_local
+
+    r = cfg.reference
+    model_path = resolve_local(reference_path(cfg))
+    share_prompt = r.share_prompt and r.backend == "hf" and packs_exactly(model_path, reference_trusts_code(cfg))
+    return {
+        "model_path": model_path,
+        "dtype": reference_dtype(cfg),
+        "pad_id": pad_id,
+        "trust_remote_code": reference_trusts_code(cfg),
+        "attn_implementation": r.attn_implementation,
+        "shard_dir": shard_dir,
+        "max_tokens": r.max_tokens_per_batch,
+        "logits_chunk_tokens": cfg.model.logits_chunk_tokens,
+        "quantization": r.quantization,
+        "backend": r.backend,
+        "share_prompt": share_prompt,
+        "workers_dir": os.path.join(os.path.abspath(cfg.output.dir), "workers"),
+        "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
+                            "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,
+    }
+
+
 def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, scorer=None):
     """Lazily add reference log-probs to ``pairs`` on the reference actor pool.
 
     ``shard_dir``: also write each scored batch there as a cache shard. ``scorer``: the actor class
     (default :class:`raydpo.reference.scorer.ReferenceScorer`; tests substitute a failing one).
     """
-    from raydpo.models import resolve_local
     from raydpo.reference.scorer import ReferenceScorer
 
-    r = cfg.reference
-    model_path = resolve_local(reference_path(cfg))
-    share_prompt = r.share_prompt and r.backend == "hf" and packs_exactly(model_path, reference_trusts_code(cfg))
     return pairs.map_batches(
         scorer or ReferenceScorer,
-        fn_constructor_kwargs={
-            "model_path": model_path,
-            "dtype": reference_dtype(cfg),
-            "pad_id": pad_id,
-            "trust_remote_code": reference_trusts_code(cfg),
-            "attn_implementation": r.attn_implementation,
-            "shard_dir": shard_dir,
-            "max_tokens": r.max_tokens_per_batch,
-            "logits_chunk_tokens": cfg.model.logits_chunk_tokens,
-            "quantization": r.quantization,
-            "backend": r.backend,
-            "share_prompt": share_prompt,
-            "workers_dir": os.path.join(os.path.abspath(cfg.output.dir), "workers"),
-            "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
-                                "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,
-        },
-        batch_size=r.batch_size,
+        fn_constructor_kwargs=scorer_kwargs(cfg, pad_id, shard_dir),
+        batch_size=cfg.reference.batch_size,
         batch_format="pyarrow",
-        **pool_options(r),
+        **pool_options(cfg.reference),
     )
 
 
@@ -149,6 +155,11 @@ def in_input_order(tables: list, entry: str):
     materialized dataset: training sees pairs in input order whatever order the shards were written
     in (the same order as a streaming run), and one cache serves data sets listing the same pairs
     in another order. Pairs with equal token digests have equal log-probs."""
+    return from_tables(with_logps(tables, entry))
+
+
+def with_logps(tables: list, entry: str) -> list:
+    """``tables`` (pyarrow, ``CACHED_COLUMNS[:5]``) with the log-prob columns from ``entry`` appended."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -162,7 +173,7 @@ def in_input_order(tables: list, entry: str):
         for i, name in enumerate(CACHED_COLUMNS[5:]):
             t = t.append_column(name, pa.array([v[i] for v in values], pa.float32()))
         out.append(t)
-    return from_tables(out)
+    return out
 
 
 def drive(scored_ds, label: str, total: int) -> None:

@@ -26,6 +26,8 @@ class Plot:
     ylabel: str
     panels: tuple[tuple[Series, ...], ...]
     """One tuple of series per subplot."""
+    x: str = "step"
+    """``step`` (training and evaluation rows) or ``round`` (an online run's round rows)."""
 
 
 def _both(key: str) -> tuple[Series, ...]:
@@ -45,6 +47,14 @@ PLOTS = [
     Plot("learning_rate.png", "Learning rate and gradient norm", "",
          ((Series("learning_rate", "learning rate"),), (Series("grad_norm", "grad norm (before clipping)"),))),
     Plot("throughput.png", "Throughput", "", ((Series("pairs_per_s", "pairs/s"),), (Series("tokens_per_s", "tokens/s"),))),
+    Plot("online_rewards.png", "Online rounds: sample rewards, held-out reward (at each round's start) and pair gap", "reward",
+         ((Series("reward/mean", "sample mean"), Series("reward/max", "sample max"), Series("eval/reward_mean", "held-out mean")),
+          (Series("reward/gap", "chosen - rejected reward"),)), x="round"),
+    Plot("online_pairs.png", "Online rounds: pairs made, ties and judge failures", "count",
+         ((Series("pairs", "pairs"), Series("ties", "ties"), Series("judge_failures", "judge failures")),), x="round"),
+    Plot("online_phases.png", "Online rounds: seconds per phase, and generation throughput", "",
+         (tuple(Series(f"seconds/{p}", p) for p in ("generate", "judge", "reference", "train", "sync", "overhead")),
+          (Series("gen_tokens_per_s", "generated tokens/s"),)), x="round"),
 ]
 
 
@@ -65,32 +75,32 @@ def _save(fig, title: str, out_dir: str, file: str) -> str:
     return file
 
 
-def points(run: Run, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of ``key`` in ``run``, skipping rows without a number for it."""
-    rows = run.eval if key.startswith("eval/") else run.train
-    pairs = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+def points(run: Run, key: str, x: str = "step") -> tuple[list[int], list[float]]:
+    """(steps or rounds, values) of ``key`` in ``run``, skipping rows without a number for it."""
+    rows = run.rounds if x == "round" else run.eval if key.startswith("eval/") else run.train
+    pairs = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     return [p[0] for p in pairs], [float(p[1]) for p in pairs]
 
 
 def line_plot(runs: list[Run], plot: Plot, out_dir: str) -> str | None:
     """Write ``plot`` for ``runs``; returns the file name, or None when no run has any of its series."""
     # A panel without data (grad norm where DeepSpeed's stage does not compute it) is left out.
-    panels = [p for p in plot.panels if any(points(r, s.key)[0] for r in runs for s in p)]
+    panels = [p for p in plot.panels if any(points(r, s.key, plot.x)[0] for r in runs for s in p)]
     if not panels:
         return None
     fig, axes, colors = _figure(len(panels), 7, 4)
     for ax, panel in zip(axes, panels):
         for i, run in enumerate(runs):
             for j, series in enumerate(panel):
-                x, y = points(run, series.key)
+                x, y = points(run, series.key, plot.x)
                 if not x:
                     continue
                 # One run: a colour per series; several: a colour per run and a line style per series.
                 name = series.name if len(runs) == 1 else f"{run.label}: {series.name}"
                 color = colors[(j if len(runs) == 1 else i) % len(colors)]
                 ax.plot(x, y, STYLES[j % len(STYLES)], color=color, label=name,
-                        marker="o" if series.key.startswith("eval/") else None, markersize=4)
-        ax.set_xlabel("optimizer step")
+                        marker="o" if series.key.startswith("eval/") or plot.x == "round" else None, markersize=4)
+        ax.set_xlabel("optimizer step" if plot.x == "step" else "round")
         ax.set_ylabel(plot.ylabel or panel[0].name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -35,6 +35,8 @@ class Run:
     """metrics.jsonl's training rows (those with ``loss``), in step order."""
     eval: list[dict] = field(default_factory=list)
     """metrics.jsonl's evaluation rows (``eval/*``), in step order."""
+    rounds: list[dict] = field(default_factory=list)
+    """Online runs: metrics.jsonl's per-round rows (``kind`` ``round``, and ``final``), in round order."""
     notes: list[str] = field(default_factory=list)
     """What is missing or odd, said in the report."""
     label: str = ""
@@ -76,6 +78,7 @@ def load_run(path: str) -> Run:
         rows = _read_jsonl(files["metrics"], run.notes)
         run.train = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
         run.eval = sorted((r for r in rows if "eval/loss" in r), key=lambda r: r["step"])
+        run.rounds = sorted((r for r in rows if r.get("kind") in ("round", "final")), key=lambda r: r["round"])
     else:
         run.notes.append("no metrics.jsonl: no training in this directory")
     return run

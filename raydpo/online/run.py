@@ -1,0 +1,217 @@
+"""The online run's driver: start the pools and the trainer once, then drive the rounds.
+
+    prompts -> generate (generator pool) -> judge (judge pool) -> pairs -> reference (reference pool)
+            -> train (the Ray Train workers, through the round queue) -> sync (object store) -> next round
+
+The Ray Train run (``TorchTrainer.fit``) runs in a thread of this process for the whole run; the
+rounds reach its workers through :class:`raydpo.online.rounds.RoundQueue`. A re-run of the same
+command resumes after the latest round checkpoint (Ray Train restores it into the workers, which
+report where they stand; the generators then get the restored weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from raydpo import console
+from raydpo.config import Config, to_dict
+from raydpo.online import phases
+from raydpo.online.phases import append_rows as _append
+
+
+@dataclass
+class OnlineResult:
+    """What :func:`run_online` produced."""
+
+    output_dir: str
+    model_path: str
+    summary: dict
+    rounds: list[dict] = field(default_factory=list)
+    """The per-round rows of ``metrics.jsonl`` (``kind`` ``round``), and the final held-out row."""
+    status: str = "fresh"
+    """``fresh``, ``resume``, ``restart`` (``force``) or ``finished`` (nothing was done)."""
+
+
+class TrainerThread(threading.Thread):
+    """``trainer.fit()`` in the background; :meth:`wait` waits on a Ray ref while watching it."""
+
+    def __init__(self, trainer):
+        super().__init__(daemon=True, name="raydpo-online-trainer")
+        self.trainer, self.error = trainer, None
+
+    def run(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            self.error = e
+
+    def wait(self, ref):
+        import ray
+
+        while True:
+            done, _ = ray.wait([ref], timeout=1.0)
+            if done:
+                return ray.get(ref)
+            if not self.is_alive():
+                raise RuntimeError(f"the Ray Train workers stopped: {self.error!r}") from self.error
+
+
+def preflight(cfg: Config) -> None:
+    """Everything that can be refused before Ray starts, one line each."""
+    from raydpo.config import ConfigError
+    from raydpo.online.judge import check_reward_model, load_reward_fn
+    from raydpo.online.settings import online_checks
+
+    for ok, message in online_checks(cfg.online, cfg.train.lr_scheduler) + [
+        (cfg.train.sequence_parallel_size == 1, "raydpo online trains on generated pairs of short length: train.sequence_parallel_size must be 1"),
+        (cfg.model.quantization is None, "raydpo online syncs full weights to the generators: a quantized base (QLoRA) cannot be merged; "
+                                         "use model.lora without model.quantization"),
+        (cfg.reference.mode == "precompute", "raydpo online scores each round's pairs before training them: reference.mode must be precompute"),
+    ]:
+        if not ok:
+            raise ConfigError(message)
+    j = cfg.online.judge
+    if j.reward_fn:
+        load_reward_fn(j.reward_fn)
+    else:
+        from raydpo.models import resolve_local
+
+        check_reward_model(resolve_local(j.reward_model), cfg.model.trust_remote_code)
+
+
+def _paths(cfg: Config) -> dict[str, str]:
+    from raydpo.pipeline import _paths as run_paths
+
+    paths = run_paths(cfg)
+    return paths | {"state": os.path.join(paths["dir"], "online_state.json")}
+
+
+def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydpo.online.worker import online_loop_per_worker
+    from raydpo.train.stage import storage_path
+
+    t, o = cfg.train, cfg.online
+    # constant schedules ignore the total; a decaying one needs steps_per_round (online_checks).
+    total = o.rounds * (o.steps_per_round or 1)
+    return TorchTrainer(
+        online_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "queue": queue, "model_path": model_path, "pad_id": pad_id, "total_steps": total,
+                           "output_dir": os.path.abspath(cfg.output.dir)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
+                                     resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}) | dict(t.resources)),
+        run_config=RunConfig(name="train", storage_path=storage_path(cfg),
+                             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+
+
+def _keep_rows(path: str, keep) -> list[dict]:
+    """Rewrite the JSON-lines file at ``path`` with the rows ``keep(row)`` accepts; returns them."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if keep(r)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+    return rows
+
+
+def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False, on_round=None) -> OnlineResult:
+    """The whole online run (see the module docstring); writes ``output.dir``.
+
+    ``prompts`` / ``eval_prompts``: ``ray.data.Dataset`` s of prompt rows used instead of
+    ``data.train`` / ``data.eval``. ``on_round(row, pools)``: called after each round with its
+    metrics row and ``{"generator": RestartingPool, "judge": ..., "reference": ... or None}``.
+    """
+    import ray
+
+    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.online.prompts import load_prompts
+    from raydpo.online.rounds import RoundQueue
+    from raydpo.pipeline import _start, _write_json
+    from raydpo.train.preflight import check_writable
+    from raydpo.train.resume import FinishedRun, prepare_run_dir
+    from raydpo.train.stage import storage_path
+
+    paths = _paths(cfg)
+    preflight(cfg)
+    check_writable(paths["dir"])
+    try:
+        status = prepare_run_dir(paths, to_dict(cfg), storage_path(cfg), force)
+    except FinishedRun:
+        with open(paths["summary"]) as f:
+            return OnlineResult(paths["dir"], paths["model"], json.load(f), status="finished")
+    if status != "resume":
+        for name in ("state", "quarantine"):
+            if os.path.exists(paths[name]):
+                os.remove(paths[name])
+    paths = _paths(cfg) | _start(cfg)
+    out, o = console.get(), cfg.online
+    model_path = resolve_local(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    started = time.perf_counter()
+    sets = load_prompts(cfg, tokenizer, prompts, eval_prompts)
+    c = sets.counts
+    if c["rows_quarantined"] > cfg.data.max_bad_fraction * max(c["rows_read"], 1):
+        _append(paths["quarantine"], sets.quarantine)
+        raise ValueError(f"{c['rows_quarantined']} of {c['rows_read']} prompt rows have no usable prompt (more than "
+                         f"data.max_bad_fraction={cfg.data.max_bad_fraction}); see {paths['quarantine']}")
+    out.say(f"online: {c['train']:,} training and {c['eval']:,} held-out prompts from {c['rows_read']:,} rows "
+            f"({c['rows_quarantined']:,} quarantined); {o.rounds} rounds of {o.prompts_per_round} prompts x "
+            f"{o.generator.samples_per_prompt} samples")
+    pools = phases.start_pools(cfg, model_path, tokenizer.pad_token_id)
+    queue = ray.remote(RoundQueue).options(num_cpus=0).remote()
+    trainer = TrainerThread(_trainer(cfg, queue, model_path, tokenizer.pad_token_id))
+    try:
+        trainer.start()
+        ready = trainer.wait(queue.wait_ready.remote(cfg.train.num_workers))
+        done = ready[0]["rounds_done"]
+        rounds = _keep_rows(paths["metrics"], lambda r: r.get("round", 0) < done)
+        rounds = [r for r in rounds if r.get("kind") == "round"]
+        _keep_rows(paths["quarantine"], lambda r: r.get("stage") != "judge" or r["round"] < done)
+        if not os.path.exists(paths["quarantine"]) or done == 0:
+            _keep_rows(paths["quarantine"], lambda r: r.get("stage") != "prompts")
+            _append(paths["quarantine"], sets.quarantine)
+        if ready[0]["weights"][0] is not None:
+            pools["generator"].set_state("load_weights", ready[0]["weights"][0])
+            out.say(f"online: resumed after round {done} (step {ready[0]['step']}); the generators have the checkpoint's weights")
+        out.say(f"online: {cfg.train.num_workers} trainer worker(s) (DeepSpeed ZeRO-{cfg.train.zero_stage}) ready; pids "
+                f"{[ready[r]['pid'] for r in sorted(ready)]}")
+        for r in range(done, o.rounds):
+            row = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
+            rounds.append(row)
+            _append(paths["metrics"], [row])
+            _write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
+            out.say(phases.describe(row, o.rounds))
+            if on_round is not None:
+                on_round(row, pools)
+        final = phases.held_out(cfg, sets.eval, pools, o.rounds)
+        final_row = {"round": o.rounds, "kind": "final", **final, "time": time.time()}
+        _append(paths["metrics"], [final_row])
+        ray.get(queue.stop.remote(o.rounds))
+        trainer.join()
+        if trainer.error is not None:
+            raise trainer.error
+    except BaseException:
+        ray.get(queue.stop.remote(0))
+        raise
+    finally:
+        phases.stop_pools(pools)
+    tokenizer.save_pretrained(paths["model"])
+    summary = phases.summarize(rounds, final_row, sets.counts, paths, status, time.perf_counter() - started)
+    _write_json(paths["summary"], summary)
+    if "eval/reward_mean" in final_row:
+        out.say(f"online: done; held-out reward {rounds[0].get('eval/reward_mean', float('nan')) if rounds else float('nan'):.3f} "
+                f"-> {final_row['eval/reward_mean']:.3f} over {o.rounds} rounds")
+    return OnlineResult(paths["dir"], paths["model"], summary, rounds + [final_row], status)
+

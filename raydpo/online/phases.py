@@ -178,7 +178,7 @@ def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: in
     if weights is not None:
         pools["generator"].set_state("load_weights", weights)
     row["seconds/sync"] = time.perf_counter() - clock + result["gather_s"]
-    row["synced"] = weights is not None
+    row["synced"], row["checkpointed"] = weights is not None, job["checkpoint"]
     row["seconds/round"] = time.perf_counter() - start
     row["seconds/overhead"] = row["seconds/round"] - sum(row[k] for k in ("compute/eval", "compute/generate", "compute/judge",
                                                                           "compute/reference", "compute/train") if k in row)

@@ -126,6 +126,14 @@ def _keep_rows(path: str, keep) -> list[dict]:
     return rows
 
 
+def _await_registration(storage: str, name: str, timeout_s: float = 120.0) -> None:
+    from raydpo.train.resume import latest_registered
+
+    deadline = time.monotonic() + timeout_s
+    while latest_registered(storage) != name and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False, on_round=None) -> OnlineResult:
     """The whole online run (see the module docstring); writes ``output.dir``.
 
@@ -139,6 +147,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     from raydpo.online.prompts import load_prompts
     from raydpo.online.rounds import RoundQueue
     from raydpo.pipeline import _start, _write_json
+    from raydpo.train.checkpoint import Position, checkpoint_name
     from raydpo.train.preflight import check_writable
     from raydpo.train.resume import FinishedRun, prepare_run_dir
     from raydpo.train.stage import storage_path
@@ -191,7 +200,10 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
             row = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
             rounds.append(row)
             _append(paths["metrics"], [row])
-            _write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
+            if row["checkpointed"]:
+                # A re-run resumes from what the controller registered, which lags the workers' report a little.
+                _await_registration(storage_path(cfg), checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
+                _write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
             out.say(phases.describe(row, o.rounds))
             if on_round is not None:
                 on_round(row, pools)

@@ -38,7 +38,7 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.data.collate import collate_rows
     from raydpo.losses import mean_metrics
     from raydpo.online.weights import policy_state
-    from raydpo.train.checkpoint import Position, restore, save
+    from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
     from raydpo.train.loop import MetricsLog, _add, _float_or_none, _global_sums, step_metrics, to_device
@@ -112,7 +112,8 @@ def online_loop_per_worker(config: dict) -> None:
                   "pairs_trained": sums.get("count", 0.0)}
         report = {"round": round_, "step": step}
         if job["checkpoint"]:
-            save(engine, Position(step, round_ + 1, 0), rank, report)
+            at = Position(step, round_ + 1, 0)  # epoch = rounds done
+            save(engine, at, rank, report, checkpoint_name(at, rounds=True))
         else:  # every worker reports once per round either way (Ray Train needs equal counts)
             ray.train.report(report)
         if rank == 0:

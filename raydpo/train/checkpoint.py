@@ -39,8 +39,15 @@ def _rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 
 
-def save(engine, position: Position, rank: int, metrics: dict) -> None:
-    """Write this worker's part of the checkpoint and report it (a collective: every rank calls it)."""
+def checkpoint_name(position: Position, rounds: bool = False) -> str:
+    """The checkpoint's directory name: ``step_<step>``, plus ``_round_<rounds done>`` for online runs
+    (a round that trained no step must not reuse the previous round's name)."""
+    return f"step_{position.step:08d}" + (f"_round_{position.epoch:04d}" if rounds else "")
+
+
+def save(engine, position: Position, rank: int, metrics: dict, name: str | None = None) -> None:
+    """Write this worker's part of the checkpoint and report it (a collective: every rank calls it).
+    ``name``: the checkpoint directory's name (default :func:`checkpoint_name`)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as tmp:
@@ -53,7 +60,7 @@ def save(engine, position: Position, rank: int, metrics: dict) -> None:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(position), f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{position.step:08d}")
+                         checkpoint_dir_name=name or checkpoint_name(position))
 
 
 def restore(engine, rank: int) -> Position | None:

@@ -56,6 +56,20 @@ def has_checkpoint(storage_path: str) -> bool:
     return any(i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("step_") for i in infos)
 
 
+def latest_registered(storage_path: str) -> str | None:
+    """The directory name of the latest checkpoint Ray Train's controller has registered for the run
+    (the one a re-run resumes from), or None. Read from its snapshot file, local or remote."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
+        with fs.open_input_stream(f"{root}/train/checkpoint_manager_snapshot.json") as f:
+            snapshot = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
 def remove_storage(storage_path: str) -> None:
     import pyarrow.fs as pafs
 

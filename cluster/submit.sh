@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Submit a raydpo training run to a Ray cluster and wait for it; exits with the job's status.
 #   cluster/submit.sh CONFIG.yaml [key=value ...]
+# RAYDPO_COMMAND: the raydpo command the job runs (train, the default, or online).
 # RAY_ADDRESS: the cluster's dashboard (default http://127.0.0.1:8265). RAY_AUTH_TOKEN, when the
 # cluster uses token auth (Ray 2.60's default for local clusters), is passed through by `ray`.
 set -euo pipefail
@@ -21,4 +22,4 @@ exec ray job submit \
   --working-dir . \
   --runtime-env "$here/runtime_env.yaml" \
   ${RAYDPO_SUBMISSION_ID:+--submission-id "$RAYDPO_SUBMISSION_ID"} \
-  -- raydpo train "$config" "$@"
+  -- raydpo "${RAYDPO_COMMAND:-train}" "$config" "$@"

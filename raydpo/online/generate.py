@@ -75,10 +75,13 @@ class HfEngine:
 
 
 class VllmEngine:
-    """vLLM's offline engine; new weights go in through the model's own ``load_weights`` (the path
-    TRL's colocated mode uses), so no file is written and the engine is not rebuilt."""
+    """vLLM's offline engine; new weights go in through its workers' ``reload_weights`` (in place,
+    from tensors), so no file is written and the engine is not rebuilt."""
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, max_model_len: int, gpu_memory_utilization: float):
+        # The engine in this actor's process: weight updates then reach the model directly, with no
+        # engine-core subprocess to serialize them to.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         self.llm = LLM(model=model_path, dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
@@ -100,7 +103,10 @@ class VllmEngine:
         return [fn(self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model)]
 
     def load_weights(self, state: dict) -> None:
-        self._apply(lambda model: model.load_weights(weights=list(state.items())))
+        # vLLM's in-place reload (its RL weight-update path): checkpoint-format names and tensors,
+        # re-processed into the kernels' layout (a plain model.load_weights fails once the CPU or
+        # quantized kernels have repacked the weights).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items()), "is_checkpoint_format": True})
 
     def weights(self) -> dict:
         return self._apply(lambda model: {k: v.detach().cpu() for k, v in model.state_dict().items()})[0]

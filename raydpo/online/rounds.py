@@ -22,6 +22,7 @@ class RoundQueue:
         self.results: dict[int, dict] = {}
         self.ready: dict[int, dict] = {}
         self.stop_at: int | None = None
+        self.checkpointed = 0  # rounds covered by the latest round checkpoint
         self.changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -56,8 +57,11 @@ class RoundQueue:
 
     async def post_result(self, round_: int, result: dict) -> None:
         self.results[round_] = result
-        # Older jobs are done with: drop their object refs so the store can free the pairs.
-        for r in [r for r in self.jobs if r < round_]:
+        if self.jobs.get(round_, {}).get("checkpoint"):
+            self.checkpointed = round_ + 1
+        # Jobs before the latest checkpoint are done with (a restarted group resumes after it): drop
+        # their object refs so the store can free the pairs.
+        for r in [r for r in self.jobs if r < self.checkpointed]:
             del self.jobs[r]
         await self._notify()
 

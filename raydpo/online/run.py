@@ -179,6 +179,10 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
             f"({c['rows_quarantined']:,} quarantined); {o.rounds} rounds of {o.prompts_per_round} prompts x "
             f"{o.generator.samples_per_prompt} samples")
     pools = phases.start_pools(cfg, model_path, tokenizer.pad_token_id)
+    g, j = o.generator, o.judge
+    out.say(f"online: {g.num_actors} generator actor(s) ({phases.resolve_backend(g.backend)}), {j.num_actors} judge actor(s) "
+            f"({j.reward_fn or 'reward model ' + str(j.reward_model)})"
+            + (f", {len(pools['reference'].pool.actors)} reference actor(s)" if pools["reference"] is not None else ", no reference (reference-free loss)"))
     queue = ray.remote(RoundQueue).options(num_cpus=0).remote()
     trainer = TrainerThread(_trainer(cfg, queue, model_path, tokenizer.pad_token_id))
     try:

@@ -17,6 +17,7 @@ RESUMABLE_CHANGES = {
     "reference": {"num_actors", "num_cpus_per_actor", "num_gpus_per_actor", "resources", "accelerator_type",
                   "max_restarts", "max_task_retries", "batch_size", "max_tokens_per_batch", "guard"},
     "data": {"num_workers", "tokenize_batch_size"},
+    "online": {"checkpoint_every"},
 }
 
 

@@ -6,7 +6,7 @@ store, the step count, whether to sync); every worker blocks in :meth:`RoundQueu
 for the round it is at exists, trains, and rank 0 posts the round's result (metrics and, when
 syncing, an object-store reference to the full weights). A worker group restarted by Ray Train
 from a round checkpoint asks again for the round after the checkpoint, which the queue still holds.
-``None`` as a job ends the workers' loop.
+A missing job past the end (``None``) ends the workers' loop.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class RoundQueue:
         self.results: dict[int, dict] = {}
         self.ready: dict[int, dict] = {}
         self.stop_at: int | None = None
+        self.aborted = False
         self.checkpointed = 0  # rounds covered by the latest round checkpoint
         self.changed = asyncio.Condition()
 
@@ -46,13 +47,17 @@ class RoundQueue:
         self.jobs[round_] = job
         await self._notify()
 
-    async def stop(self, round_: int) -> None:
-        """No rounds from ``round_`` on: workers asking for it leave their loop."""
-        self.stop_at = round_
+    async def stop(self, round_: int, abort: bool = False) -> None:
+        """No rounds from ``round_`` on: workers asking for one leave their loop (and, with ``abort``,
+        the run: the driver failed, so no final model is exported)."""
+        self.stop_at, self.aborted = round_, abort
         await self._notify()
 
     async def job(self, round_: int) -> dict | None:
+        """Round ``round_``'s job; None when the run ends before it; ``{"abort": True}`` when it failed."""
         await self._wait(lambda: round_ in self.jobs or (self.stop_at is not None and round_ >= self.stop_at))
+        if round_ not in self.jobs and self.aborted:
+            return {"abort": True}
         return self.jobs.get(round_)
 
     async def post_result(self, round_: int, result: dict) -> None:

@@ -219,7 +219,8 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         if trainer.error is not None:
             raise trainer.error
     except BaseException:
-        ray.get(queue.stop.remote(0))
+        ray.get(queue.stop.remote(0, abort=True))
+        trainer.join(timeout=120)  # the workers leave their loop; Ray Train's run ends
         raise
     finally:
         phases.stop_pools(pools)

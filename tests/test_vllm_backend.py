@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# An explicit KV cache (GiB) instead of a share of RAM minus this process's size: the second engine
+# in this process would otherwise find its share already used by the first.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
 vllm = pytest.importorskip("vllm", reason="vllm is not installed here; `make test-vllm` runs this file in .venv-vllm")
 
 # The engine runs in this process: no engine-core subprocess to spawn from inside pytest.

@@ -74,6 +74,9 @@ def preflight(cfg: Config) -> None:
     ]:
         if not ok:
             raise ConfigError(message)
+    from raydpo.trackers import check_installed
+
+    check_installed(cfg.logging.backends)
     j = cfg.online.judge
     if j.reward_fn:
         load_reward_fn(j.reward_fn)
@@ -126,6 +129,22 @@ def _keep_rows(path: str, keep) -> list[dict]:
     return rows
 
 
+def _track(tracker, metrics_path: str, round_: int, row: dict) -> None:
+    """Feed the trackers the round's training steps (rank 0 wrote them to metrics.jsonl) and its row.
+
+    The driver is the one tracker writer of an online run: the round rows are made here."""
+    with open(metrics_path) as f:
+        for line in f:
+            step = json.loads(line)
+            if "loss" in step and step.get("round") == round_:
+                tracker.log(step)
+    # The held-out numbers are of the weights at the round's start: logged at that step.
+    held = {k: v for k, v in row.items() if k.startswith(("eval/", "compute/eval"))}
+    if held:
+        tracker.log({**held, "step": row["step"] - row["steps"], "time": row["time"]})
+    tracker.log({k: v for k, v in row.items() if k not in held})
+
+
 def _await_registration(storage: str, name: str, timeout_s: float = 120.0) -> None:
     from raydpo.train.resume import latest_registered
 
@@ -146,6 +165,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     from raydpo.models import load_tokenizer, resolve_local
     from raydpo.online.prompts import load_prompts
     from raydpo.online.rounds import RoundQueue
+    from raydpo import trackers
     from raydpo.pipeline import _start, _write_json
     from raydpo.train.checkpoint import Position, checkpoint_name
     from raydpo.train.preflight import check_writable
@@ -185,6 +205,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
             + (f", {len(pools['reference'].pool.actors)} reference actor(s)" if pools["reference"] is not None else ", no reference (reference-free loss)"))
     queue = ray.remote(RoundQueue).options(num_cpus=0).remote()
     trainer = TrainerThread(_trainer(cfg, queue, model_path, tokenizer.pad_token_id))
+    tracker = None
     try:
         trainer.start()
         ready = trainer.wait(queue.wait_ready.remote(cfg.train.num_workers))
@@ -198,8 +219,10 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         if ready[0]["weights"][0] is not None:
             pools["generator"].set_state("load_weights", ready[0]["weights"][0])
             out.say(f"online: resumed after round {done} (step {ready[0]['step']}); the generators have the checkpoint's weights")
+        tracking = trackers.resolve(cfg)
+        tracker = trackers.Trackers(tracking, {**to_dict(cfg), "prompts": sets.counts}, ready[0]["step"] if done else None)
         out.say(f"online: {cfg.train.num_workers} trainer worker(s) (DeepSpeed ZeRO-{cfg.train.zero_stage}) ready; pids "
-                f"{[ready[r]['pid'] for r in sorted(ready)]}")
+                f"{[ready[r]['pid'] for r in sorted(ready)]}" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
         for r in range(done, o.rounds):
             row = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
             rounds.append(row)
@@ -209,16 +232,21 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
                 _await_registration(storage_path(cfg), checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
                 _write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
             out.say(phases.describe(row, o.rounds))
+            _track(tracker, paths["metrics"], r, row)
             if on_round is not None:
                 on_round(row, pools)
         final = phases.held_out(cfg, sets.eval, pools, o.rounds)
         final_row = {"round": o.rounds, "kind": "final", **final, "time": time.time()}
         _append(paths["metrics"], [final_row])
+        tracker.log({**final_row, "step": ready[0]["step"] if not rounds else rounds[-1]["step"]})
         ray.get(queue.stop.remote(o.rounds))
         trainer.join()
         if trainer.error is not None:
             raise trainer.error
+        tracker.close(ok=True)
     except BaseException:
+        if tracker is not None:
+            tracker.close(ok=False)
         ray.get(queue.stop.remote(0, abort=True))
         trainer.join(timeout=120)  # the workers leave their loop; Ray Train's run ends
         raise
@@ -227,8 +255,8 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     tokenizer.save_pretrained(paths["model"])
     summary = phases.summarize(rounds, final_row, sets.counts, paths, status, time.perf_counter() - started)
     _write_json(paths["summary"], summary)
-    if "eval/reward_mean" in final_row:
-        out.say(f"online: done; held-out reward {rounds[0].get('eval/reward_mean', float('nan')) if rounds else float('nan'):.3f} "
-                f"-> {final_row['eval/reward_mean']:.3f} over {o.rounds} rounds")
+    if summary["initial_eval_reward"] is not None and summary["final_eval_reward"] is not None:
+        out.say(f"online: done; held-out reward {summary['initial_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f} "
+                f"over {o.rounds} rounds")
     return OnlineResult(paths["dir"], paths["model"], summary, rounds + [final_row], status)
 

@@ -127,7 +127,7 @@ def run_sp(model_dir: str, tokens: int, size: int, rank: int, port: int) -> dict
     from raydpo.config import LossConfig
     from raydpo.data.collate import collate_pairs
     from raydpo.logprobs import forward_logps
-    from raydpo.losses import preference_loss
+    from raydpo.objectives import preference_loss
     from raydpo.train.sequence_parallel import setup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))

@@ -157,7 +157,7 @@ def bench_floor(cols: dict, model_dir: str, args, tok_per_pair: float) -> dict:
     from raydpo.config import LossConfig, TrainConfig
     from raydpo.data.collate import collate_rows
     from raydpo.logprobs import forward_logps
-    from raydpo.losses import preference_loss
+    from raydpo.objectives import preference_loss
     from raydpo.models import load_causal_lm
     from raydpo.train.batches import epoch_order, take
 

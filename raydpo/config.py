@@ -22,7 +22,7 @@ from raydpo.schema import apply_overrides as schema_overrides
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 LossName = Literal["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo"]
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo", "kto", "apo_zero_unpaired"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 Scheduler = Literal["constant", "linear", "cosine"]
 Optimizer = Literal["adamw", "cpu_adam"]
@@ -182,6 +182,10 @@ class DataConfig:
     """Rows per Ray Data tokenization batch (one batched tokenizer call each)."""
     num_workers: int = 2
     """Tokenization actors (each loads the tokenizer once)."""
+    unpair_pairs: bool = True
+    """Unpaired losses (``loss.type: kto``): split each preference pair into a desirable row (its
+    chosen completion) and an undesirable one (its rejected), as TRL's ``unpair_preference_dataset``
+    does; false quarantines paired rows."""
     shared_prompt: bool = True
     """Tokenize each prompt's head once instead of three times where the tokenizer provably gives
     the same ids (byte-level BPE with GPT-2, Llama 3 or Qwen 2 splitting; see
@@ -191,9 +195,11 @@ class DataConfig:
 @dataclass
 class LossConfig:
     type: Union[LossName, list[LossName]] = "sigmoid"
-    """Loss, named as in TRL's DPOTrainer (see :mod:`raydpo.losses`), or a list of losses summed with
+    """Loss, named as in TRL's DPOTrainer (see :mod:`raydpo.objectives`), or a list of losses summed with
     ``weights`` (``[sigmoid, sft]`` is RPO). ``simpo``, ``orpo`` and ``sft`` alone need no reference:
-    then no reference model is loaded and no cache is read or written."""
+    then no reference model is loaded and no cache is read or written. ``kto`` and
+    ``apo_zero_unpaired`` (TRL's KTOTrainer) train on unpaired ``{prompt, completion, label}`` rows
+    (paired rows are split, see ``data.unpair_pairs``) and cannot be mixed with pairwise losses."""
     weights: list[float] = field(default_factory=list)
     """One weight per loss in ``type``; default 1 each."""
     beta: float = 0.1
@@ -210,6 +216,10 @@ class LossConfig:
     robust, discopop and sft only, as in TRL."""
     f_alpha_divergence_coef: float = 0.5
     """alpha of ``f_divergence: alpha_divergence``."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable examples' losses (TRL's ``desirable_weight``)."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable examples' losses (TRL's ``undesirable_weight``)."""
 
 
 @dataclass

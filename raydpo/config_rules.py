@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})
 """Losses that read no reference log-probs."""
+UNPAIRED = frozenset({"kto", "apo_zero_unpaired"})
+"""Losses on unpaired, labelled completions (TRL's KTOTrainer); they cannot be mixed with pairwise ones."""
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 """Losses with an f-divergence generalization (TRL's list); the others need reverse_kl."""
 
@@ -40,6 +42,32 @@ def loss_checks(loss: LossConfig) -> list[tuple[bool, str]]:
         ("exo_pair" not in loss_names(loss) or loss.label_smoothing > 0, "loss exo_pair needs loss.label_smoothing > 0"),
         (loss.f_divergence == "reverse_kl" or set(loss_names(loss)) <= F_DIVERGENCE_LOSSES,
          f"loss.f_divergence other than reverse_kl works with {', '.join(sorted(F_DIVERGENCE_LOSSES))} only"),
+        (not set(loss_names(loss)) & UNPAIRED or len(loss_names(loss)) == 1,
+         f"loss.type {loss_names(loss)} mixes an unpaired loss ({', '.join(sorted(UNPAIRED))}: one labelled completion "
+         "per row) with others; unpaired losses train alone"),
+        (loss.desirable_weight > 0 and loss.undesirable_weight > 0, "loss.desirable_weight and loss.undesirable_weight must be > 0"),
+    ]
+
+
+def unpaired(loss: LossConfig) -> bool:
+    """Whether ``loss.type`` trains on unpaired examples (KTO) rather than pairs."""
+    return bool(set(loss_names(loss)) & UNPAIRED)
+
+
+def unpaired_checks(cfg: "Config") -> list[tuple[bool, str]]:
+    """What an unpaired loss needs from the rest of the config (torch-free, before any stage)."""
+    if not unpaired(cfg.loss):
+        return []
+    kto = "kto" in loss_names(cfg.loss)
+    return [
+        (not kto or cfg.train.micro_batch_size > 1,
+         "loss.type kto estimates its KL term from the other examples of a micro-batch: train.micro_batch_size must be "
+         "> 1 (TRL's KTOTrainer requires the same)"),
+        (not cfg.train.group_by_length,
+         "loss.type kto trains on its KL groups (train.micro_batch_size consecutive examples) as built: "
+         "train.group_by_length must be false"),
+        (cfg.reference.mode == "precompute",
+         "loss.type kto needs reference.mode precompute: its KL groups are kept whole, which the streaming order cannot"),
     ]
 
 
@@ -70,8 +98,8 @@ def validate(cfg: "Config") -> None:
         (cfg.data.max_length >= 2, "data.max_length must be >= 2"),
         (cfg.data.max_prompt_length is None or 1 <= cfg.data.max_prompt_length < cfg.data.max_length,
          "data.max_prompt_length must be >= 1 and < data.max_length"),
-        (set(cfg.data.columns) <= {"prompt", "chosen", "rejected"},
-         "data.columns maps prompt / chosen / rejected to your column names, e.g. {chosen: response_j}"),
+        (set(cfg.data.columns) <= {"prompt", "chosen", "rejected", "completion", "label"},
+         "data.columns maps prompt / chosen / rejected (or completion / label) to your column names, e.g. {chosen: response_j}"),
         (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         *loss_checks(cfg.loss),
@@ -101,6 +129,7 @@ def validate(cfg: "Config") -> None:
         (cfg.model.logits_chunk_tokens is None or cfg.model.logits_chunk_tokens >= 0,
          "model.logits_chunk_tokens must be >= 0 (0: full logits) or unset (automatic)"),
         *sequence_parallel_checks(cfg),
+        *unpaired_checks(cfg),
         (len(set(cfg.logging.backends)) == len(cfg.logging.backends), "logging.backends lists a tracker twice"),
     ]
     _raise_first(checks)

@@ -7,7 +7,7 @@
 
 The pattern of x-transformers' ``DPO`` wrapper, with raydpo's numerics: the batch is built as the
 Ray trainer builds it (:mod:`raydpo.dpo_inputs`), scored by the same
-:func:`raydpo.logprobs.forward_logps` and :func:`raydpo.losses.preference_loss`, so any loss of the
+:func:`raydpo.logprobs.forward_logps` and :func:`raydpo.objectives.preference_loss`, so any loss of the
 registry works and the two paths agree on the same pairs. Unlike x-transformers, log-probs are summed
 over the completion's **target** tokens (the first completion token is scored, no pad token is), and
 the frozen reference stays out of ``parameters()`` and ``state_dict()``.
@@ -27,7 +27,7 @@ from raydpo.config import LossConfig
 from raydpo.config_rules import REFERENCE_FREE, loss_names, validate_loss
 from raydpo.dpo_inputs import Lengths, pair_batch, prompt_lengths_of, token_mask
 from raydpo.logprobs import forward_logps, split_pairs
-from raydpo.losses import PairLogps, mean_metrics, preference_loss
+from raydpo.objectives import PairLogps, mean_metrics, preference_loss
 from raydpo.models import zero_dropout
 from raydpo.schema import build
 
@@ -81,7 +81,7 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class DPO(torch.nn.Module):
-    """A policy and its frozen reference, with any loss of :mod:`raydpo.losses`.
+    """A policy and its frozen reference, with any loss of :mod:`raydpo.objectives`.
 
     Args:
         model: the policy, a causal LM taking ``input_ids``, ``attention_mask`` and ``position_ids``

@@ -4,7 +4,7 @@
 widths and masks, and turns them into exactly what :func:`raydpo.data.collate.collate_pairs` builds
 from token lists: one right-padded [2B, T] batch, chosen rows first, with the completion mask aligned
 to ``input_ids``. From there both paths share :func:`raydpo.logprobs.forward_logps` and
-:func:`raydpo.losses.preference_loss`, so they agree to the last bit on the same pairs.
+:func:`raydpo.objectives.preference_loss`, so they agree to the last bit on the same pairs.
 """
 
 from __future__ import annotations

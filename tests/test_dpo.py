@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import raydpo
-from raydpo.losses import LOSSES
+from raydpo.objectives import LOSSES
 from raydpo.synthetic import make_pairs
 
 

@@ -95,7 +95,7 @@ def dpo_loss(model, batch, ref):
     """(logps [2B], mean sigmoid DPO loss) of a collated batch against reference sums ``ref``."""
     from raydpo.config import LossConfig
     from raydpo.logprobs import forward_logps
-    from raydpo.losses import preference_loss
+    from raydpo.objectives import preference_loss
 
     logps = forward_logps(model, batch)
     _, (losses, _, _), _ = preference_loss(logps, batch["completion_tokens"], ref, LossConfig(beta=0.1))

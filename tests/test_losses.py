@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raydpo.config import LossConfig
-from raydpo.losses import LOSSES, PairLogps, compute_loss, log1mexp, mean_metrics, pair_metrics
+from raydpo.objectives import LOSSES, PairLogps, compute_loss, log1mexp, mean_metrics, pair_metrics
 
 
 def t(*values):

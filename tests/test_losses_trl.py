@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from raydpo.config import LossConfig
-from raydpo.losses import LOSSES, PairLogps, compute_loss
+from raydpo.objectives import LOSSES, PairLogps, compute_loss
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 

@@ -116,11 +116,13 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
 def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_free: bool = False,
                  one_row: bool = False) -> dict[str, torch.Tensor]:
     """Collate a Ray Data numpy batch (columns of id arrays), padded or ``padding_free`` (``one_row``:
-    see :func:`collate_packed`); carries ``ref_*_logps`` when present."""
+    see :func:`collate_packed`); carries ``ref_*_logps`` and unpaired examples' ``label`` when present."""
     cols = (batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
     out = collate_packed(*cols, pad_id, one_row) if padding_free else collate_pairs(*cols, pad_id, padding_side)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in batch:
             # A copy: Ray hands read-only arrays (zero-copy from its object store), which torch warns about.
             out[key] = torch.tensor(batch[key], dtype=torch.float32)
+    if "label" in batch:  # unpaired examples: desirable (1) or not (0), [B]
+        out["label"] = torch.tensor(batch["label"], dtype=torch.bool)
     return out

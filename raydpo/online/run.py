@@ -63,6 +63,7 @@ class TrainerThread(threading.Thread):
 def preflight(cfg: Config) -> None:
     """Everything that can be refused before Ray starts, one line each."""
     from raydpo.config import ConfigError
+    from raydpo.config_rules import unpaired
     from raydpo.online.judge import check_reward_model, load_reward_fn
     from raydpo.online.settings import online_checks
 
@@ -71,6 +72,8 @@ def preflight(cfg: Config) -> None:
         (cfg.model.quantization is None, "raydpo online syncs full weights to the generators: a quantized base (QLoRA) cannot be merged; "
                                          "use model.lora without model.quantization"),
         (cfg.reference.mode == "precompute", "raydpo online scores each round's pairs before training them: reference.mode must be precompute"),
+        (not unpaired(cfg.loss), f"raydpo online trains on the pairs its judge ranks: loss.type {cfg.loss.type!r} is unpaired; "
+                                 "use a pairwise loss (sigmoid, ipo, ...), or raydpo train on labelled completions for KTO"),
     ]:
         if not ok:
             raise ConfigError(message)

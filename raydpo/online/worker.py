@@ -36,7 +36,7 @@ def online_loop_per_worker(config: dict) -> None:
 
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
-    from raydpo.losses import mean_metrics
+    from raydpo.objectives import mean_metrics
     from raydpo.online.weights import policy_state
     from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
     from raydpo.train.engine import build_engine

@@ -36,16 +36,31 @@ def _add(acc: dict, new: dict) -> dict:
     return {k: acc.get(k, 0.0) + v for k, v in new.items()}
 
 
-def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Loss (mean over pairs), metric sums and the policy's sequence log-probs ([2B]: chosen then
-    rejected) of one micro-batch. batch from ``collate_rows``; ``loss_cfg`` the ``loss`` section;
-    ``chunk_tokens`` ``model.logits_chunk_tokens``; ``shard`` this rank's sequence-parallel part."""
+def rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d statistic averaged over all ranks (KTO's KL term: TRL's ``gather_for_metrics(kl).mean()``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None, across_ranks: bool = True,
+                 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Loss (mean over pairs or examples), metric sums and the policy's sequence log-probs ([2B]:
+    chosen then rejected, or completions then KL sequences) of one micro-batch. batch from
+    ``collate_rows``; ``loss_cfg`` the ``loss`` section; ``chunk_tokens`` ``model.logits_chunk_tokens``;
+    ``shard`` this rank's sequence-parallel part; ``across_ranks``: KTO's KL estimate is averaged over
+    the ranks (training, where every rank steps together), else this rank's batch alone (eval)."""
     from raydpo.logprobs import forward_logps
-    from raydpo.losses import preference_loss
+    from raydpo.objectives import preference_loss
 
     logps = forward_logps(engine, batch, chunk_tokens, shard)
     ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"]) if "ref_chosen_logps" in batch else None
-    _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg)
+    _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg, batch.get("label"),
+                                              rank_mean if across_ranks else None)
     # Real tokens: padding-free rows' fillers carry sequence id 2B and are not counted.
     sums["tokens"] = (batch["attention_mask"].sum() if "attention_mask" in batch
                       else (batch["sequence_ids"] < logps.shape[0]).sum()).float()
@@ -59,19 +74,18 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool =
     """Metric means over this worker's whole eval shard, reduced over all workers (each its own
     pairs, whole: sequence parallelism is off in eval)."""
     from raydpo.data.collate import collate_rows
-    from raydpo.losses import mean_metrics
+    from raydpo.objectives import mean_metrics, metric_keys
 
     engine.eval()
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
             _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row), engine.device),
-                                   loss_cfg, chunk_tokens)
+                                   loss_cfg, chunk_tokens, across_ranks=False)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
-        sums = {k: torch.tensor(0.0, device=engine.device) for k in ("count", "loss", "tokens", "rewards/chosen", "rewards/rejected",
-                                             "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")}
+        sums = {k: torch.tensor(0.0, device=engine.device) for k in metric_keys(loss_cfg)}
     totals = _global_sums({k: torch.as_tensor(v) for k, v in sums.items()})
     totals.pop("tokens")
     return {f"eval/{k}": v for k, v in mean_metrics(totals).items()} | {"eval/pairs": totals["count"]}
@@ -129,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
-    from raydpo.losses import mean_metrics
+    from raydpo.objectives import mean_metrics
     from raydpo.train.checkpoint import Position, restore, save, trim_metrics
     from raydpo.workers import record
     from raydpo.train.engine import build_engine

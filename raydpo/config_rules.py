@@ -63,11 +63,6 @@ def unpaired_checks(cfg: "Config") -> list[tuple[bool, str]]:
         (not kto or cfg.train.micro_batch_size > 1,
          "loss.type kto estimates its KL term from the other examples of a micro-batch: train.micro_batch_size must be "
          "> 1 (TRL's KTOTrainer requires the same)"),
-        (not cfg.train.group_by_length,
-         "loss.type kto trains on its KL groups (train.micro_batch_size consecutive examples) as built: "
-         "train.group_by_length must be false"),
-        (cfg.reference.mode == "precompute",
-         "loss.type kto needs reference.mode precompute: its KL groups are kept whole, which the streaming order cannot"),
     ]
 
 

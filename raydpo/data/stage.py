@@ -12,15 +12,18 @@ import collections
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydpo import console
 from raydpo.data.local import blocks, collect, from_tables
+from raydpo.data.summary import DataSummary, describe, summarize
 from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec
-from raydpo.data.tokenize import TokenizeSettings, pair_key, token_digest, tokenize_normalized
+from raydpo.data.tokenize import TokenizeSettings, pair_id, pair_key, token_digest, tokenize_normalized
+from raydpo.config_rules import unpaired
+from raydpo.data.unpaired import UNPAIRED_ROW, example_key, example_order, parse_examples, with_kl_sequences
 from raydpo.data.validate import parse_row
 
 IDS = pa.list_(pa.int32())
@@ -37,10 +40,21 @@ OUT_SCHEMA = pa.schema(
         ("rejected_ids", IDS),
         ("digest", pa.binary()),
         ("split", pa.string()),
+        ("part", pa.int8()),
+        ("label", pa.int8()),
+        ("kl_group", pa.int64()),
     ]
 )
 #: Columns of a kept pair, as the reference and train stages consume them.
 PAIR_COLUMNS = ["pair_id", "source", "index", "prompt_ids", "chosen_ids", "rejected_ids", "digest"]
+#: What an unpaired example (KTO, :mod:`raydpo.data.unpaired`) carries besides: completion in
+#: ``chosen_ids``, KL completion in ``rejected_ids``.
+EXAMPLE_COLUMNS = ["label"]
+
+
+def kept_columns(unpaired: bool) -> list[str]:
+    """The columns of a kept pair or unpaired example."""
+    return PAIR_COLUMNS + EXAMPLE_COLUMNS if unpaired else PAIR_COLUMNS
 
 
 def eval_bucket(pid: str, eval_fraction: float) -> bool:
@@ -53,7 +67,7 @@ class Preprocess:
 
     def __init__(self, tokenizer: TokenizerSpec, settings: TokenizeSettings, split: str, eval_fraction: float = 0.0,
                  columns: dict | None = None, fmt: str = "auto", marker: str = "\n\nAssistant:",
-                 shared_prompt: bool = True):
+                 shared_prompt: bool = True, unpaired: bool = False, unpair_pairs: bool = True):
         # One thread per actor: the pool is the parallelism. The Rust tokenizer would otherwise
         # run a thread per core in every actor, which costs 20% more CPU per pair here.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -66,27 +80,32 @@ class Preprocess:
         self.settings = settings
         self.split = split
         self.eval_fraction = eval_fraction
-        self.parse = lambda raw: parse_row(raw, columns, fmt, marker)
+        self.unpaired = unpaired
+        self.parse = (lambda raw: parse_examples(raw, columns, fmt, marker, unpair_pairs)) if unpaired else \
+            (lambda raw: [(*parse_row(raw, columns, fmt, marker), UNPAIRED_ROW, None)])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = {name: batch.column(name).to_pylist() for name in ("source", "index", "raw")}
-        parsed = [self.parse(raw) for raw in rows["raw"]]
-        good = [i for i, (pair, _) in enumerate(parsed) if pair is not None]
-        tokens = tokenize_normalized(self.tokenizer, [parsed[i][0] for i in good], self.settings, self.cut_prefix)
+        # One unit per pair, or per unpaired example (a split pair gives two): (row, Pair or None, reason, part, label).
+        units = [(i, *unit) for i, raw in enumerate(rows["raw"]) for unit in self.parse(raw)]
+        good = [u for u, unit in enumerate(units) if unit[1] is not None]
+        tokens = tokenize_normalized(self.tokenizer, [units[u][1] for u in good], self.settings, self.cut_prefix)
         tokenized = dict(zip(good, tokens))
         out = {name: [] for name in OUT_SCHEMA.names}
-        for i, (pair, reason) in enumerate(parsed):
-            tok = tokenized.get(i)
+        for u, (i, pair, reason, part, desirable) in enumerate(units):
+            tok = tokenized.get(u)
             if pair is not None and tok["error"]:
                 pair, reason = None, tok["error"]
             if pair is None:
                 status, pid = "quarantined", ""
             else:
-                pid = pair_key(pair)
+                pid = example_key(pair, desirable) if self.unpaired else pair_key(pair)
                 status, reason = ("filtered", tok["filtered"]) if tok["filtered"] else ("ok", "")
             ok = status == "ok"
             split = self.split
-            if ok and self.split == "train" and self.eval_fraction > 0 and eval_bucket(pid, self.eval_fraction):
+            # An unpaired example is split by its prompt, so a prompt's examples (a split pair's two) stay together.
+            bucket = pair_id(pair.prompt, None, None) if ok and self.unpaired else pid
+            if ok and self.split == "train" and self.eval_fraction > 0 and eval_bucket(bucket, self.eval_fraction):
                 split = "eval"
             ids = (tok["prompt_ids"], tok["chosen_ids"], tok["rejected_ids"]) if ok else ([], [], [])
             values = {
@@ -101,6 +120,9 @@ class Preprocess:
                 "rejected_ids": ids[2],
                 "digest": token_digest(*ids) if ok else b"",
                 "split": split,
+                "part": part,
+                "label": -1 if desirable is None or pair is None else int(desirable),
+                "kl_group": -1,
             }
             for name, value in values.items():
                 out[name].append(value)
@@ -124,13 +146,15 @@ def pick(processed, status: str, split: str | None = None, columns: list[str] | 
     return from_tables([_pick_block(b, status, split, columns) for b in blocks(processed)])
 
 
-def input_order(processed, files: list[str]) -> list[tuple[str, str, int]]:
-    """(pair_id, source, index, digest) of kept pairs sorted by input source order, then position."""
+def input_order(processed, files: list[str]) -> list[tuple[str, str, int, bytes, int]]:
+    """(pair_id, source, index, digest, part) of kept pairs or examples sorted by input source order,
+    then position (a split pair's halves as :func:`raydpo.data.unpaired.example_order` orders them)."""
     rank = {f: i for i, f in enumerate(files)}
     rows = []
-    for batch in pick(processed, "ok", columns=["pair_id", "source", "index", "digest"]).iter_batches(batch_format="pyarrow"):
-        rows.extend(zip(*(batch[c].to_pylist() for c in ("pair_id", "source", "index", "digest"))))
-    return sorted(rows, key=lambda r: (rank.get(r[1], len(rank)), r[1], r[2]))
+    names = ("pair_id", "source", "index", "digest", "part")
+    for batch in pick(processed, "ok", columns=list(names)).iter_batches(batch_format="pyarrow"):
+        rows.extend(zip(*(batch[c].to_pylist() for c in names)))
+    return sorted(rows, key=lambda r: example_order(rank.get(r[1], len(rank)), r[1], r[2], r[4]))
 
 
 DUPLICATE = "duplicate"
@@ -139,15 +163,16 @@ DUPLICATE = "duplicate"
 def mark_duplicates(processed, files: list[str]):
     """Re-label every kept pair whose content appeared earlier in input order as filtered 'duplicate'."""
     seen, dups = set(), set()
-    for pid, src, idx, _ in input_order(processed, files):
+    for pid, src, idx, _, part in input_order(processed, files):
         if pid in seen:
-            dups.add((src, idx))
+            dups.add((src, idx, part))
         seen.add(pid)
     if not dups:
         return processed
 
     def relabel(t: pa.Table) -> pa.Table:
-        hit = [st == "ok" and (s, i) in dups for st, s, i in zip(t["status"].to_pylist(), t["source"].to_pylist(), t["index"].to_pylist())]
+        keys = zip(t["status"].to_pylist(), t["source"].to_pylist(), t["index"].to_pylist(), t["part"].to_pylist())
+        hit = [st == "ok" and (s, i, part) in dups for st, s, i, part in keys]
         mask = pa.array(hit, pa.bool_())
         status = pc.if_else(mask, pa.scalar("filtered"), t["status"])
         reason = pc.if_else(mask, pa.scalar(DUPLICATE), t["reason"])
@@ -155,50 +180,6 @@ def mark_duplicates(processed, files: list[str]):
             t.schema.get_field_index("reason"), "reason", reason)
 
     return from_tables([relabel(b) for b in blocks(processed)])
-
-
-@dataclass
-class DataSummary:
-    """What happened to every row read; ``read == used + quarantined + filtered``."""
-
-    read: int = 0
-    used: dict[str, int] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    filtered: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        q, f, u = sum(self.quarantined.values()), sum(self.filtered.values()), sum(self.used.values())
-        return {
-            "rows_read": self.read,
-            "rows_used": u,
-            "rows_used_by_split": dict(self.used),
-            "rows_quarantined": q,
-            "quarantined_by_reason": dict(self.quarantined),
-            "rows_filtered": f,
-            "filtered_by_reason": dict(self.filtered),
-            "counts_add_up": self.read == u + q + f,
-        }
-
-
-def reason_kind(reason: str) -> str:
-    """'wrong_type: chosen is int, expected str' -> 'wrong_type' (the countable part)."""
-    return reason.split(":", 1)[0]
-
-
-def summarize(processed) -> DataSummary:
-    """Count rows by status, split and reason kind."""
-    summary = DataSummary()
-    for block in blocks(processed):
-        counts = block.select(["status", "reason", "split"]).group_by(["status", "reason", "split"]).aggregate([([], "count_all")])
-        for status, reason, split, n in zip(*(counts[c].to_pylist() for c in ("status", "reason", "split", "count_all"))):
-            summary.read += n
-            if status == "ok":
-                summary.used[split] = summary.used.get(split, 0) + n
-            else:
-                bucket = summary.quarantined if status == "quarantined" else summary.filtered
-                kind = reason_kind(reason)
-                bucket[kind] = bucket.get(kind, 0) + n
-    return summary
 
 
 def write_quarantine(processed, path: str) -> int:
@@ -229,16 +210,6 @@ class _LiveCounts:
         tokenized = self.by_status["ok"] + self.by_status["filtered"]
         console.get().update("data", f"data: {read:,} rows read, {tokenized:,} tokenized, "
                                      f"{self.by_status['quarantined']:,} quarantined{self.rate.suffix(read)}")
-
-
-def describe(summary: DataSummary, seconds: float) -> str:
-    """The data stage's closing console line: every row accounted for, reasons included."""
-    splits = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.used.items(), key=lambda kv: kv[0] != "train"))
-    line = f"data: {summary.read:,} rows read in {console.duration(seconds)}: {sum(summary.used.values()):,} kept ({splits})"
-    for name, by_reason in (("quarantined", summary.quarantined), ("filtered", summary.filtered)):
-        n = sum(by_reason.values())
-        line += f", {n:,} {name}" + (f" ({console.counts(by_reason)})" if n else "")
-    return line
 
 
 @dataclass
@@ -283,6 +254,30 @@ def driver_tokenizer_spec(cfg) -> TokenizerSpec:
     return tokenizer_spec(path, trust, load_tokenizer(path, trust))
 
 
+def add_kl_sequences(processed, files: list[str], group: int, settings: TokenizeSettings):
+    """Every kept unpaired example with its KL sequence (:func:`raydpo.data.unpaired.with_kl_sequences`),
+    per split in input order; the other rows unchanged. Group ids are unique across splits."""
+    import pyarrow as pa
+
+    rank = {f: i for i, f in enumerate(files)}
+    tables = list(blocks(processed))
+    if not tables:
+        return processed
+    everything = pa.concat_tables(tables)
+    out, first = [everything.filter(pc.invert(pc.equal(everything["status"], "ok")))], 0
+    for split in ("train", "eval"):
+        kept = _pick_block(everything, "ok", split)
+        if not kept.num_rows:
+            continue
+        keys = [example_order(rank.get(src, len(rank)), src, idx, part)
+                for src, idx, part in zip(kept["source"].to_pylist(), kept["index"].to_pylist(), kept["part"].to_pylist())]
+        order = sorted(range(kept.num_rows), key=keys.__getitem__)
+        paired = with_kl_sequences(kept, order, group, settings, first)
+        first = int(pc.max(paired["kl_group"]).as_py()) + 1
+        out.append(paired)
+    return from_tables(out)
+
+
 def _process(raw_rows, split: str, cfg, eval_fraction: float):
     import ray.data
 
@@ -297,6 +292,8 @@ def _process(raw_rows, split: str, cfg, eval_fraction: float):
             "fmt": cfg.data.format,
             "marker": cfg.data.prompt_marker,
             "shared_prompt": cfg.data.shared_prompt,
+            "unpaired": unpaired(cfg.loss),
+            "unpair_pairs": cfg.data.unpair_pairs,
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.data.num_workers),
         batch_size=cfg.data.tokenize_batch_size,
@@ -333,7 +330,10 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
     processed = collect(ds, live)
     if cfg.data.deduplicate:
         processed = mark_duplicates(processed, train_files + eval_files)
-    summary = summarize(processed)
+    is_unpaired = unpaired(cfg.loss)
+    if is_unpaired:
+        processed = add_kl_sequences(processed, inputs, cfg.train.micro_batch_size, tokenize_settings(cfg))
+    summary = summarize(processed, is_unpaired)
     console.get().update("data", describe(summary, time.perf_counter() - live.start), final=True)
     write_quarantine(processed, quarantine_path)
     if summary.quarantined:
@@ -344,10 +344,11 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
             f"{bad} of {summary.read} rows ({bad / summary.read:.2%}) are malformed, more than "
             f"data.max_bad_fraction={cfg.data.max_bad_fraction}; see {quarantine_path} for each row and its reason"
         )
-    train = pick(processed, "ok", "train", PAIR_COLUMNS)
+    columns = kept_columns(is_unpaired)
+    train = pick(processed, "ok", "train", columns)
     n_train = summary.used.get("train", 0)
     if n_train == 0:
         raise ValueError(f"no usable training pair in {summary.read} rows read; see {quarantine_path}")
     n_eval = summary.used.get("eval", 0)
-    evals = pick(processed, "ok", "eval", PAIR_COLUMNS) if n_eval else None
+    evals = pick(processed, "ok", "eval", columns) if n_eval else None
     return PreparedData(train, evals, n_train, n_eval, summary, train_files + eval_files, processed, tokenize_settings(cfg))

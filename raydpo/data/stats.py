@@ -62,7 +62,7 @@ def export_reference(processed, files: list[str], scored: list, path: str) -> in
                 by_digest[row[0]] = row[1:]
     n = 0
     with open(path, "w") as f:
-        for pid, _, _, digest in input_order(processed, files):
+        for pid, _, _, digest, _ in input_order(processed, files):
             rc, rr, pt, ct, rt = by_digest[digest]
             line = {"pair_id": pid, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
                     "prompt_tokens": pt, "chosen_tokens": ct, "rejected_tokens": rt}

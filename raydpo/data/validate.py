@@ -35,7 +35,7 @@ class Bad(Exception):
     """A row that cannot be used; ``str(self)`` is the quarantine reason ('kind: detail')."""
 
 
-def _messages(value: Any, name: str) -> Messages:
+def messages(value: Any, name: str) -> Messages:
     if not isinstance(value, list) or not value:
         raise Bad(f"wrong_type: {name} must be a non-empty list of messages")
     for i, m in enumerate(value):
@@ -96,8 +96,8 @@ def split_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Mess
     return chosen[:k], chosen[k:], rejected[k:]
 
 
-def _completion(value: Any, name: str) -> Messages:
-    msgs = _messages(value, name)
+def completion_messages(value: Any, name: str) -> Messages:
+    msgs = messages(value, name)
     if msgs[0]["role"] != "assistant":
         raise Bad(f"bad_message: {name} must start with an assistant message, got {msgs[0]['role']!r}")
     return msgs
@@ -112,6 +112,8 @@ def _detect(row: dict) -> str:
 def normalize(row: dict, fmt: str = "auto", marker: str = "\n\nAssistant:") -> Pair:
     """A parsed JSON object (already column-mapped) -> Pair, or raise Bad."""
     fmt = _detect(row) if fmt == "auto" else fmt
+    if "completion" in row and "label" in row and "chosen" not in row:
+        raise Bad("unpaired_row: a {prompt, completion, label} row; unpaired data trains with loss.type: kto")
     needed = ("chosen", "rejected") if fmt == "implicit" else FIELDS
     for name in needed:
         if name not in row or row[name] is None:
@@ -122,14 +124,14 @@ def normalize(row: dict, fmt: str = "auto", marker: str = "\n\nAssistant:") -> P
                 raise Bad(f"wrong_type: {name} is {type(row[name]).__name__}, expected str")
         pair = Pair(row["prompt"], row["chosen"], row["rejected"], "text")
     elif fmt == "conversational":
-        pair = Pair(_messages(row["prompt"], "prompt"), _completion(row["chosen"], "chosen"),
-                    _completion(row["rejected"], "rejected"), "chat")
+        pair = Pair(messages(row["prompt"], "prompt"), completion_messages(row["chosen"], "chosen"),
+                    completion_messages(row["rejected"], "rejected"), "chat")
     elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
         if row["chosen"] == row["rejected"]:
             raise Bad("identical_completions")
         pair = Pair(*split_text(row["chosen"], row["rejected"], marker), "text")
     elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
-        c, r = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+        c, r = messages(row["chosen"], "chosen"), messages(row["rejected"], "rejected")
         if c == r:
             raise Bad("identical_completions")
         pair = Pair(*split_messages(c, r), "chat")
@@ -139,21 +141,21 @@ def normalize(row: dict, fmt: str = "auto", marker: str = "\n\nAssistant:") -> P
     return pair
 
 
-def _text_of(part: Part) -> str:
+def text_of(part: Part) -> str:
     return part if isinstance(part, str) else "".join(m["content"] for m in part)
 
 
 def _check_completions(pair: Pair) -> None:
     for name in ("chosen", "rejected"):
-        if not _text_of(getattr(pair, name)).strip():
+        if not text_of(getattr(pair, name)).strip():
             raise Bad(f"empty_completion: {name}")
     if pair.chosen == pair.rejected:
         raise Bad("identical_completions")
 
 
-def parse_row(raw: bytes, columns: dict[str, str] | None = None, fmt: str = "auto",
-              marker: str = "\n\nAssistant:") -> tuple[Pair | None, str | None]:
-    """raw JSON bytes -> (Pair, None) or (None, reason)."""
+def decode_row(raw: bytes, columns: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
+    """raw JSON bytes -> (the row as a dict with ``columns`` renamed to raydpo's names, None) or
+    (None, reason)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -168,6 +170,15 @@ def parse_row(raw: bytes, columns: dict[str, str] | None = None, fmt: str = "aut
         # One pass from the original row, so swaps like {chosen: rejected, rejected: chosen} work.
         renamed = {ours: row[theirs] for ours, theirs in columns.items() if theirs in row}
         row = {k: v for k, v in row.items() if k not in columns.values()} | renamed
+    return row, None
+
+
+def parse_row(raw: bytes, columns: dict[str, str] | None = None, fmt: str = "auto",
+              marker: str = "\n\nAssistant:") -> tuple[Pair | None, str | None]:
+    """raw JSON bytes -> (Pair, None) or (None, reason)."""
+    row, reason = decode_row(raw, columns)
+    if row is None:
+        return None, reason
     try:
         return normalize(row, fmt, marker), None
     except Bad as e:

@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 
 from raydpo.data.tokenize import PROMPT_TOO_LONG, encode, pair_id
-from raydpo.data.validate import Bad, _messages, normalize
+from raydpo.data.validate import Bad, messages, normalize
 
 PromptValue = Union[str, list]
 
@@ -40,7 +40,7 @@ def prompt_of(row: dict, fmt: str = "auto", marker: str = "\n\nAssistant:") -> P
             return value
         if value is None:
             raise Bad("missing_field: prompt")
-        return _messages(value, "prompt")
+        return messages(value, "prompt")
     return normalize(row, fmt, marker).prompt
 
 

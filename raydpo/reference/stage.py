@@ -201,7 +201,8 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
     read everything; resumed entries are completed first. ``label``: the split, for the console.
     """
     start = time.perf_counter()
-    tables = [t.select(CACHED_COLUMNS[:5]) for t in blocks(pairs)]
+    # Unpaired examples' label rides along (not part of the cache: the digest covers the tokens).
+    tables = [t.select(CACHED_COLUMNS[:5] + [c for c in ("label",) if c in t.column_names]) for t in blocks(pairs)]
     digests = [d for t in tables for d in t["digest"].to_pylist()]
     inputs = cache_inputs(cfg, digests, tokenize_settings)
     key = cache.cache_key(inputs)

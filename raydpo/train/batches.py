@@ -84,4 +84,3 @@ def micro_batches(shard, micro_batch_size: int, seed: int, group_by_length: bool
     # Windows are multiples of the micro-batch, so only the shard's last one can leave a remainder.
     for window in shard.iter_batches(batch_size=WINDOW_MICRO_BATCHES * micro_batch_size, batch_format="numpy"):
         yield from length_grouped(window, micro_batch_size, rng)
-

@@ -16,13 +16,20 @@ import time
 from raydpo import console
 
 
+def _quality(row: dict, prefix: str = "") -> str:
+    """Reward accuracy of pairs, or KTO's KL estimate (unpaired examples have no accuracy)."""
+    acc = row.get(f"{prefix}rewards/accuracies")
+    return f"acc {acc:.3f}" if acc is not None else f"kl {row.get(f'{prefix}kl', float('nan')):.4f}"
+
+
 def train_line(row: dict, total: int, eta: str, verbose: bool) -> str:
-    """One training row as a console line: step / total, loss, reward accuracy, pairs/s and ETA."""
-    line = (f"train: step {row['step']}/{total} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.3f} "
-            f"{row['pairs_per_s']:.1f} pairs/s {eta}")
+    """One training row as a console line: step / total, loss, reward accuracy (KTO: KL), pairs/s and ETA."""
+    unit = "pairs" if "rewards/accuracies" in row else "examples"
+    line = (f"train: step {row['step']}/{total} loss {row['loss']:.4f} {_quality(row)} "
+            f"{row['pairs_per_s']:.1f} {unit}/s {eta}")
     if verbose:
         grad = row.get("grad_norm")
-        line += (f" | epoch {row['epoch']} margin {row['rewards/margins']:+.4f} chosen {row['rewards/chosen']:+.4f} "
+        line += (f" | epoch {row['epoch']} margin {row.get('rewards/margins', float('nan')):+.4f} chosen {row['rewards/chosen']:+.4f} "
                  f"rejected {row['rewards/rejected']:+.4f} logps {row['logps/chosen']:.2f}/{row['logps/rejected']:.2f} "
                  f"lr {row['learning_rate']:.2e}" + (f" grad_norm {grad:.3f}" if grad is not None else "")
                  + f" {row['tokens_per_s']:,.0f} tokens/s")
@@ -30,8 +37,9 @@ def train_line(row: dict, total: int, eta: str, verbose: bool) -> str:
 
 
 def eval_line(row: dict) -> str:
-    return (f"eval @ step {row['step']}: loss {row['eval/loss']:.4f} acc {row['eval/rewards/accuracies']:.3f} "
-            f"margin {row['eval/rewards/margins']:+.4f} ({int(row['eval/pairs']):,} pairs)")
+    unit = "pairs" if "eval/rewards/accuracies" in row else "examples"
+    return (f"eval @ step {row['step']}: loss {row['eval/loss']:.4f} {_quality(row, 'eval/')} "
+            f"margin {row.get('eval/rewards/margins', float('nan')):+.4f} ({int(row['eval/pairs']):,} {unit})")
 
 
 class MetricsWatcher:

@@ -31,7 +31,7 @@ def random_examples(seed: int):
     return per_token, mask, ref, labels
 
 
-def trl_kto(per_token, mask, ref, labels, p: LossConfig, other_rank_kl=None):
+def trl_kto(per_token, mask, ref, labels, p: LossConfig, other_rank_kl=None, loss_type="kto"):
     """TRL's KTO loss and metrics for this batch; ``other_rank_kl``: a second process's KL estimate,
     which TRL's ``gather_for_metrics`` stacks with this one's."""
     def gather(x):
@@ -44,7 +44,7 @@ def trl_kto(per_token, mask, ref, labels, p: LossConfig, other_rank_kl=None):
     zeros = torch.zeros(B, T - 1, dtype=per_token.dtype)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather_for_metrics=gather),
-        aux_loss_enabled=False, precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=p.beta,
+        aux_loss_enabled=False, precompute_ref_logps=True, calculate_KL=loss_type == "kto", loss_type=loss_type, beta=p.beta,
         desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight,
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         _compute_kl_logps=lambda model, batch: per_token[B:].sum(-1),
@@ -65,12 +65,13 @@ def ours(per_token, mask, ref, labels, p: LossConfig, kl_reduce=None):
     return losses.mean(), mean_metrics({k: float(v) for k, v in sums.items()})
 
 
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("beta,wd,wu", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.7)])
-def test_kto_loss_and_metrics_equal_trl(seed, beta, wd, wu):
-    p = LossConfig(type="kto", beta=beta, desirable_weight=wd, undesirable_weight=wu)
+def test_unpaired_losses_and_metrics_equal_trl(loss_type, seed, beta, wd, wu):
+    p = LossConfig(type=loss_type, beta=beta, desirable_weight=wd, undesirable_weight=wu)
     batch = random_examples(seed)
-    expected, trl_metrics = trl_kto(*batch, p)
+    expected, trl_metrics = trl_kto(*batch, p, loss_type=loss_type)
     loss, metrics = ours(*batch, p)
     assert torch.allclose(loss, expected, atol=1e-12, rtol=1e-12)
     for key in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
@@ -173,6 +174,11 @@ def test_tokens_and_kl_pairing_equal_trls_prepare_dataset(ray_cluster, tiny_mode
     got = [r for b in data.train.iter_batches(batch_format="pyarrow") for r in b.to_pylist()]
     assert _sequences((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in got) == expected
     assert sorted(r["label"] for r in got) == sorted(int(x) for x in trl["label"])
+    # Splitting switched off: every pair is quarantined, and the error names the switch.
+    with pytest.raises(ValueError, match="data.unpair_pairs is false"):
+        cfg = _kto_config(tiny_model_dir, str(path), tmp_path / "c")
+        cfg.data.unpair_pairs = False
+        prepare_data(cfg)
     # The pairing is part of the token digest, hence of the reference cache key: another group size,
     # other KL sequences, other digests.
     other = prepare_data(_kto_config(tiny_model_dir, str(path), tmp_path / "b", micro_batch_size=6))

@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 
 from raydpo import console
 from raydpo.data.local import blocks, collect, from_tables
-from raydpo.data.summary import DataSummary, describe, summarize
+from raydpo.data.summary import DataSummary, describe, reason_kind, summarize
 from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec
 from raydpo.data.tokenize import TokenizeSettings, pair_id, pair_key, token_digest, tokenize_normalized
-from raydpo.config_rules import unpaired
+from raydpo.config_rules import loss_names, unpaired
 from raydpo.data.unpaired import UNPAIRED_ROW, example_key, example_order, parse_examples, with_kl_sequences
 from raydpo.data.validate import parse_row
 
@@ -182,6 +182,15 @@ def mark_duplicates(processed, files: list[str]):
     return from_tables([relabel(b) for b in blocks(processed)])
 
 
+def first_reason(processed, kind: str) -> str:
+    """The full text of the first quarantine reason of ``kind`` (e.g. the whole ``paired_row: ...`` advice)."""
+    for block in blocks(processed):
+        for reason in _pick_block(block, "quarantined", columns=["reason"])["reason"].to_pylist():
+            if reason_kind(reason) == kind:
+                return reason
+    return kind
+
+
 def write_quarantine(processed, path: str) -> int:
     """Write every quarantined row (source, position, reason, the row itself) to ``path``."""
     n = 0
@@ -254,7 +263,7 @@ def driver_tokenizer_spec(cfg) -> TokenizerSpec:
     return tokenizer_spec(path, trust, load_tokenizer(path, trust))
 
 
-def add_kl_sequences(processed, files: list[str], group: int, settings: TokenizeSettings):
+def add_kl_sequences(processed, files: list[str], group: int, settings: TokenizeSettings, kl: bool = True):
     """Every kept unpaired example with its KL sequence (:func:`raydpo.data.unpaired.with_kl_sequences`),
     per split in input order; the other rows unchanged. Group ids are unique across splits."""
     import pyarrow as pa
@@ -272,7 +281,7 @@ def add_kl_sequences(processed, files: list[str], group: int, settings: Tokenize
         keys = [example_order(rank.get(src, len(rank)), src, idx, part)
                 for src, idx, part in zip(kept["source"].to_pylist(), kept["index"].to_pylist(), kept["part"].to_pylist())]
         order = sorted(range(kept.num_rows), key=keys.__getitem__)
-        paired = with_kl_sequences(kept, order, group, settings, first)
+        paired = with_kl_sequences(kept, order, group, settings, first, kl)
         first = int(pc.max(paired["kl_group"]).as_py()) + 1
         out.append(paired)
     return from_tables(out)
@@ -332,7 +341,8 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
         processed = mark_duplicates(processed, train_files + eval_files)
     is_unpaired = unpaired(cfg.loss)
     if is_unpaired:
-        processed = add_kl_sequences(processed, inputs, cfg.train.micro_batch_size, tokenize_settings(cfg))
+        processed = add_kl_sequences(processed, inputs, cfg.train.micro_batch_size, tokenize_settings(cfg),
+                                     kl="kto" in loss_names(cfg.loss))
     summary = summarize(processed, is_unpaired)
     console.get().update("data", describe(summary, time.perf_counter() - live.start), final=True)
     write_quarantine(processed, quarantine_path)
@@ -340,9 +350,11 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
         console.get().say(f"quarantined rows, each with its source, position and reason: {quarantine_path}")
     bad = sum(summary.quarantined.values())
     if summary.read and bad / summary.read > cfg.data.max_bad_fraction:
+        kind, n = max(summary.quarantined.items(), key=lambda kv: kv[1])
         raise ValueError(
             f"{bad} of {summary.read} rows ({bad / summary.read:.2%}) are malformed, more than "
-            f"data.max_bad_fraction={cfg.data.max_bad_fraction}; see {quarantine_path} for each row and its reason"
+            f"data.max_bad_fraction={cfg.data.max_bad_fraction}; most often ({n:,} rows) {first_reason(processed, kind)}; "
+            f"see {quarantine_path} for each row and its reason"
         )
     columns = kept_columns(is_unpaired)
     train = pick(processed, "ok", "train", columns)

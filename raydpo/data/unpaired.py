@@ -115,15 +115,18 @@ def group_ids(bounds: list[tuple[int, int]], first: int = 0) -> np.ndarray:
     return np.concatenate([np.full(b - a, first + g, np.int64) for g, (a, b) in enumerate(bounds)]) if bounds else np.zeros(0, np.int64)
 
 
-def with_kl_sequences(table: pa.Table, order: list[int], group: int, settings: TokenizeSettings, first_group: int = 0) -> pa.Table:
+def with_kl_sequences(table: pa.Table, order: list[int], group: int, settings: TokenizeSettings, first_group: int = 0,
+                      kl: bool = True) -> pa.Table:
     """The kept examples of one split (``table``, in any order; ``order``: its row indices in
     :func:`example_order`) with ``rejected_ids`` set to each example's KL completion, truncated by the
     same rules as its own (``max_length``; with keep_end the shared prompt may lose its start), and
-    ``digest`` and ``kl_group`` (from ``first_group``) recomputed. Rows come back in ``order``."""
+    ``digest`` and ``kl_group`` (from ``first_group``) recomputed. Rows come back in ``order``.
+    ``kl`` False (a loss without a KL term): an empty KL completion, so only the prompt is computed."""
     t = table.take(pa.array(order, pa.int64())) if order else table
     prompts, completions = t["prompt_ids"].to_pylist(), t["chosen_ids"].to_pylist()
     bounds = group_bounds(len(completions), group)
-    rows = [truncate_pair(p, c, kl, settings)[:3] for p, c, kl in zip(prompts, completions, kl_completions(completions, bounds))]
+    partners = kl_completions(completions, bounds) if kl else [[] for _ in completions]
+    rows = [truncate_pair(p, c, other, settings)[:3] for p, c, other in zip(prompts, completions, partners)]
     ids = pa.list_(pa.int32())
     for name, values in (("prompt_ids", [r[0] for r in rows]), ("chosen_ids", [r[1] for r in rows]),
                          ("rejected_ids", [r[2] for r in rows])):

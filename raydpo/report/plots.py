@@ -38,6 +38,7 @@ PLOTS = [
     Plot("loss.png", "Loss: train vs eval", "loss", (_both("loss"),)),
     Plot("reward_accuracy.png", "Reward accuracy (chosen reward > rejected): train vs eval", "accuracy", (_both("rewards/accuracies"),)),
     Plot("reward_margins.png", "Reward margin (chosen - rejected): train vs eval", "margin", (_both("rewards/margins"),)),
+    Plot("kto_kl.png", "KTO: KL estimate (policy vs reference on mismatched prompt/completion pairs)", "KL", (_both("kl"),)),
     Plot("rewards.png", "Rewards: beta x (policy - reference) log-prob", "reward",
          ((Series("rewards/chosen", "chosen"), Series("rewards/rejected", "rejected"),
            Series("eval/rewards/chosen", "eval chosen"), Series("eval/rewards/rejected", "eval rejected")),)),

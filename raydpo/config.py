@@ -220,6 +220,20 @@ class LossConfig:
     """KTO: weight of the desirable examples' losses (TRL's ``desirable_weight``)."""
     undesirable_weight: float = 1.0
     """KTO: weight of the undesirable examples' losses (TRL's ``undesirable_weight``)."""
+    sync_ref_model: bool = False
+    """TR-DPO (TRL's ``sync_ref_model``): refused. raydpo scores the reference once into a cache before
+    training; a reference that moves every few steps would need the rest re-scored each time (TRL
+    also refuses it with ``precompute_ref_log_probs``). Instead, train in stages, each later one with
+    ``reference.name_or_path`` the previous run's ``model/`` (a hard reference update per stage)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO (TRL's ``ld_alpha``, in [0, 1]): completion tokens past the pair's shorter completion count
+    this much in the policy's and the reference's sums; None: all count fully."""
+    use_weighting: bool = False
+    """WPO (TRL's ``use_weighting``): each pair's loss times the chosen and rejected completions' weights,
+    exp(mean over tokens of log p - log sum_v p_v^2) under the policy, without gradient."""
+    router_aux_loss_coef: Optional[float] = None
+    """MoE load-balancing loss weight added to the loss (TRL's ``router_aux_loss_coef``); None: the model
+    config's own (0 where it has none), 0 turns it off; set on a non-MoE model it is an error."""
 
 
 @dataclass
@@ -264,6 +278,9 @@ class TrainConfig:
     decreasing; position ids restart per sequence, attention kept within it), so the linear layers
     spend almost nothing on padding and attention stays N x longest. With a flash_attention
     ``model.attn_implementation`` all sequences go into one row (varlen skips the masked blocks)."""
+    pad_to_multiple_of: Optional[int] = None
+    """Pad padded batches (trainer and reference; not padding-free rows) to a width that is a multiple
+    of this, as TRL's ``pad_to_multiple_of``; the log-probs do not change (masks)."""
     group_by_length: bool = False
     """Order each worker's pairs so micro-batches hold similar lengths (less padding); shuffles
     within windows of ``100 x micro_batch_size`` pairs by a seed, then sorts each window by length."""

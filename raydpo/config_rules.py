@@ -18,6 +18,14 @@ UNPAIRED = frozenset({"kto", "apo_zero_unpaired"})
 """Losses on unpaired, labelled completions (TRL's KTOTrainer); they cannot be mixed with pairwise ones."""
 F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 """Losses with an f-divergence generalization (TRL's list); the others need reverse_kl."""
+SYNC_REF_REFUSAL = (
+    "loss.sync_ref_model (TR-DPO) is not supported: raydpo scores the reference once, before training, into a "
+    "content-addressed cache, and a reference that moves every few steps would need all remaining pairs re-scored at "
+    "each update (TRL refuses sync_ref_model with precompute_ref_log_probs for the same reason). Train in stages "
+    "instead: a first raydpo train, then a second with reference.name_or_path set to the first run's model/ directory "
+    "(a hard reference update at the stage boundary; each stage's scores stay cached)")
+NOT_DPO_TRAINER = frozenset({"simpo", "orpo"}) | UNPAIRED
+"""Losses of other TRL trainers (CPO, ORPO, KTO), which have no ``ld_alpha`` or ``use_weighting``."""
 
 
 def pool_size(num_actors: int | list[int]) -> tuple[int, int]:
@@ -46,6 +54,13 @@ def loss_checks(loss: LossConfig) -> list[tuple[bool, str]]:
          f"loss.type {loss_names(loss)} mixes an unpaired loss ({', '.join(sorted(UNPAIRED))}: one labelled completion "
          "per row) with others; unpaired losses train alone"),
         (loss.desirable_weight > 0 and loss.undesirable_weight > 0, "loss.desirable_weight and loss.undesirable_weight must be > 0"),
+        (not loss.sync_ref_model, SYNC_REF_REFUSAL),
+        (loss.ld_alpha is None or 0.0 <= loss.ld_alpha <= 1.0, "loss.ld_alpha must be in [0, 1] (or unset: no LD-DPO)"),
+        (not (loss.ld_alpha is not None or loss.use_weighting) or not set(loss_names(loss)) & NOT_DPO_TRAINER,
+         f"loss.ld_alpha and loss.use_weighting are TRL DPOTrainer options: not for {', '.join(sorted(NOT_DPO_TRAINER))}"),
+        # As TRL: the sorting losses pair each margin with another pair's, so per-pair weights would misalign.
+        (not loss.use_weighting or not {"aot", "aot_unpaired"} & set(loss_names(loss)),
+         "loss.use_weighting (WPO) cannot weight aot or aot_unpaired: they sort the pairs of a batch"),
     ]
 
 
@@ -123,6 +138,9 @@ def validate(cfg: "Config") -> None:
         (cfg.logging.progress_every_s >= 0, "logging.progress_every_s must be >= 0"),
         (cfg.model.logits_chunk_tokens is None or cfg.model.logits_chunk_tokens >= 0,
          "model.logits_chunk_tokens must be >= 0 (0: full logits) or unset (automatic)"),
+        (cfg.train.pad_to_multiple_of is None or cfg.train.pad_to_multiple_of >= 1, "train.pad_to_multiple_of must be >= 1"),
+        (cfg.loss.ld_alpha is None or cfg.reference.backend == "hf",
+         "loss.ld_alpha weights the reference's tokens too, which reference.backend vllm cannot: use reference.backend hf"),
         *sequence_parallel_checks(cfg),
         *unpaired_checks(cfg),
         (len(set(cfg.logging.backends)) == len(cfg.logging.backends), "logging.backends lists a tracker twice"),
@@ -168,6 +186,22 @@ def sequence_parallel_checks(cfg: "Config") -> list[tuple[bool, str]]:
     issue = sequence_parallel_issue(t.sequence_parallel_size, t.num_workers, cfg.model.attn_implementation,
                                     cfg.reference.mode == "streaming")
     return [(issue is None, issue or "")]
+
+
+def router_aux_coef(loss: LossConfig, model_config) -> float:
+    """The weight of the MoE load-balancing loss for this model (0: off), as TRL's DPOTrainer reads
+    ``router_aux_loss_coef``: unset, the model config's own (0.0 where it declares none); on only for
+    a config with ``output_router_logits`` (an MoE model), and a non-zero value on another is an error.
+
+    ``model_config``: the policy's transformers config (its text config for a multimodal one)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    moe = hasattr(text, "output_router_logits")
+    coef = loss.router_aux_loss_coef
+    if coef and not moe:
+        raise ConfigError(f"loss.router_aux_loss_coef is {coef} but model_type {getattr(text, 'model_type', '?')!r} is "
+                          "not a Mixture-of-Experts model that returns router logits: there is no auxiliary loss to weight")
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return float(coef or 0.0) if moe else 0.0
 
 
 def loss_names(loss: LossConfig) -> list[str]:

@@ -24,10 +24,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from raydpo.config import LossConfig
-from raydpo.config_rules import REFERENCE_FREE, loss_names, validate_loss
+from raydpo.config_rules import REFERENCE_FREE, loss_names, router_aux_coef, unpaired, validate_loss
 from raydpo.dpo_inputs import Lengths, pair_batch, prompt_lengths_of, token_mask
-from raydpo.logprobs import forward_logps, split_pairs
-from raydpo.objectives import PairLogps, mean_metrics, preference_loss
+from raydpo.logprobs import forward_logps, forward_scores, split_pairs
+from raydpo.objectives import PairLogps, mean_metrics, preference_loss, with_aux_loss
 from raydpo.models import zero_dropout
 from raydpo.schema import build
 
@@ -37,10 +37,12 @@ class DPOOutput:
     """What :meth:`DPO.forward` returns for B pairs."""
 
     loss: torch.Tensor
-    """Mean loss over the pairs (a scalar with a graph to the policy): call ``.backward()`` on it."""
+    """Mean loss over the pairs, plus the MoE router loss where it is on (a scalar with a graph to the
+    policy): call ``.backward()`` on it."""
     metrics: dict[str, torch.Tensor]
     """TRL's metrics as 0-d detached tensors (``float()`` them to log): ``loss``, ``rewards/chosen``,
-    ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``."""
+    ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``
+    (and ``aux_loss`` with the MoE router loss)."""
     losses: torch.Tensor
     """Per-pair losses [B]."""
     chosen_rewards: torch.Tensor
@@ -100,7 +102,9 @@ class DPO(torch.nn.Module):
             chunks automatically, 0 scores from the model's full ``[B, T, V]`` logits.
         **loss_options: the other keys of the pipeline's ``loss`` section (``label_smoothing``,
             ``loss_weights`` as ``weights``, ``simpo_gamma``, ``discopop_tau``, ``f_divergence``,
-            ``f_alpha_divergence_coef``).
+            ``f_alpha_divergence_coef``, ``ld_alpha`` (the reference's sums weighted alike; precomputed
+            ``ref_*_logps`` must be too), ``use_weighting``, ``router_aux_loss_coef``: unset, an MoE
+            policy's own config value, as TRL).
     """
 
     def __init__(
@@ -119,6 +123,10 @@ class DPO(torch.nn.Module):
         loss_type = loss_type if isinstance(loss_type, str) else list(loss_type)
         self.loss_config: LossConfig = build("", LossConfig, {"type": loss_type, "beta": beta, **loss_options})
         validate_loss(self.loss_config)
+        if unpaired(self.loss_config):
+            raise ValueError(f"raydpo.DPO trains on pairs; loss {loss_type!r} is unpaired (KTO): run it with raydpo train, "
+                             "whose data stage builds the KL sequences it needs")
+        self.aux_coef = router_aux_coef(self.loss_config, getattr(model, "config", None))
         self.pad_id = pad_id
         self.logits_chunk_tokens = logits_chunk_tokens
         self.policy = model
@@ -164,10 +172,11 @@ class DPO(torch.nn.Module):
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's sequence log-probs of a ``pair_batch``: [2B], chosen then rejected."""
+        ld_alpha = self.loss_config.ld_alpha
         if self._reference is not None:
-            return forward_logps(self._reference, batch, self.logits_chunk_tokens)
+            return forward_logps(self._reference, batch, self.logits_chunk_tokens, ld_alpha=ld_alpha)
         with self.policy.disable_adapter(), eval_mode(self.policy):
-            return forward_logps(self.policy, batch, self.logits_chunk_tokens)
+            return forward_logps(self.policy, batch, self.logits_chunk_tokens, ld_alpha=ld_alpha)
 
     def forward(
         self,
@@ -195,7 +204,9 @@ class DPO(torch.nn.Module):
         r_mask = token_mask(rejected_ids, rejected_mask, self.pad_id)
         batch = pair_batch(chosen_ids, rejected_ids, c_mask, r_mask,
                            prompt_lengths_of(prompt_mask, prompt_lengths, c_mask), self.pad_id)
-        logps = forward_logps(self.policy, batch, self.logits_chunk_tokens)
+        p = self.loss_config
+        scores = forward_scores(self.policy, batch, self.logits_chunk_tokens, None, p.ld_alpha, p.use_weighting,
+                                self.aux_coef != 0)
         ref = None
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             if ref_chosen_logps is None or ref_rejected_logps is None:
@@ -203,6 +214,8 @@ class DPO(torch.nn.Module):
             ref = (ref_chosen_logps.float(), ref_rejected_logps.float())
         elif self.uses_reference:
             ref = split_pairs(self.reference_logps(batch))
-        pair, (losses, chosen_r, rejected_r), sums = preference_loss(logps, batch["completion_tokens"], ref, self.loss_config)
-        return DPOOutput(loss=losses.mean(), metrics=mean_metrics(sums), losses=losses,
+        pair, (losses, chosen_r, rejected_r), sums = preference_loss(scores.logps, batch["completion_tokens"], ref, p,
+                                                                     plain_logps=scores.plain, aligned=scores.aligned)
+        loss, sums = with_aux_loss(losses.mean(), sums, scores.aux_loss, self.aux_coef)
+        return DPOOutput(loss=loss, metrics=mean_metrics(sums), losses=losses,
                          chosen_rewards=chosen_r, rejected_rewards=rejected_r, logps=pair)

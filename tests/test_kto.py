@@ -139,6 +139,18 @@ def test_config_refuses_mixed_losses_and_single_example_batches():
         from_dict(base | {"loss": {"type": "kto"}, "train": {"micro_batch_size": 1}})
     with pytest.raises(ConfigError, match="desirable_weight"):
         from_dict(base | {"loss": {"type": "kto", "undesirable_weight": 0}})
+    # TR-DPO is refused with the reason and what to do instead.
+    with pytest.raises(ConfigError, match="sync_ref_model.*reference.name_or_path"):
+        from_dict(base | {"loss": {"sync_ref_model": True}})
+
+
+def test_in_process_wrapper_refuses_unpaired_losses(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    import raydpo
+
+    with pytest.raises(ValueError, match="unpaired"):
+        raydpo.DPO(AutoModelForCausalLM.from_pretrained(tiny_model_dir), loss_type="kto")
 
 
 def _kto_config(tiny_model_dir, train, tmp_path, **train_section):

@@ -35,20 +35,34 @@ def random_batch(seed: int):
     return per_token, mask, ref[:B], ref[B:]
 
 
-def trl_dpo_loss(names, weights, per_token, mask, ref_c, ref_r, p: LossConfig):
-    """TRL's scalar loss and logged rewards for this batch."""
+def stand_in_trainer(names, weights, p: LossConfig, **extra):
+    """An object with the attributes ``DPOTrainer._compute_loss`` reads, for one process on CPU."""
     gather = lambda x: x  # noqa: E731  (one process)
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather_for_metrics=gather, gather=gather),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type=p.f_divergence,
-        f_alpha_divergence_coef=p.f_alpha_divergence_coef, loss_types=names, loss_weights=weights, beta=p.beta,
-        label_smoothing=p.label_smoothing, args=SimpleNamespace(discopop_tau=p.discopop_tau), use_weighting=False,
-        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )
+    model = torch.nn.Module()  # in train mode; a module, as accelerate's is_peft_model looks inside it
+    model.is_gradient_checkpointing = False
+    return SimpleNamespace(**{
+        "model": model,
+        "accelerator": SimpleNamespace(device="cpu", gather_for_metrics=gather, gather=gather),
+        "aux_loss_enabled": False, "ld_alpha": p.ld_alpha, "precompute_ref_logps": True, "f_divergence_type": p.f_divergence,
+        "f_alpha_divergence_coef": p.f_alpha_divergence_coef, "loss_types": names, "loss_weights": weights, "beta": p.beta,
+        "label_smoothing": p.label_smoothing, "use_weighting": p.use_weighting,
+        "args": SimpleNamespace(discopop_tau=p.discopop_tau, gradient_checkpointing_kwargs=None),
+        "_metrics": {"train": defaultdict(list)}, "_total_train_tokens": 0, "_tp_size": 1, **extra})
+
+
+def trl_dpo_loss(names, weights, per_token, mask, ref_c, ref_r, p: LossConfig, sum_sq=None, ref_per_token=None):
+    """TRL's scalar loss and logged rewards for this batch. ``sum_sq``: the per-token ``log_sum_sq_probs``
+    (WPO); ``ref_per_token``: the reference's per-token log-probs, scored by TRL itself (then
+    ``precompute_ref_logps`` is off and ``ref_c``, ``ref_r`` are unused)."""
     zeros = torch.zeros_like(per_token)
 
-    def model(**kwargs):
-        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    def stand_in(values):
+        return lambda **kwargs: SimpleNamespace(log_probs=values, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+                                                log_sum_sq_probs=sum_sq)
+
+    model = stand_in(per_token)
+    trainer = stand_in_trainer(names, weights, p, precompute_ref_logps=ref_per_token is None,
+                               ref_model=None if ref_per_token is None else stand_in(ref_per_token))
 
     inputs = {"input_ids": torch.ones_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
               "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}

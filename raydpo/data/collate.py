@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from raydpo.logprobs import position_ids_from_mask, scored_tokens
 
 
-def _pad(seqs: list[list[int]], value: int, side: str) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
+def padded_width(width: int, multiple: Optional[int]) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (``train.pad_to_multiple_of``; None: as is)."""
+    return width if not multiple else -(-width // multiple) * multiple
+
+
+def _pad(seqs: list[list[int]], value: int, side: str, multiple: Optional[int] = None) -> torch.Tensor:
+    width = padded_width(max(len(s) for s in seqs), multiple)
     rows = [([value] * (width - len(s)) + list(s)) if side == "left" else (list(s) + [value] * (width - len(s))) for s in seqs]
     return torch.tensor(rows, dtype=torch.long)
 
@@ -21,11 +26,13 @@ def collate_pairs(
     rejected_ids: Sequence[Sequence[int]],
     pad_id: int,
     padding_side: str = "right",
+    pad_to_multiple_of: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B sequences (rows 0..B-1 chosen, B..2B-1 rejected).
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens,
-    aligned to ``input_ids``) and ``position_ids``, each [2B, T] with T the longest sequence, and
+    aligned to ``input_ids``) and ``position_ids``, each [2B, T] with T the longest sequence (rounded
+    up to a multiple of ``pad_to_multiple_of``, as TRL's ``DataCollatorForPreference``), and
     ``completion_tokens`` [2B] (completion tokens scored per sequence).
     """
     seqs, masks = [], []
@@ -33,8 +40,9 @@ def collate_pairs(
         for p, c in zip(prompt_ids, completions):
             seqs.append(list(p) + list(c))
             masks.append([0] * len(p) + [1] * len(c))
-    return padded_batch(_pad(seqs, pad_id, padding_side), _pad([[1] * len(s) for s in seqs], 0, padding_side),
-                        _pad(masks, 0, padding_side))
+    m = pad_to_multiple_of
+    return padded_batch(_pad(seqs, pad_id, padding_side, m), _pad([[1] * len(s) for s in seqs], 0, padding_side, m),
+                        _pad(masks, 0, padding_side, m))
 
 
 def padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,11 +122,13 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_free: bool = False,
-                 one_row: bool = False) -> dict[str, torch.Tensor]:
-    """Collate a Ray Data numpy batch (columns of id arrays), padded or ``padding_free`` (``one_row``:
-    see :func:`collate_packed`); carries ``ref_*_logps`` and unpaired examples' ``label`` when present."""
+                 one_row: bool = False, pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Collate a Ray Data numpy batch (columns of id arrays), padded (to a width that is a multiple of
+    ``pad_to_multiple_of`` when set) or ``padding_free`` (``one_row``: see :func:`collate_packed`);
+    carries ``ref_*_logps`` and unpaired examples' ``label`` when present."""
     cols = (batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
-    out = collate_packed(*cols, pad_id, one_row) if padding_free else collate_pairs(*cols, pad_id, padding_side)
+    out = (collate_packed(*cols, pad_id, one_row) if padding_free
+           else collate_pairs(*cols, pad_id, padding_side, pad_to_multiple_of))
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in batch:
             # A copy: Ray hands read-only arrays (zero-copy from its object store), which torch warns about.

@@ -8,12 +8,12 @@ and padding masked out, accumulated in float32 whatever the model's dtype.
 - :mod:`.chunked`: the same numbers from the final hidden states, ``lm_head`` applied in chunks of
   scored positions only, so no ``[T, V]`` tensor ever exists (recomputed in backward).
 - :mod:`.forward`: one forward of a collated batch (padded, padding-free or one sequence-parallel
-  shard of it) -> per-sequence log-probs; the one entry point of the trainer, the reference actors
-  and ``raydpo.DPO``.
+  shard of it) -> per-sequence log-probs (LD-DPO-weighted with ``ld_alpha``, WPO sums and the MoE
+  router loss on request); the one entry point of the trainer, the reference actors and ``raydpo.DPO``.
 """
 
-from raydpo.logprobs.forward import forward_logps, sum_by_sequence
+from raydpo.logprobs.forward import SequenceScores, forward_logps, forward_scores, sum_by_sequence
 from raydpo.logprobs.full import position_ids_from_mask, scored_tokens, sequence_logps, split_pairs, token_logps
 
-__all__ = ["forward_logps", "position_ids_from_mask", "scored_tokens", "sequence_logps", "split_pairs",
-           "sum_by_sequence", "token_logps"]
+__all__ = ["SequenceScores", "forward_logps", "forward_scores", "position_ids_from_mask", "scored_tokens",
+           "sequence_logps", "split_pairs", "sum_by_sequence", "token_logps"]

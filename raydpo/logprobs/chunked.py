@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from raydpo.families.rules import logit_transform
-from raydpo.logprobs.full import target_logps
+from raydpo.logprobs.full import log_sum_sq_probs, target_logps
 
 #: float32 logits of one chunk are kept at most this many elements (128 MiB) by the automatic size;
 #: at a 152k vocabulary 256 MiB chunks made a 4k-token step's peak 1.67 GB, 128 MiB ones 1.15 GB, at
@@ -107,22 +107,28 @@ def recomputable(head: torch.nn.Module) -> bool:
 
 
 def head_logps(head: torch.nn.Module, transform: Callable, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
-               count: int | None = None) -> torch.Tensor:
-    """log p(target) at each scored position.
+               count: int | None = None, sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) at each scored position, and with ``sum_sq`` ``log sum_v p_v^2`` there (WPO).
 
     hidden: [N, H] (model dtype) final hidden states of the predicting positions; targets: [N] token
-    ids -> [N] float32. ``chunk`` positions per head call, in ``count`` calls (default: as many as
-    needed; more give empty calls); with gradients and more than one call, each chunk's logits are
-    recomputed in backward (one chunk's logits alive at a time)."""
-    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return target_logps(transform(head(h).float()), y)  # via [n, V] logits
+    ids -> ([N] float32, [N] float32 without gradient or None). ``chunk`` positions per head call, in
+    ``count`` calls (default: as many as needed; more give empty calls); with gradients and more than
+    one call, each chunk's logits are recomputed in backward (one chunk's logits alive at a time)."""
+    def piece(h: torch.Tensor, y: torch.Tensor):
+        logits = transform(head(h).float())  # [n, V]
+        # The no-grad term comes last and saves nothing: checkpoint's recomputation in backward stops
+        # once the saved tensors of the log-probs are rebuilt, so it does not run twice.
+        return target_logps(logits, y), log_sum_sq_probs(logits) if sum_sq else None
 
     count = count or max(1, -(-hidden.shape[0] // chunk))
     bounds = [min(i * chunk, hidden.shape[0]) for i in range(count)] + [hidden.shape[0]]
     chunks = [(hidden[a:b], targets[a:b]) for a, b in zip(bounds, bounds[1:])]
     if count == 1 or not (torch.is_grad_enabled() and hidden.requires_grad) or not recomputable(head):
-        return torch.cat([piece(h, y) for h, y in chunks])
-    return torch.cat([checkpoint(piece, h, y, use_reentrant=False) for h, y in chunks])
+        parts = [piece(h, y) for h, y in chunks]
+    else:
+        parts = [checkpoint(piece, h, y, use_reentrant=False) for h, y in chunks]
+    logps, sq = zip(*parts)
+    return torch.cat(logps), torch.cat(sq) if sum_sq else None
 
 
 def check_transform(head: torch.nn.Module, transform: Callable, hidden_last: torch.Tensor, model_logits: torch.Tensor,
@@ -143,11 +149,12 @@ def check_transform(head: torch.nn.Module, transform: Callable, hidden_last: tor
 
 
 def chunked_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor, cols: torch.Tensor,
-                        targets: torch.Tensor, chunk: int | None) -> torch.Tensor | None:
+                        targets: torch.Tensor, chunk: int | None, sum_sq: bool = False) -> tuple | None:
     """One forward of ``model(**inputs)`` -> log-probs of ``targets`` at positions ``(rows, cols)``.
 
-    rows, cols, targets: [N] (the predicting position and the token it predicts) -> [N] float32, or
-    None when the model has no output head to cut (the caller then scores full logits)."""
+    rows, cols, targets: [N] (the predicting position and the token it predicts) -> ([N] float32,
+    ``log sum_v p_v^2`` [N] with ``sum_sq`` else None, the model's output), or None when the model
+    has no output head to cut (the caller then scores full logits)."""
     head = output_head(model)
     if head is None:
         return None
@@ -163,4 +170,4 @@ def chunked_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor
         head._raydpo_transform_checked = True
     size = chunk or auto_chunk(int(out.logits.shape[-1]))
     count = chunk_count(rows.shape[0], size, partitioned(head))
-    return head_logps(head, transform, hidden[rows, cols], targets, size, count)
+    return (*head_logps(head, transform, hidden[rows, cols], targets, size, count, sum_sq), out)

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from raydpo.logprobs.chunked import chunked_token_logps
-from raydpo.logprobs.full import target_logps, token_logps
+from raydpo.logprobs.full import log_sum_sq_probs, target_logps
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,42 @@ def sum_by_sequence(token: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Ten
     return sums.index_add(0, seq.clamp(max=n), token.float())[:n]
 
 
-def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[int] = None,
-                  shard: Optional[SequenceShard] = None) -> torch.Tensor:
-    """One forward of a collated batch -> [2B] logps, chosen sequences first, then rejected ones.
+@dataclass
+class SequenceScores:
+    """What one forward of a batch gives: per-sequence sums, each [S] float32 (S = 2B, chosen
+    sequences first, then rejected ones), and the batch's router loss."""
+
+    logps: torch.Tensor
+    """Sum of the completion tokens' log-probs; with ``ld_alpha`` the tokens past the pair's shorter
+    completion count ``ld_alpha`` times (:func:`length_weights`)."""
+    plain: torch.Tensor
+    """The unweighted sums (``logps`` itself without ``ld_alpha``): TRL's ``sft`` term reads these."""
+    aligned: Optional[torch.Tensor] = None
+    """With ``sum_sq``: sum over the completion tokens of ``log p(token) - log sum_v p_v^2``, without
+    gradient (WPO's weight is the exp of its per-token mean)."""
+    aux_loss: Optional[torch.Tensor] = None
+    """With ``router_logits``: the MoE load-balancing loss (0-d) as the model's own forward computes it."""
+
+
+def length_weights(completion_tokens: torch.Tensor, seq: torch.Tensor, n: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's weight of each scored position: 1 on the first ``min(chosen, rejected)`` scored
+    tokens of each completion of a pair, ``ld_alpha`` on the rest (TRL's shared and tail masks).
+
+    completion_tokens: [n] scored tokens per sequence (n = 2B, chosen then rejected); seq: [N] the
+    scored positions' sequences, each sequence's positions consecutive and in order (the row-major
+    order of :func:`scored_positions`) -> [N] float32."""
+    b = n // 2
+    shared = torch.minimum(completion_tokens[:b], completion_tokens[b:]).repeat(2)  # [2B]
+    index = torch.arange(seq.shape[0], device=seq.device)
+    first = torch.full((n,), seq.shape[0], device=seq.device).scatter_reduce(0, seq, index, "amin")
+    rank = index - first[seq]  # the position's place among its sequence's scored tokens, from 0
+    return torch.where(rank < shared[seq], 1.0, float(ld_alpha)).float()
+
+
+def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[int] = None,
+                   shard: Optional[SequenceShard] = None, ld_alpha: Optional[float] = None, sum_sq: bool = False,
+                   router_logits: bool = False) -> SequenceScores:
+    """One forward of a collated batch -> :class:`SequenceScores` of its 2B sequences.
 
     A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]) or padding-free rows
     (:func:`raydpo.data.collate.collate_packed`, [R, W] with ``sequence_ids``): there the attention
@@ -65,13 +98,17 @@ def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[
 
     ``chunk_tokens`` (``model.logits_chunk_tokens``): None scores the completion positions through the
     output head in automatically sized chunks (:mod:`raydpo.logprobs.chunked`), N > 0 in chunks of N,
-    0 from the model's full ``[B, T, V]`` logits. With ``shard`` the model sees only columns
-    its columns of the batch as the group lays it out (:func:`sp_layout`; masks are left to the SP attention)
-    and the per-sequence sums are reduced over the group, so every rank returns the whole batch's
-    log-probs.
+    0 from the model's full ``[B, T, V]`` logits. With ``shard`` the model sees only its columns of
+    the batch as the group lays it out (:func:`sp_layout`; masks are left to the SP attention) and
+    the per-sequence sums are reduced over the group, so every rank returns the whole batch's sums.
+    ``ld_alpha`` (``loss.ld_alpha``): weights as :func:`length_weights`, the same on every path;
+    ``sum_sq`` (``loss.use_weighting``): also the WPO sums, from the same logits (chunk by chunk, no
+    second head pass); ``router_logits``: the forward runs with ``output_router_logits``.
     """
     packed = "sequence_ids" in batch
     rows, cols, targets, seq, n = scored_positions(batch)
+    # Before the shard's cut: a token's weight depends on its place in the whole sequence.
+    weight = None if ld_alpha is None else length_weights(batch["completion_tokens"], seq, n, ld_alpha)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
               "attention_mask": None if packed else batch["attention_mask"], "use_cache": False}
     if shard:
@@ -84,15 +121,28 @@ def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[
         cols = cols - lo
         keep = (cols >= 0) & (cols < width)
         rows, cols, targets, seq = rows[keep], cols[keep], targets[keep], seq[keep]
-    token = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens)
-    if token is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
-        logits = model(**inputs).logits
-        if shard:
-            token = target_logps(logits[rows, cols], targets)  # via [N, V]
-        else:
-            per_token = token_logps(logits, batch["input_ids"]) * batch["completion_mask"][:, 1:].float()  # [., T-1]
-            if not packed:
-                return per_token.sum(-1)
-            token, seq = per_token.flatten(), batch["sequence_ids"][:, 1:].flatten()
-    sums = sum_by_sequence(token, seq, n)
-    return shard.reduce(sums) if shard else sums
+        weight = None if weight is None else weight[keep]
+    if router_logits:
+        inputs["output_router_logits"] = True
+    scored = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens, sum_sq)
+    if scored is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
+        out = model(**inputs)
+        logits = out.logits[rows, cols]  # [N, V]: the scored positions only
+        token, sq = target_logps(logits, targets), log_sum_sq_probs(logits) if sum_sq else None
+    else:
+        token, sq, out = scored
+    parts = [token] + ([token * weight] if weight is not None else []) + ([token.detach() - sq] if sum_sq else [])
+    sums = torch.stack([sum_by_sequence(p, seq, n) for p in parts])  # [parts, n]
+    if shard:
+        sums = shard.reduce(sums)  # one collective for all the sums
+    plain, rest = sums[0], list(sums[1:])
+    # WPO's sums leave the stack detached: stacked with the log-probs they would seem to carry a gradient.
+    return SequenceScores(rest.pop(0) if weight is not None else plain, plain, rest.pop(0).detach() if sum_sq else None,
+                          out.aux_loss if router_logits else None)
+
+
+def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[int] = None,
+                  shard: Optional[SequenceShard] = None, ld_alpha: Optional[float] = None) -> torch.Tensor:
+    """One forward of a collated batch -> [2B] logps, chosen sequences first, then rejected ones
+    (:func:`forward_scores`' ``logps``: the trainer, the reference actors and ``raydpo.DPO``)."""
+    return forward_scores(model, batch, chunk_tokens, shard, ld_alpha).logps

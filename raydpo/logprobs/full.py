@@ -28,6 +28,14 @@ def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+@torch.no_grad()
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log sum_v p_v^2`` of the softmax of ``logits`` [..., V] -> [...] float32, without gradient
+    (WPO's alignment term, TRL's fused head ``log_sum_sq_probs``): ``logsumexp(2z) - 2 logsumexp(z)``."""
+    logits = logits.float()
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
 

@@ -11,8 +11,9 @@
 from raydpo.objectives.logps import PairLogps, log1mexp
 from raydpo.objectives.registry import (
     LOSSES, UNPAIRED_LOSSES, compute_loss, is_unpaired, mean_metrics, metric_keys, pair_metrics, preference_loss,
+    with_aux_loss,
 )
 from raydpo.objectives.unpaired import UnpairedLogps
 
 __all__ = ["LOSSES", "UNPAIRED_LOSSES", "PairLogps", "UnpairedLogps", "compute_loss", "is_unpaired", "log1mexp",
-           "mean_metrics", "metric_keys", "pair_metrics", "preference_loss"]
+           "mean_metrics", "metric_keys", "pair_metrics", "preference_loss", "with_aux_loss"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from raydpo.config import LossConfig
+from raydpo.logprobs import split_pairs
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(losses, chosen_rewards, rejected_rewards)``, each [B] (torchtune's shape)."""
@@ -34,6 +35,11 @@ class PairLogps:
     """The reference's sums for the chosen completions (None for reference-free losses)."""
     ref_rejected: Optional[torch.Tensor] = None
     """The reference's sums for the rejected completions."""
+    chosen_plain: Optional[torch.Tensor] = None
+    """The chosen completions' unweighted sums where ``policy_chosen`` is LD-DPO-weighted (``loss.ld_alpha``):
+    TRL's ``sft`` term reads the plain per-token log-probs. None: ``policy_chosen``."""
+    weights: Optional[torch.Tensor] = None
+    """WPO's per-pair loss weight (``loss.use_weighting``, :func:`wpo_weights`), without gradient; None: 1."""
 
 
 def ratios(x: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +85,18 @@ def smoothed(z: torch.Tensor, eps: float) -> torch.Tensor:
 def chosen_nll(x: PairLogps) -> torch.Tensor:
     """Mean negative log-likelihood per chosen token over the batch (scalar): TRL's ``sft`` term and
     CPO/ORPO's NLL. A token mean of the micro-batch, as in TRL, not a mean of per-pair means."""
-    return -x.policy_chosen.sum() / x.chosen_tokens.sum().clamp(min=1)
+    plain = x.policy_chosen if x.chosen_plain is None else x.chosen_plain
+    return -plain.sum() / x.chosen_tokens.sum().clamp(min=1)
+
+
+def wpo_weights(aligned: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weights (Zhou et al. 2024, arXiv:2406.11827, eq. 2; TRL's ``use_weighting``).
+
+    aligned: [2B] sums over each sequence's completion tokens of ``log p - log sum_v p_v^2`` (the
+    policy's, no gradient), tokens: [2B] scored tokens, chosen then rejected -> [B]: the product of
+    the chosen and the rejected sequence's ``exp(aligned / tokens)``."""
+    chosen, rejected = split_pairs(torch.exp(aligned.detach() / tokens.clamp(min=1)))
+    return chosen * rejected
 
 
 def free_rewards(x: PairLogps, p: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,9 @@ import torch
 from raydpo.config import LossConfig
 from raydpo.config_rules import loss_names, loss_weights
 from raydpo.logprobs import split_pairs
-from raydpo.objectives.logps import LossOutput, PairLogps
+from raydpo.objectives.logps import LossOutput, PairLogps, wpo_weights
 from raydpo.objectives.pairwise import PAIRWISE
-from raydpo.objectives.unpaired import UNPAIRED, UnpairedLogps, batch_kl
+from raydpo.objectives.unpaired import NEEDS_KL, UNPAIRED, UnpairedLogps, batch_kl
 
 LOSSES: dict[str, Callable[[PairLogps, LossConfig], LossOutput]] = {f.__name__: f for f in PAIRWISE}
 """Pairwise losses by name."""
@@ -31,6 +31,8 @@ def compute_loss(names: Sequence[str], weights: Sequence[float], x: PairLogps, p
         losses, c, r = LOSSES[name](x, p)
         total = w * losses if total is None else total + w * losses
         rewards = rewards or (c, r)
+    if x.weights is not None:  # WPO: TRL weights every loss of the list by the same pair weights
+        total = total * x.weights
     return (total, *rewards)
 
 
@@ -46,6 +48,8 @@ def preference_loss(
     p: LossConfig,
     desirable: Optional[torch.Tensor] = None,
     kl_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    plain_logps: Optional[torch.Tensor] = None,
+    aligned: Optional[torch.Tensor] = None,
 ):
     """The loss section ``p`` over one batch, as the Ray trainer and :class:`raydpo.DPO` both compute it.
 
@@ -53,7 +57,9 @@ def preference_loss(
     (as :func:`raydpo.logprobs.forward_logps` returns them): chosen then rejected, or for unpaired
     losses each example's completion then its KL sequence; ref_logps: the reference's ([B], [B]) or
     None for reference-free losses. Unpaired losses also take ``desirable`` (bool [B]) and
-    ``kl_reduce`` (averages the KL estimate over data-parallel ranks).
+    ``kl_reduce`` (averages the KL estimate over data-parallel ranks). With ``loss.ld_alpha``,
+    ``plain_logps`` [2B] are the unweighted sums (for ``sft``); with ``loss.use_weighting``,
+    ``aligned`` [2B] are the WPO sums (:class:`raydpo.logprobs.SequenceScores` holds both).
 
     Returns the batch's log-probs (:class:`PairLogps` or :class:`UnpairedLogps`), the loss output
     (pairwise: per-pair losses, chosen and rejected rewards, each [B]; unpaired: per-example losses
@@ -67,9 +73,13 @@ def preference_loss(
             raise ValueError(f"loss {p.type!r} is unpaired: pass each example's label (desirable, bool [B])")
         x = UnpairedLogps(first, second, split_pairs(completion_tokens)[0], desirable.bool(), ref_first, ref_second)
         (name,) = loss_names(p)
-        out = UNPAIRED_LOSSES[name](x, p, batch_kl(x, kl_reduce) if name == "kto" else None)
+        out = UNPAIRED_LOSSES[name](x, p, batch_kl(x, kl_reduce) if name in NEEDS_KL else None)
         return x, out, unpaired_metrics(x, *out)
-    x = PairLogps(first, second, *split_pairs(completion_tokens), ref_first, ref_second)
+    if p.use_weighting and aligned is None:
+        raise ValueError("loss.use_weighting needs the WPO sums (aligned, from forward_scores(..., sum_sq=True))")
+    x = PairLogps(first, second, *split_pairs(completion_tokens), ref_first, ref_second,
+                  split_pairs(plain_logps)[0] if plain_logps is not None else None,
+                  wpo_weights(aligned, completion_tokens) if p.use_weighting else None)
     out = compute_loss(loss_names(p), loss_weights(p), x, p)
     return x, out, pair_metrics(*out, first, second)
 
@@ -120,8 +130,21 @@ def unpaired_metrics(x: UnpairedLogps, losses: torch.Tensor, rewards: torch.Tens
     }
 
 
-def metric_keys(p: LossConfig) -> list[str]:
-    """The metric sums' keys for this loss section (the same on every rank, for the collectives)."""
+def with_aux_loss(loss: torch.Tensor, sums: dict, aux_loss: Optional[torch.Tensor], coef: float):
+    """The batch loss (0-d) plus the MoE router loss ``coef * aux_loss`` (TRL's ``router_aux_loss_coef``)
+    and the metric sums with it, as TRL logs them: ``loss`` includes it, ``aux_loss`` is the batch's
+    (times its count, so :func:`mean_metrics` averages it). ``coef`` 0: both unchanged."""
+    if not coef:
+        return loss, sums
+    aux = aux_loss.detach().float() * sums["count"]
+    return loss + coef * aux_loss, sums | {"loss": sums["loss"] + coef * aux, "aux_loss": aux}
+
+
+def metric_keys(p: LossConfig, aux: bool = False) -> list[str]:
+    """The metric sums' keys for this loss section (the same on every rank, for the collectives);
+    ``aux``: with the router loss's (:func:`with_aux_loss`)."""
+    if aux:
+        return metric_keys(p) + ["aux_loss"]
     if is_unpaired(p):
         return ["count", "loss", "tokens", "kl", "count/desirable", "count/undesirable", "rewards/chosen", "rewards/rejected",
                 "logps/chosen", "logps/rejected"]

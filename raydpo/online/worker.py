@@ -82,7 +82,8 @@ def online_loop_per_worker(config: dict) -> None:
             for _ in range(job["steps"]):
                 step_sums, step_start = {}, time.perf_counter()
                 for _ in range(t.gradient_accumulation_steps):
-                    batch = to_device(collate_rows(next(batches), pad_id, padding_free=t.padding_free), engine.device)
+                    batch = to_device(collate_rows(next(batches), pad_id, padding_free=t.padding_free,
+                                                   pad_to_multiple_of=t.pad_to_multiple_of), engine.device)
                     with activations(cfg.model, engine.device):
                         loss, s, _ = step_metrics(engine, batch, cfg.loss)
                     engine.backward(loss)

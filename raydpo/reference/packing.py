@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from raydpo.data.collate import padded_width
 from raydpo.families.rules import packed_attention_mask
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
@@ -21,10 +22,13 @@ PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 PACKED_MAX_WIDTH = 4096
 
 
-def pack_pairs(prompt_ids, chosen_ids, rejected_ids, pad_id: int) -> dict[str, torch.Tensor]:
+def pack_pairs(prompt_ids, chosen_ids, rejected_ids, pad_id: int, pad_to_multiple_of: int | None = None
+               ) -> dict[str, torch.Tensor]:
     """B pairs -> ``input_ids``, ``position_ids``, ``segments`` [B, T] and ``attention_mask``
-    [B, 1, T, T] (bool, True where a query may attend a key), T the longest packed pair."""
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids))
+    [B, 1, T, T] (bool, True where a query may attend a key), T the longest packed pair (rounded up
+    to a multiple of ``pad_to_multiple_of``)."""
+    width = padded_width(max(len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids)),
+                         pad_to_multiple_of)
     ids, pos, seg = [], [], []
     for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids):
         pad = width - len(p) - len(c) - len(r)
@@ -62,7 +66,7 @@ def packed_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None
     """One forward of a packed batch -> (chosen, rejected) sequence log-probs, each [B] float32.
 
     ``chunk_tokens`` as in :func:`raydpo.logprobs.forward_logps` (None: chunked, automatic size; 0:
-    full logits)."""
+    full logits). Plain sums only: with ``loss.ld_alpha`` the reference scores two rows per pair instead."""
     from raydpo.logprobs.chunked import chunked_token_logps
     from raydpo.logprobs.forward import sum_by_sequence
     from raydpo.logprobs.full import target_logps
@@ -79,7 +83,8 @@ def packed_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None
     mask = {kind: additive(m) for kind, m in masks.items()} if isinstance(masks, dict) else additive(masks)
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": batch["position_ids"], "use_cache": False}
     rows, cols, targets, seq = packed_positions(batch)
-    token = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens)
+    scored = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens)
+    token = scored[0] if scored is not None else None
     if token is None:
         token = target_logps(model(**inputs).logits[rows, cols], targets)  # via [N, V]
     sums = sum_by_sequence(token, seq, 2 * ids.shape[0]).view(-1, 2)

@@ -15,11 +15,17 @@ class HfBackend:
     (:mod:`raydpo.reference.packing`), if a probe at start shows the model honours the packed mask;
     otherwise chosen and rejected rows go through one concatenated forward. With ``max_tokens`` the
     pairs are sorted by length and cut into forward passes of at most that many padded tokens
-    (:mod:`raydpo.reference.batching`); without it all pairs given go through together."""
+    (:mod:`raydpo.reference.batching`); without it all pairs given go through together.
+
+    ``ld_alpha`` (``loss.ld_alpha``): the sums are LD-DPO-weighted as the policy's, by
+    :func:`raydpo.logprobs.forward_logps`; the packed rows (whose sums are unweighted) are then off,
+    each pair is two rows. ``pad_to_multiple_of`` (``train.pad_to_multiple_of``): the
+    width of every padded forward."""
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
                  max_tokens: int | None = None, quantization: str | None = None, share_prompt: bool = True,
-                 attn_implementation: str | None = None, logits_chunk_tokens: int | None = None):
+                 attn_implementation: str | None = None, logits_chunk_tokens: int | None = None,
+                 ld_alpha: float | None = None, pad_to_multiple_of: int | None = None):
         import torch
 
         from raydpo.models import load_causal_lm
@@ -34,8 +40,9 @@ class HfBackend:
         self.pad_id = pad_id
         self.max_tokens = max_tokens
         self.chunk = logits_chunk_tokens
+        self.ld_alpha, self.multiple = ld_alpha, pad_to_multiple_of
         self.packed = False
-        if share_prompt:
+        if share_prompt and ld_alpha is None:
             self.packed = self._packing_agrees()
             if not self.packed:
                 import sys
@@ -53,10 +60,11 @@ class HfBackend:
         packed = packed and max(len(p) + len(c) + len(r) for p, c, r in zip(*cols)) <= PACKED_MAX_WIDTH
         with self.torch.inference_mode():
             if packed:
-                return packed_logps(self.model, {k: v.to(self.device) for k, v in pack_pairs(*cols, self.pad_id).items()},
-                                    self.chunk)
-            return split_pairs(forward_logps(self.model, {k: v.to(self.device) for k, v in collate_pairs(*cols, self.pad_id).items()},
-                                             self.chunk))
+                batch = pack_pairs(*cols, self.pad_id, self.multiple)
+                return packed_logps(self.model, {k: v.to(self.device) for k, v in batch.items()}, self.chunk)
+            batch = collate_pairs(*cols, self.pad_id, pad_to_multiple_of=self.multiple)
+            return split_pairs(forward_logps(self.model, {k: v.to(self.device) for k, v in batch.items()}, self.chunk,
+                                             ld_alpha=self.ld_alpha))
 
     def _packing_agrees(self) -> bool:
         """Whether this model honours the packed 4D mask: two probe pairs scored both ways agree.
@@ -98,14 +106,16 @@ class ReferenceScorer:
     (:class:`raydpo.reference.vllm_backend.VllmBackend`, ``backend_options`` its settings), and adds
     ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch. With ``shard_dir``
     each scored batch is also written there as a cache shard; with ``workers_dir`` the actor records
-    its process and node there (:mod:`raydpo.workers`).
+    its process and node there (:mod:`raydpo.workers`); ``ld_alpha`` and ``pad_to_multiple_of``: see
+    :class:`HfBackend` (the vllm backend sums unweighted: the config refuses it with ``ld_alpha``).
     """
 
     def __init__(self, model_path: str, dtype: str, pad_id: int, trust_remote_code: bool = False,
                  shard_dir: str | None = None, max_tokens: int | None = None, quantization: str | None = None,
                  backend: str = "hf", backend_options: dict | None = None, share_prompt: bool = True,
                  attn_implementation: str | None = None, workers_dir: str | None = None,
-                 logits_chunk_tokens: int | None = None):
+                 logits_chunk_tokens: int | None = None, ld_alpha: float | None = None,
+                 pad_to_multiple_of: int | None = None):
         if workers_dir:
             from raydpo.workers import record
 
@@ -116,7 +126,7 @@ class ReferenceScorer:
             self.backend = VllmBackend(model_path, dtype, trust_remote_code, **(backend_options or {}))
         else:
             self.backend = HfBackend(model_path, dtype, pad_id, trust_remote_code, max_tokens, quantization, share_prompt,
-                                     attn_implementation, logits_chunk_tokens)
+                                     attn_implementation, logits_chunk_tokens, ld_alpha, pad_to_multiple_of)
         self.shard_dir = shard_dir
 
     def score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):

@@ -60,7 +60,8 @@ def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> 
         "dtype": reference_dtype(cfg),
         "quantization": cfg.reference.quantization if cfg.reference.backend == "hf" else None,
         "backend": cfg.reference.backend,
-        "logps": "sum_completion_float32",
+        # LD-DPO-weighted sums are other numbers: never served from (or as) a cache of plain sums.
+        "logps": "sum_completion_float32" + ("" if cfg.loss.ld_alpha is None else f"_ld_alpha={cfg.loss.ld_alpha!r}"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
@@ -114,7 +115,9 @@ def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dic
 
     r = cfg.reference
     model_path = resolve_local(reference_path(cfg))
-    share_prompt = r.share_prompt and r.backend == "hf" and packs_exactly(model_path, reference_trusts_code(cfg))
+    # LD-DPO's weights follow the two-row batch's scored positions (HfBackend): no packed rows then.
+    share_prompt = (r.share_prompt and r.backend == "hf" and cfg.loss.ld_alpha is None
+                    and packs_exactly(model_path, reference_trusts_code(cfg)))
     return {
         "model_path": model_path,
         "dtype": reference_dtype(cfg),
@@ -124,6 +127,8 @@ def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dic
         "shard_dir": shard_dir,
         "max_tokens": r.max_tokens_per_batch,
         "logits_chunk_tokens": cfg.model.logits_chunk_tokens,
+        "ld_alpha": cfg.loss.ld_alpha,
+        "pad_to_multiple_of": cfg.train.pad_to_multiple_of,
         "quantization": r.quantization,
         "backend": r.backend,
         "share_prompt": share_prompt,
@@ -159,7 +164,8 @@ def in_input_order(tables: list, entry: str):
 
 
 def with_logps(tables: list, entry: str) -> list:
-    """``tables`` (pyarrow, ``CACHED_COLUMNS[:5]``) with the log-prob columns from ``entry`` appended."""
+    """``tables`` (pyarrow, ``CACHED_COLUMNS[:5]`` and any extra columns) with the log-prob columns from
+    ``entry`` appended."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -53,24 +53,37 @@ def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None, a
     chosen then rejected, or completions then KL sequences) of one micro-batch. batch from
     ``collate_rows``; ``loss_cfg`` the ``loss`` section; ``chunk_tokens`` ``model.logits_chunk_tokens``;
     ``shard`` this rank's sequence-parallel part; ``across_ranks``: KTO's KL estimate is averaged over
-    the ranks (training, where every rank steps together), else this rank's batch alone (eval)."""
-    from raydpo.logprobs import forward_logps
-    from raydpo.objectives import preference_loss
+    the ranks (training, where every rank steps together), else this rank's batch alone (eval). With
+    an MoE router loss (``loss.router_aux_loss_coef``, :func:`aux_coef`) the loss includes it."""
+    from raydpo.logprobs import forward_scores
+    from raydpo.objectives import preference_loss, with_aux_loss
 
-    logps = forward_logps(engine, batch, chunk_tokens, shard)
+    coef = aux_coef(engine, loss_cfg)
+    scores = forward_scores(engine, batch, chunk_tokens, shard, loss_cfg.ld_alpha, loss_cfg.use_weighting, coef != 0)
+    logps = scores.logps
     ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"]) if "ref_chosen_logps" in batch else None
     _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg, batch.get("label"),
-                                              rank_mean if across_ranks else None)
+                                              rank_mean if across_ranks else None, scores.plain, scores.aligned)
+    loss, sums = with_aux_loss(losses.mean(), sums, scores.aux_loss, coef)
     # Real tokens: padding-free rows' fillers carry sequence id 2B and are not counted.
     sums["tokens"] = (batch["attention_mask"].sum() if "attention_mask" in batch
                       else (batch["sequence_ids"] < logps.shape[0]).sum()).float()
     if shard is not None and shard.rank:  # the group's ranks hold the same pairs: counted once
         sums = {k: v * 0 for k, v in sums.items()}
-    return losses.mean(), sums, logps
+    return loss, sums, logps
+
+
+def aux_coef(engine, loss_cfg) -> float:
+    """The MoE router loss weight for the policy in ``engine`` (0: off; TRL's reading of
+    ``loss.router_aux_loss_coef``, :func:`raydpo.config_rules.router_aux_coef`)."""
+    from raydpo.config_rules import router_aux_coef
+    from raydpo.logprobs.chunked import unwrap
+
+    return router_aux_coef(loss_cfg, unwrap(engine).config)
 
 
 def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False,
-             chunk_tokens=None) -> dict[str, float]:
+             chunk_tokens=None, pad_to_multiple_of=None) -> dict[str, float]:
     """Metric means over this worker's whole eval shard, reduced over all workers (each its own
     pairs, whole: sequence parallelism is off in eval)."""
     from raydpo.data.collate import collate_rows
@@ -80,12 +93,12 @@ def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool =
     sums: dict = {}
     with torch.no_grad():
         for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
-            _, s, _ = step_metrics(engine, to_device(collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row), engine.device),
-                                   loss_cfg, chunk_tokens, across_ranks=False)
+            batch = collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row, pad_to_multiple_of=pad_to_multiple_of)
+            _, s, _ = step_metrics(engine, to_device(batch, engine.device), loss_cfg, chunk_tokens, across_ranks=False)
             sums = _add(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros
-        sums = {k: torch.tensor(0.0, device=engine.device) for k in metric_keys(loss_cfg)}
+        sums = {k: torch.tensor(0.0, device=engine.device) for k in metric_keys(loss_cfg, aux_coef(engine, loss_cfg) != 0)}
     totals = _global_sums({k: torch.as_tensor(v) for k, v in sums.items()})
     totals.pop("tokens")
     return {f"eval/{k}": v for k, v in mean_metrics(totals).items()} | {"eval/pairs": totals["count"]}
@@ -184,8 +197,8 @@ def train_loop_per_worker(config: dict) -> None:
     def run_eval(step: int) -> dict:
         if eval_shard is None:
             return {}
-        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row, chunk),
-               "time": time.time()}
+        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row, chunk,
+                                        t.pad_to_multiple_of), "time": time.time()}
         log.write(row)
         return row
 
@@ -210,7 +223,8 @@ def train_loop_per_worker(config: dict) -> None:
             for raw in itertools.islice(epoch_batches(epoch), micro, None):
                 if step >= config["total_steps"] or micro >= per_epoch:
                     continue  # drain the epoch so every shard iterator finishes together
-                batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free, one_row=one_row), engine.device)
+                batch = to_device(collate_rows(raw, pad_id, padding_free=t.padding_free, one_row=one_row,
+                                               pad_to_multiple_of=t.pad_to_multiple_of), engine.device)
                 with activations(cfg.model, engine.device):
                     loss, s, logps = step_metrics(engine, batch, loss_cfg, chunk, shard)
                 if guard_pending:  # before the first update the policy is the reference

@@ -115,6 +115,21 @@ def model_type(model_path: str) -> str | None:
         return None
 
 
+def check_router_aux(cfg: Config, model_path: str) -> None:
+    """``loss.router_aux_loss_coef`` against the policy's config, as TRL's DPOTrainer checks it at start
+    (a coefficient for a non-MoE model is an error); with sequence parallelism each rank would see
+    only its columns' router logits, so the MoE router loss is refused there."""
+    from transformers import AutoConfig
+
+    from raydpo.config_rules import router_aux_coef
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if router_aux_coef(cfg.loss, config) and cfg.train.sequence_parallel_size > 1:
+        raise ValueError("the MoE router loss (loss.router_aux_loss_coef, by default the model config's) is computed per "
+                         "sequence-parallel shard, not the whole sequence: set loss.router_aux_loss_coef=0 or "
+                         "train.sequence_parallel_size=1")
+
+
 def check_family(cfg: Config, model_path: str) -> None:
     """Settings a model family cannot serve exactly (:mod:`raydpo.families.rules`), refused up front."""
     from raydpo.families.rules import padding_free_issue
@@ -140,6 +155,7 @@ def preflight(cfg: Config, model_path: str) -> None:
     check_writable(out)
     load_tokenizer(model_path, cfg.model.trust_remote_code)  # a missing pad and EOS token fails here, not in an actor
     check_family(cfg, model_path)
+    check_router_aux(cfg, model_path)
     n = count_params(model_path, cfg.model.trust_remote_code)
     check_memory(n, cfg, *budgets(cfg))
     check_disk(disk_need(n, cfg), shutil.disk_usage(out).free, out)

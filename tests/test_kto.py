@@ -166,17 +166,30 @@ def _sequences(rows):
     return sorted((tuple(p) + tuple(c), tuple(p) + tuple(kl)) for p, c, kl in rows)
 
 
-def test_tokens_and_kl_pairing_equal_trls_prepare_dataset(ray_cluster, tiny_model_dir, tokenizer, tmp_path):
+def _chat_examples(n: int) -> list[dict]:
+    """Conversational unpaired rows (a system turn on some), labels mixed."""
+    from raydpo.synthetic import make_pairs
+
+    out = []
+    for i, p in enumerate(make_pairs(n, seed=4)):
+        prompt = ([{"role": "system", "content": "Count."}] if i % 3 == 0 else []) + [{"role": "user", "content": p["prompt"]}]
+        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": p["chosen" if i % 2 else "rejected"]}],
+                    "label": bool(i % 2)})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["standard pairs", "conversational examples"])
+def test_tokens_and_kl_pairing_equal_trls_prepare_dataset(ray_cluster, tiny_model_dir, tokenizer, tmp_path, kind):
     """TRL's own unpairing, tokenization and KL rotation (per_device_train_batch_size = raydpo's
-    micro-batch) on the same paired rows give raydpo's examples, each with the same KL sequence."""
+    micro-batch) on the same rows give raydpo's examples, each with the same KL sequence."""
     import datasets
     from trl import KTOConfig
 
     from raydpo.pipeline import prepare_data
     from raydpo.synthetic import make_pairs, write_jsonl
 
-    rows = make_pairs(30, seed=3)
-    path = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    rows = make_pairs(30, seed=3) if kind == "standard pairs" else _chat_examples(26)
+    path = write_jsonl(rows, tmp_path / "rows.jsonl")
     args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_length=64, report_to=[], use_cpu=True, bf16=False)
     stand_in = SimpleNamespace(calculate_KL=True, _tokenizer=tokenizer, desirable_weight=1.0, undesirable_weight=1.0)
     trl = kto_trainer.KTOTrainer._prepare_dataset(stand_in, datasets.Dataset.from_list(rows), tokenizer, args, "train")
@@ -186,6 +199,8 @@ def test_tokens_and_kl_pairing_equal_trls_prepare_dataset(ray_cluster, tiny_mode
     got = [r for b in data.train.iter_batches(batch_format="pyarrow") for r in b.to_pylist()]
     assert _sequences((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in got) == expected
     assert sorted(r["label"] for r in got) == sorted(int(x) for x in trl["label"])
+    if kind != "standard pairs":
+        return
     # Splitting switched off: every pair is quarantined, and the error names the switch.
     with pytest.raises(ValueError, match="data.unpair_pairs is false"):
         cfg = _kto_config(tiny_model_dir, str(path), tmp_path / "c")
@@ -252,4 +267,5 @@ def test_kto_counts_add_up_and_bad_rows_are_quarantined(kto_run):
     assert s["desirable_by_split"] == {"train": 256 + 6, "eval": 64}
     assert s["undesirable_by_split"] == {"train": 256, "eval": 64}
     assert s["counts_add_up"]
+    assert set(s["token_lengths"]) == {"prompt", "completion", "kl_completion"}
     assert sorted(q["reason"].split(":")[0] for q in kto_run["quarantine"]) == ["empty_completion", "invalid_label"]

@@ -9,15 +9,18 @@ import numpy as np
 from raydpo.data.stage import input_order
 
 
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = {"prompt": "prompt_ids", "chosen": "chosen_ids", "rejected": "rejected_ids"}
+#: Unpaired examples (KTO) hold their completion and their KL sequence's completion in the pair columns.
+EXAMPLE_FIELDS = {"prompt": "prompt_ids", "completion": "chosen_ids", "kl_completion": "rejected_ids"}
 
 
 def _lengths(pairs) -> dict[str, np.ndarray]:
-    """Token counts per pair of prompt, chosen and rejected (after truncation): name -> [N]."""
-    parts = {name: [] for name in FIELDS}
+    """Token counts per pair (or unpaired example) of each part (after truncation): name -> [N]."""
+    fields = EXAMPLE_FIELDS if "label" in pairs.schema().names else FIELDS
+    parts = {name: [] for name in fields}
     for batch in pairs.iter_batches(batch_format="pyarrow", batch_size=4096):
-        for name in FIELDS:
-            parts[name].append(np.asarray(batch[f"{name}_ids"].combine_chunks().value_lengths()))
+        for name, column in fields.items():
+            parts[name].append(np.asarray(batch[column].combine_chunks().value_lengths()))
     return {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()}
 
 
@@ -28,12 +31,14 @@ def _stats(arr: np.ndarray) -> dict[str, float]:
 
 
 def token_length_summary(pairs, max_length: int, bins: int = 32) -> dict:
-    """summary.json's ``token_lengths`` (p50 / p95 / max / mean of prompt, chosen and rejected) and
+    """summary.json's ``token_lengths`` (p50 / p95 / max / mean of prompt, chosen and rejected; for
+    unpaired examples prompt, completion and kl_completion) and
     ``token_length_histogram``: ``edges`` ([bins + 1] integers from 0 to ``max_length``) and
     per-pair counts per bin for prompt, chosen, rejected and ``total`` (prompt + longer completion,
     the width the pair takes in a batch)."""
     lengths = _lengths(pairs)
-    lengths_total = lengths["prompt"] + np.maximum(lengths["chosen"], lengths["rejected"])
+    first, second = list(lengths)[1:]
+    lengths_total = lengths["prompt"] + np.maximum(lengths[first], lengths[second])
     edges = np.unique(np.linspace(0, max(max_length, 1), bins + 1).round().astype(np.int64))
     hist = {"edges": edges.tolist()}
     for name, arr in (*lengths.items(), ("total", lengths_total)):

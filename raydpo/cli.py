@@ -122,14 +122,17 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _cache_dir(args) -> str:
-    if args.cache_dir:
-        return args.cache_dir
-    if args.config:
-        return _load(args).reference.cache_dir
-    from raydpo.config import ReferenceConfig
+def _cache_roots(args) -> list[tuple[str, str]]:
+    """[("reference", root), ("tokenized", root)]: the flags', else the config's, else the defaults."""
+    from raydpo.config import Config
+    from raydpo.data.cache import cache_root
 
-    return ReferenceConfig().cache_dir
+    cfg = _load(args) if args.config else Config()
+    if args.cache_dir:
+        cfg.reference.cache_dir = args.cache_dir
+    if args.data_cache_dir:
+        cfg.data.cache_dir = args.data_cache_dir
+    return [("reference", os.path.abspath(os.path.expanduser(cfg.reference.cache_dir))), ("tokenized", cache_root(cfg))]
 
 
 def _human_bytes(n: int) -> str:
@@ -139,28 +142,38 @@ def _human_bytes(n: int) -> str:
         n /= 1024
 
 
+def _describe_entry(e: dict) -> str:
+    if e["status"] != "complete":
+        return e["status"]
+    if e["kind"] == "tokenized":
+        return f"{e.get('pairs')} rows read, {len(e.get('files') or [])} source(s)"
+    return f"{e.get('pairs')} pairs, {e.get('dtype')}, {e.get('backend')}, reference {e.get('reference')}"
+
+
 def cmd_cache(args) -> int:
     import time
 
     from raydpo.reference import store
 
-    root = _cache_dir(args)
+    roots = _cache_roots(args)
     if args.action == "list":
-        entries = store.list_entries(root)
+        entries = [e | {"kind": kind} for kind, root in roots for e in store.list_entries(root)]
         if args.json:
             print(json.dumps(entries, indent=1))
             return 0
-        print(f"{len(entries)} entries in {os.path.abspath(os.path.expanduser(root))}")
-        for e in entries:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"]))
-            what = f"{e.get('pairs')} pairs, {e.get('dtype')}, {e.get('backend')}, reference {e.get('reference')}" if e["status"] == "complete" else e["status"]
-            print(f"{e['key']}  {when}  {_human_bytes(e['bytes']):>10}  {what}")
+        for kind, root in roots:
+            mine = [e for e in entries if e["kind"] == kind]
+            print(f"{len(mine)} {kind} entries in {root}")
+            for e in mine:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"]))
+                print(f"{e['key']}  {when}  {_human_bytes(e['bytes']):>10}  {_describe_entry(e)}")
         return 0
-    removed = store.prune(root, keys=args.key or None, older_than_days=args.older_than_days,
-                          keep_last=args.keep_last, dry_run=args.dry_run)
+    removed = [e | {"kind": kind} for kind, root in roots
+               for e in store.prune(root, keys=args.key or None, older_than_days=args.older_than_days,
+                                    keep_last=args.keep_last, dry_run=args.dry_run)]
     verb = "would remove" if args.dry_run else "removed"
     for e in removed:
-        print(f"{verb} {e['key']} ({e['status']}, {_human_bytes(e['bytes'])})")
+        print(f"{verb} {e['key']} ({e['kind']}, {e['status']}, {_human_bytes(e['bytes'])})")
     print(f"[raydpo] {verb} {len(removed)} entries, {_human_bytes(sum(e['bytes'] for e in removed))}", file=sys.stderr)
     return 0
 
@@ -190,15 +203,17 @@ def parser() -> argparse.ArgumentParser:
     pc.set_defaults(fn=cmd_precompute)
     with_config("validate-data", "read, validate and tokenize; no model").set_defaults(fn=cmd_validate)
 
-    ca = sub.add_parser("cache", help="list or prune the reference log-prob cache")
+    ca = sub.add_parser("cache", help="list or prune the reference log-prob and tokenized-data caches")
     ca.add_argument("action", choices=["list", "prune"])
     ca.add_argument("config", nargs="?", help="YAML config whose reference.cache_dir to use")
     ca.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reference.cache_dir=/data/cache")
-    ca.add_argument("--cache-dir", help="the cache root (default: the config's, else ~/.cache/raydpo/reference)")
+    ca.add_argument("--cache-dir", help="the reference cache root (default: the config's, else ~/.cache/raydpo/reference)")
+    ca.add_argument("--data-cache-dir", help="the tokenized-data cache root (default: the config's data.cache_dir, "
+                    "else tokenized/ beside the reference cache root)")
     ca.add_argument("--json", action="store_true", help="list: machine-readable output")
     ca.add_argument("--key", action="append", help="prune: this entry (repeatable)")
     ca.add_argument("--older-than-days", type=float, help="prune: entries created longer ago than this")
-    ca.add_argument("--keep-last", type=int, help="prune: all but the newest N complete entries")
+    ca.add_argument("--keep-last", type=int, help="prune: all but the newest N complete entries of each cache")
     ca.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     ca.set_defaults(fn=cmd_cache)
 

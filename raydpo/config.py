@@ -190,6 +190,11 @@ class DataConfig:
     """Tokenize each prompt's head once instead of three times where the tokenizer provably gives
     the same ids (byte-level BPE with GPT-2, Llama 3 or Qwen 2 splitting; see
     ``raydpo/data/prompt_cut.py``); other tokenizers take the plain path whatever this says."""
+    cache: bool = True
+    """Keep the data stage's result (kept pairs, quarantine, counts) in a content-addressed cache, so a
+    later run on the same files, tokenizer and settings starts no tokenizer (:mod:`raydpo.data.cache`)."""
+    cache_dir: Optional[str] = None
+    """Root of the tokenized-data cache; default: ``tokenized`` beside ``reference.cache_dir``."""
 
 
 @dataclass
@@ -242,8 +247,10 @@ class TrainConfig:
     """Ray Train workers, one DeepSpeed rank each."""
     use_gpu: bool = False
     """One GPU per worker and nccl; otherwise CPU and gloo."""
-    cpus_per_worker: float = 1.0
-    """Logical CPUs each train worker reserves."""
+    cpus_per_worker: Optional[float] = None
+    """Logical CPUs each train worker reserves (and its torch threads). None: on a one-node cluster
+    without GPUs, the machine's cores divided among the workers (see :func:`raydpo.cluster.train_cpus`);
+    elsewhere 1."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each train worker needs, e.g. ``{policy_node: 1}``, so the trainers are
     placed on the nodes that declare them (the policy's node group, apart from the reference pool's)."""

@@ -138,7 +138,7 @@ def precompute(cfg: Config) -> tuple[object, dict]:
     refs = score_reference(data, cfg)
     summary = {
         **data.summary.as_dict(),
-        "quarantine_file": paths["quarantine"],
+        "quarantine_file": paths["quarantine"], "data_cache": data.cache,
         **_lengths(data, cfg),
         "reference": _reference_summary(refs),
         "timings_s": {"data": round(t1 - t0, 3), "reference": round(time.perf_counter() - t1, 3)},
@@ -158,7 +158,7 @@ def validate_data(cfg: Config) -> dict:
     """Read, validate and tokenize only (no model); writes and returns summary.json's content."""
     paths = _start(cfg)
     data = prepare_data(cfg)
-    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], **_lengths(data, cfg)}
+    summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], "data_cache": data.cache, **_lengths(data, cfg)}
     _write_json(paths["summary"], summary)
     return summary
 
@@ -206,7 +206,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
         trained = json.load(f)
     summary = {
         **data.summary.as_dict(),
-        "quarantine_file": paths["quarantine"],
+        "quarantine_file": paths["quarantine"], "data_cache": data.cache,
         **lengths,
         "reference": _reference_summary(refs),
         "steps": trained["steps"],

@@ -8,18 +8,13 @@ import torch
 import yaml
 
 from conftest import make_config
+from ray_actors import actors_created
 from raydpo.pipeline import precompute
 
 
 def scorer_actors() -> int:
     """Reference actors ever created in this cluster (alive or dead)."""
-    import ray
-    from ray.util.state import list_actors
-
-    # The bootstrap address of *this* session's cluster, in case another Ray instance runs on the machine.
-    address = ray.get_runtime_context().gcs_address
-    actors = list_actors(address=address, limit=10_000, raise_on_missing_output=False)
-    return sum("ReferenceScorer" in a.class_name for a in actors)
+    return actors_created("ReferenceScorer")
 
 
 @pytest.fixture(scope="module")

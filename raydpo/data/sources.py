@@ -196,6 +196,22 @@ def _is_hub_id(spec: str) -> bool:
     return name.count("/") == 1 and not spec.startswith((".", "/", "~")) and not glob.has_magic(spec) and not os.path.exists(name)
 
 
+def _resolve(spec: str, default_split: str) -> tuple[str | None, list[str]]:
+    """(what ``_hub_or_saved`` reads, or None for files; the resolved source names) of one spec."""
+    path = os.path.expanduser(spec)
+    if (os.path.isdir(path) and (is_saved_dataset(path) or os.path.isfile(os.path.join(path, "dataset_dict.json")))) or _is_hub_id(spec):
+        if os.path.isdir(path):
+            return path, [os.path.abspath(path)]
+        return spec, [f"hub:{spec if ':' in spec else spec + ':' + default_split}"]
+    return None, resolve_paths([spec])
+
+
+def source_names(specs: list[str], default_split: str = "train") -> list[str]:
+    """The resolved source names of ``specs`` in input order, without reading them: absolute file
+    paths, ``save_to_disk`` directories and ``hub:<id>:<split>`` (as the rows' ``source`` says)."""
+    return [name for spec in specs for name in _resolve(spec, default_split)[1]]
+
+
 def read_preferences(specs: list[str], default_split: str = "train"):
     """A ``ray.data.Dataset`` of ``{source, index, raw}`` rows from files, saved or hub data sets.
 
@@ -212,12 +228,12 @@ def read_preferences(specs: list[str], default_split: str = "train"):
             files.clear()
 
     for spec in specs:
-        path = os.path.expanduser(spec)
-        if (os.path.isdir(path) and (is_saved_dataset(path) or os.path.isfile(os.path.join(path, "dataset_dict.json")))) or _is_hub_id(spec):
+        hf, resolved = _resolve(spec, default_split)
+        if hf is not None:
             flush()
-            parts.append(_hub_or_saved(path if os.path.isdir(path) else spec, default_split))
-            names.append(os.path.abspath(path) if os.path.isdir(path) else f"hub:{spec if ':' in spec else spec + ':' + default_split}")
+            parts.append(_hub_or_saved(hf, default_split))
+            names.extend(resolved)
         else:
-            files.extend(resolve_paths([spec]))
+            files.extend(resolved)
     flush()
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), names

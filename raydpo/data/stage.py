@@ -12,7 +12,7 @@ import collections
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -237,6 +237,8 @@ class PreparedData:
     processed: object
     """Every row read with its status (for exports and statistics)."""
     settings: TokenizeSettings
+    cache: dict = field(default_factory=dict)
+    """How the tokenized-data cache served this run: ``hit``, ``key``, ``entry``, ``status``."""
 
 
 def tokenize_settings(cfg) -> TokenizeSettings:
@@ -310,14 +312,9 @@ def _process(raw_rows, split: str, cfg, eval_fraction: float):
     )
 
 
-def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
-    """Read, validate and tokenize ``data.train`` (and ``data.eval``); write the quarantine file.
-
-    ``train`` / ``eval``: optional ``ray.data.Dataset`` s of preference rows used instead of the
-    configured paths (the Python API's way to hand data from an earlier pipeline stage).
-    Raises ValueError when the quarantined fraction exceeds ``data.max_bad_fraction`` (after the
-    quarantine file is written, so the user can see why) or when no training pair is left.
-    """
+def _read_and_tokenize(cfg, train, eval) -> tuple[object, list[str]]:
+    """The Ray Data pipeline: read, validate and tokenize on the actor pool, then de-duplicate and
+    pair KL sequences. Returns (every row with its status, the resolved source names)."""
     from raydpo.data.sources import from_ray, read_preferences
 
     def source(given, specs, split):
@@ -325,8 +322,6 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
             return from_ray(given, f"<ray.data.Dataset:{split}>"), [f"<ray.data.Dataset:{split}>"]
         return read_preferences(specs, default_split="train" if split == "train" else "test") if specs else (None, [])
 
-    if train is None and not cfg.data.train:
-        raise ValueError("data.train is empty: give at least one preference data file")
     train_raw, train_files = source(train, cfg.data.train, "train")
     eval_raw, eval_files = source(eval, cfg.data.eval, "eval")
     ds = _process(train_raw, "train", cfg, cfg.data.eval_fraction if eval_raw is None else 0.0)
@@ -335,16 +330,63 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
     inputs = train_files + eval_files
     console.get().say(f"data: reading {len(inputs)} source(s), tokenizing on {cfg.data.num_workers} actor(s)"
                       + (f": {', '.join(inputs)}" if len(inputs) <= 3 else ""))
-    live = _LiveCounts()
-    processed = collect(ds, live)
+    processed = collect(ds, _LiveCounts())
     if cfg.data.deduplicate:
-        processed = mark_duplicates(processed, train_files + eval_files)
-    is_unpaired = unpaired(cfg.loss)
-    if is_unpaired:
+        processed = mark_duplicates(processed, inputs)
+    if unpaired(cfg.loss):
         processed = add_kl_sequences(processed, inputs, cfg.train.micro_batch_size, tokenize_settings(cfg),
                                      kl="kto" in loss_names(cfg.loss))
+    return processed, inputs
+
+
+def _cache_inputs(cfg, train, eval) -> dict | None:
+    """The tokenized-data cache's key inputs, or None where this run cannot use the cache."""
+    from raydpo.data import cache
+    from raydpo.data.sources import source_names
+
+    if not cfg.data.cache or train is not None or eval is not None:
+        return None
+    sources = {"train": source_names(cfg.data.train, "train"), "eval": source_names(cfg.data.eval, "test")}
+    return cache.key_inputs(cfg, sources, tokenize_settings(cfg).__dict__, kl="kto" in loss_names(cfg.loss))
+
+
+def cached_or_tokenized(cfg, train=None, eval=None) -> tuple[object, list[str], dict]:
+    """(every row with its status, the source names, how the cache served them): from the
+    tokenized-data cache on a hit, else from :func:`_read_and_tokenize` (then written to the cache)."""
+    from raydpo.data import cache
+
+    inputs = _cache_inputs(cfg, train, eval)
+    if inputs is None:
+        reason = "off (data.cache)" if not cfg.data.cache else "off for ray.data.Dataset and hub data set inputs"
+        return *_read_and_tokenize(cfg, train, eval), {"hit": False, "status": reason}
+    root, key = cache.cache_root(cfg), cache.entry_key(inputs)
+    tables, manifest, bad = cache.load(root, key)
+    if bad:
+        console.get().say(f"data: tokenized-data cache entry {key} is damaged ({bad[0]}); removed, tokenizing again")
+    if tables is not None:
+        console.get().say(f"data: tokenized-data cache hit, {manifest['rows']:,} rows, no tokenizer started: {os.path.join(root, key)}")
+        return from_tables(tables), manifest["paths"]["files"], {"hit": True, "key": key, "entry": os.path.join(root, key)}
+    processed, files = _read_and_tokenize(cfg, train, eval)
+    entry = cache.save(root, key, inputs, list(blocks(processed)), files)
+    return processed, files, {"hit": False, "key": key, "entry": entry, "status": "rebuilt" if bad else "written"}
+
+
+def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
+    """Read, validate and tokenize ``data.train`` (and ``data.eval``), or read them from the
+    tokenized-data cache; write the quarantine file.
+
+    ``train`` / ``eval``: optional ``ray.data.Dataset`` s of preference rows used instead of the
+    configured paths (the Python API's way to hand data from an earlier pipeline stage).
+    Raises ValueError when the quarantined fraction exceeds ``data.max_bad_fraction`` (after the
+    quarantine file is written, so the user can see why) or when no training pair is left.
+    """
+    if train is None and not cfg.data.train:
+        raise ValueError("data.train is empty: give at least one preference data file")
+    started = time.perf_counter()
+    processed, inputs, data_cache = cached_or_tokenized(cfg, train, eval)
+    is_unpaired = unpaired(cfg.loss)
     summary = summarize(processed, is_unpaired)
-    console.get().update("data", describe(summary, time.perf_counter() - live.start), final=True)
+    console.get().update("data", describe(summary, time.perf_counter() - started), final=True)
     write_quarantine(processed, quarantine_path)
     if summary.quarantined:
         console.get().say(f"quarantined rows, each with its source, position and reason: {quarantine_path}")
@@ -363,4 +405,4 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
         raise ValueError(f"no usable training pair in {summary.read} rows read; see {quarantine_path}")
     n_eval = summary.used.get("eval", 0)
     evals = pick(processed, "ok", "eval", columns) if n_eval else None
-    return PreparedData(train, evals, n_train, n_eval, summary, train_files + eval_files, processed, tokenize_settings(cfg))
+    return PreparedData(train, evals, n_train, n_eval, summary, inputs, processed, tokenize_settings(cfg), data_cache)

@@ -101,9 +101,11 @@ def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydpo.cluster import resolve_train_cpus
     from raydpo.online.worker import online_loop_per_worker
     from raydpo.train.stage import storage_path
 
+    resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     t, o = cfg.train, cfg.online
     # constant schedules ignore the total; a decaying one needs steps_per_round (online_checks).
     total = o.rounds * (o.steps_per_round or 1)

@@ -199,7 +199,7 @@ def list_entries(cache_dir: str) -> list[dict]:
                "path": path, "bytes": size, "created": os.path.getmtime(path)}
         if row["status"] == "complete" and os.path.exists(os.path.join(path, MANIFEST)):
             m = read_manifest(path)
-            row |= {"created": m.get("created", row["created"]), "pairs": m.get("rows"),
+            row |= {"created": m.get("created", row["created"]), "pairs": m.get("rows"), "files": m.get("paths", {}).get("files"),
                     "reference": m.get("paths", {}).get("reference"), "dtype": m.get("inputs", {}).get("dtype"),
                     "backend": m.get("inputs", {}).get("backend")}
         elif row["status"] == "complete":

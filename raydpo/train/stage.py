@@ -77,6 +77,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     from ray.train.torch import TorchTrainer
 
     from raydpo import console, trackers
+    from raydpo.cluster import resolve_train_cpus
     from raydpo.train.loop import train_loop_per_worker
     from raydpo.train.watch import MetricsWatcher
 
@@ -94,6 +95,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     if n_eval:
         # Materialized: the eval set is re-read at every evaluation and is small.
         datasets["eval"] = eval_ds.materialize()
+    resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -1,0 +1,120 @@
+"""The tokenized-data cache: a second run on the same inputs reads the data stage's result instead
+of tokenizing; other inputs miss; a damaged entry is rebuilt; `raydpo cache` lists and prunes it."""
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_config
+from ray_actors import actors_created
+from raydpo.cli import main
+from raydpo.data.local import blocks
+from raydpo.data.stage import prepare
+
+BAD_ROWS = ['{"prompt": "p", "chosen": 3, "rejected": "r"}', "not json at all"]
+
+
+@pytest.fixture(scope="module")
+def data_file(synthetic_dir, tmp_path_factory) -> str:
+    """The synthetic task's train rows plus two bad ones (quarantined, so the accounting is cached too)."""
+    path = tmp_path_factory.mktemp("cached_data") / "train.jsonl"
+    with open(os.path.join(synthetic_dir, "train.jsonl")) as f:
+        rows = f.read().splitlines()[:96]
+    path.write_text("\n".join(rows[:40] + BAD_ROWS + rows[40:]) + "\n")
+    return str(path)
+
+
+def tokenizers_started() -> int:
+    return actors_created("Preprocess")
+
+
+def columns(ds) -> dict:
+    table = pa.concat_tables(blocks(ds))
+    return {c: table[c].to_pylist() for c in table.column_names}
+
+
+def prepared(cfg, tmp_path, name: str):
+    out = prepare(cfg, str(tmp_path / f"{name}.quarantine.jsonl"))
+    return out, open(tmp_path / f"{name}.quarantine.jsonl").read()
+
+
+def test_hit_reads_the_same_pairs_and_accounting_without_a_tokenizer(ray_cluster, tiny_model_dir, data_file, tmp_path):
+    cfg = make_config(tiny_model_dir, [data_file], tmp_path, data={"eval_fraction": 0.25, "max_bad_fraction": 0.5})
+    first, q1 = prepared(cfg, tmp_path, "first")
+    assert first.cache["hit"] is False and first.cache["status"] == "written"
+    assert os.path.dirname(first.cache["entry"]) == str(tmp_path / "tokenized")  # beside reference.cache_dir
+    started = tokenizers_started()
+    second, q2 = prepared(cfg, tmp_path, "second")
+    assert tokenizers_started() == started, "a cache hit must start no tokenizer actor"
+    assert second.cache == {"hit": True, "key": first.cache["key"], "entry": first.cache["entry"]}
+    assert second.summary == first.summary and second.summary.read == 98 and sum(second.summary.quarantined.values()) == 2
+    assert (second.n_train, second.n_eval) == (first.n_train, first.n_eval) and first.n_eval > 0
+    assert columns(second.train) == columns(first.train) and columns(second.eval) == columns(first.eval)
+    assert q2 == q1 and q1.count("\n") == 2
+    assert second.files == first.files == [os.path.abspath(data_file)]
+
+    # Any input of the table changes the key: a tokenization setting, the file's bytes.
+    other, _ = prepared(make_config(tiny_model_dir, [data_file], tmp_path, data={"eval_fraction": 0.25, "max_bad_fraction": 0.5,
+                                                                                 "max_length": 48}), tmp_path, "other")
+    assert other.cache["hit"] is False and other.cache["key"] != first.cache["key"]
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(open(data_file).read().replace('"not json at all"', "still not json"))
+    changed, _ = prepared(make_config(tiny_model_dir, [str(edited)], tmp_path, data={"max_bad_fraction": 0.5}), tmp_path, "edited")
+    assert changed.cache["hit"] is False
+
+    # Off by the switch: tokenized as before, nothing written.
+    off, q_off = prepared(make_config(tiny_model_dir, [data_file], tmp_path, data={"eval_fraction": 0.25, "max_bad_fraction": 0.5,
+                                                                                   "cache": False}), tmp_path, "off")
+    assert off.cache == {"hit": False, "status": "off (data.cache)"} and off.summary == first.summary and q_off == q1
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing"])
+def test_damaged_entry_is_detected_and_rebuilt(ray_cluster, tiny_model_dir, data_file, tmp_path, damage, capsys):
+    cfg = make_config(tiny_model_dir, [data_file], tmp_path, data={"max_bad_fraction": 0.5})
+    first, _ = prepared(cfg, tmp_path, "first")
+    shard = os.path.join(first.cache["entry"], "data", "shard-000000.parquet")
+    if damage == "altered":
+        table = pq.read_table(shard)
+        pq.write_table(table.slice(1), shard)  # a readable file with a row fewer
+    else:
+        os.remove(shard)
+    rebuilt, _ = prepared(cfg, tmp_path, "rebuilt")
+    assert rebuilt.cache["hit"] is False and rebuilt.cache["status"] == "rebuilt"
+    said = capsys.readouterr()
+    assert "is damaged" in said.out + said.err
+    assert rebuilt.summary == first.summary and columns(rebuilt.train) == columns(first.train)
+    assert prepared(cfg, tmp_path, "again")[0].cache["hit"] is True
+
+
+def test_dataset_inputs_are_not_cached(ray_cluster, tiny_model_dir, data_file, tmp_path):
+    import ray.data
+
+    rows = [json.loads(line) for line in open(data_file) if line.startswith("{") and '"chosen": 3' not in line]
+    cfg = make_config(tiny_model_dir, [data_file], tmp_path)
+    out = prepare(cfg, str(tmp_path / "q.jsonl"), train=ray.data.from_items(rows))
+    assert out.cache == {"hit": False, "status": "off for ray.data.Dataset and hub data set inputs"}
+    assert not (tmp_path / "tokenized").exists()
+
+
+def test_cache_cli_lists_and_prunes_tokenized_entries(ray_cluster, tiny_model_dir, data_file, tmp_path, capsys):
+    cfg = make_config(tiny_model_dir, [data_file], tmp_path, data={"max_bad_fraction": 0.5})
+    key = prepared(cfg, tmp_path, "first")[0].cache["key"]
+    os.makedirs(tmp_path / "tokenized" / f"{key}.partial-0000", exist_ok=True)  # an interrupted write
+    ref_root = str(tmp_path / "cache")
+    capsys.readouterr()  # the data stage's lines
+    assert main(["cache", "list", "--cache-dir", ref_root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    entry = next(e for e in listed if e["status"] == "complete")
+    assert entry["kind"] == "tokenized" and entry["key"] == key and entry["pairs"] == 98 and entry["files"] == [os.path.abspath(data_file)]
+    assert any(e["status"] == "partial" and e["kind"] == "tokenized" for e in listed)
+    assert main(["cache", "list", "--cache-dir", ref_root]) == 0
+    assert f"{key}" in capsys.readouterr().out
+    assert main(["cache", "prune", "--cache-dir", ref_root]) == 0  # no rule: the unfinished directory only
+    assert os.listdir(tmp_path / "tokenized") == [key]
+    assert main(["cache", "prune", "--cache-dir", ref_root, "--data-cache-dir", str(tmp_path / "tokenized"), "--key", key]) == 0
+    assert os.listdir(tmp_path / "tokenized") == []
+    shutil.rmtree(tmp_path / "tokenized")

@@ -56,6 +56,20 @@ def cmd_online(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import yaml
+
+    from raydpo.config import apply_overrides
+    from raydpo.sweep import sweep
+
+    with open(args.config) as f:
+        raw = yaml.safe_load(f) or {}
+    level = "quiet" if args.quiet else "verbose" if args.verbose else None
+    raw = apply_overrides(raw, args.overrides + ([f"logging.console={level}"] if level else []))
+    summary = sweep(raw, args.grid, args.concurrent)
+    return 1 if any(r["status"] == "failed" for r in summary["runs"]) else 0
+
+
 def cmd_precompute(args) -> int:
     from raydpo.data.stats import export_reference
     from raydpo.pipeline import precompute
@@ -198,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
     on = with_config("online", "online / iterative DPO rounds: generate, judge, reference, train, sync (re-running resumes)")
     on.add_argument("--force", action="store_true", help="start again from round 0 even if output.dir holds a finished run")
     on.set_defaults(fn=cmd_online)
+    sw = with_config("sweep", "a grid of runs as Ray Tune trials sharing one data and reference stage (re-running resumes)")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a config key and its values (repeatable: the runs are the cartesian product)")
+    sw.add_argument("--concurrent", type=int, default=1, help="runs training at once (clamped to what the cluster can place)")
+    sw.set_defaults(fn=cmd_sweep)
     pc = with_config("precompute", "data and reference stages only; prints the cache directory")
     pc.add_argument("--export", metavar="FILE.jsonl", help="write reference log-probs per kept pair, in input order")
     pc.set_defaults(fn=cmd_precompute)

@@ -101,3 +101,23 @@ def test_two_by_two_sweep_shares_stages_finishes_reports_and_resumes(ray_cluster
     again = json.load(open(sweep_dir / "sweep.json"))
     assert [r["status"] for r in again["runs"]] == ["finished"] * 4
     assert actors_created("Preprocess") - tokenizers == 2 and actors_created("ReferenceScorer") - scorers == 2
+
+
+def test_default_cores_rule(ray_cluster):
+    from raydpo.cluster import default_train_cpus, resolve_train_cpus
+    from raydpo.config import Config
+
+    assert default_train_cpus(1, cores=2, concurrent_cores=0, free_cpus=8) == 2  # one worker: the whole machine
+    assert default_train_cpus(2, cores=2, concurrent_cores=0, free_cpus=8) == 1
+    assert default_train_cpus(2, cores=16, concurrent_cores=4, free_cpus=8) == 4  # placeable: 8 free CPUs / 2
+    assert default_train_cpus(2, cores=16, concurrent_cores=4, free_cpus=32) == 6  # a streaming pool keeps 4 cores
+    assert default_train_cpus(4, cores=2, concurrent_cores=1, free_cpus=1) == 1  # never below 1
+    # On the session's one-node CPU cluster: the cores divided among the workers; an explicit value wins.
+    cfg = Config()
+    cfg.train.num_workers = 1
+    expected = default_train_cpus(1, os.cpu_count(), 0, ray_cluster.available_resources()["CPU"])
+    assert resolve_train_cpus(cfg) == cfg.train.cpus_per_worker == expected
+    cfg.train.cpus_per_worker = 3.0
+    assert resolve_train_cpus(cfg) == 3.0
+    cfg.train.cpus_per_worker, cfg.train.use_gpu = None, True
+    assert resolve_train_cpus(cfg) == 1.0

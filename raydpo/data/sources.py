@@ -45,9 +45,7 @@ def resolve_paths(paths: list[str]) -> list[str]:
             raise FileNotFoundError(f"no file matches {p!r}")
         for m in matches:
             if os.path.isdir(m):
-                found = sorted(
-                    os.path.join(root, f) for root, _, files in os.walk(m) for f in files if _is_data_file(f)
-                )
+                found = sorted(os.path.join(root, f) for root, files in _data_dirs(m) for f in files if _is_data_file(f))
                 if not found:
                     raise FileNotFoundError(f"directory {m!r} holds no {'/'.join(EXTENSIONS)} files")
                 out.extend(found)
@@ -57,6 +55,18 @@ def resolve_paths(paths: list[str]) -> list[str]:
             else:
                 raise FileNotFoundError(f"data file {m!r} does not exist")
     return list(dict.fromkeys(os.path.abspath(p) for p in out))
+
+
+def _data_dirs(top: str):
+    """(directory, file names) under ``top``, leaving out raydpo cache entries (a ``manifest.json``
+    beside a ``data/`` folder, or an unfinished ``.partial`` one): a cache kept inside a data directory
+    must not be read back as preference rows."""
+    for root, dirs, files in os.walk(top):
+        if "manifest.json" in files and "data" in dirs:
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if ".partial" not in d)
+        yield root, files
 
 
 def _is_data_file(name: str) -> bool:

@@ -28,6 +28,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydpo.reference.store import sha256_file
+
 FORMAT = 1
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,23 +42,15 @@ def cache_root(cfg) -> str:
     return os.path.join(os.path.dirname(ref), "tokenized")
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_digest(name: str) -> str:
     """sha256 of a source file, or of every file under a ``save_to_disk`` directory."""
     if not os.path.isdir(name):
-        return _file_digest(name)
+        return sha256_file(name)
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(name)):
         for f in sorted(files):
             path = os.path.join(root, f)
-            h.update(os.path.relpath(path, name).encode() + b"\0" + _file_digest(path).encode())
+            h.update(os.path.relpath(path, name).encode() + b"\0" + sha256_file(path).encode())
     return h.hexdigest()
 
 
@@ -143,7 +137,7 @@ def save(root: str, key: str, inputs: dict, tables: list[pa.Table], files: list[
         name = f"shard-{i:06d}.parquet"
         path = os.path.join(part, "data", name)
         pq.write_table(table, path)
-        shards.append({"file": name, "rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": _file_digest(path)})
+        shards.append({"file": name, "rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
     manifest = {"key": key, "kind": "tokenized", "format": FORMAT, "created": time.time(), "inputs": inputs,
                 "paths": {"files": files}, "rows": sum(s["rows"] for s in shards), "shards": shards}
     with open(os.path.join(part, store.MANIFEST), "w") as f:
@@ -155,3 +149,38 @@ def save(root: str, key: str, inputs: dict, tables: list[pa.Table], files: list[
         if not os.path.exists(os.path.join(final, store.MANIFEST)):
             raise
     return final
+
+
+def _cache_inputs(cfg, train, eval) -> dict | None:
+    """The tokenized-data cache's key inputs, or None where this run cannot use the cache."""
+    from raydpo.config_rules import loss_names
+    from raydpo.data.sources import source_names
+    from raydpo.data.stage import tokenize_settings
+
+    if not cfg.data.cache or train is not None or eval is not None:
+        return None
+    sources = {"train": source_names(cfg.data.train, "train"), "eval": source_names(cfg.data.eval, "test")}
+    return key_inputs(cfg, sources, tokenize_settings(cfg).__dict__, kl="kto" in loss_names(cfg.loss))
+
+
+def cached_or_tokenized(cfg, train=None, eval=None) -> tuple[object, list[str], dict]:
+    """(every row with its status, the source names, how the cache served them): from the
+    tokenized-data cache on a hit, else from :func:`read_and_tokenize` (then written to the cache)."""
+    from raydpo import console
+    from raydpo.data.local import blocks, from_tables
+    from raydpo.data.stage import read_and_tokenize
+
+    inputs = _cache_inputs(cfg, train, eval)
+    if inputs is None:
+        reason = "off (data.cache)" if not cfg.data.cache else "off for ray.data.Dataset and hub data set inputs"
+        return *read_and_tokenize(cfg, train, eval), {"hit": False, "status": reason}
+    root, key = cache_root(cfg), entry_key(inputs)
+    tables, manifest, bad = load(root, key)
+    if bad:
+        console.get().say(f"data: tokenized-data cache entry {key} is damaged ({bad[0]}); removed, tokenizing again")
+    if tables is not None:
+        console.get().say(f"data: tokenized-data cache hit, {manifest['rows']:,} rows, no tokenizer started: {os.path.join(root, key)}")
+        return from_tables(tables), manifest["paths"]["files"], {"hit": True, "key": key, "entry": os.path.join(root, key)}
+    processed, files = read_and_tokenize(cfg, train, eval)
+    entry = save(root, key, inputs, list(blocks(processed)), files)
+    return processed, files, {"hit": False, "key": key, "entry": entry, "status": "rebuilt" if bad else "written"}

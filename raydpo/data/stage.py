@@ -312,7 +312,7 @@ def _process(raw_rows, split: str, cfg, eval_fraction: float):
     )
 
 
-def _read_and_tokenize(cfg, train, eval) -> tuple[object, list[str]]:
+def read_and_tokenize(cfg, train, eval) -> tuple[object, list[str]]:
     """The Ray Data pipeline: read, validate and tokenize on the actor pool, then de-duplicate and
     pair KL sequences. Returns (every row with its status, the resolved source names)."""
     from raydpo.data.sources import from_ray, read_preferences
@@ -339,38 +339,6 @@ def _read_and_tokenize(cfg, train, eval) -> tuple[object, list[str]]:
     return processed, inputs
 
 
-def _cache_inputs(cfg, train, eval) -> dict | None:
-    """The tokenized-data cache's key inputs, or None where this run cannot use the cache."""
-    from raydpo.data import cache
-    from raydpo.data.sources import source_names
-
-    if not cfg.data.cache or train is not None or eval is not None:
-        return None
-    sources = {"train": source_names(cfg.data.train, "train"), "eval": source_names(cfg.data.eval, "test")}
-    return cache.key_inputs(cfg, sources, tokenize_settings(cfg).__dict__, kl="kto" in loss_names(cfg.loss))
-
-
-def cached_or_tokenized(cfg, train=None, eval=None) -> tuple[object, list[str], dict]:
-    """(every row with its status, the source names, how the cache served them): from the
-    tokenized-data cache on a hit, else from :func:`_read_and_tokenize` (then written to the cache)."""
-    from raydpo.data import cache
-
-    inputs = _cache_inputs(cfg, train, eval)
-    if inputs is None:
-        reason = "off (data.cache)" if not cfg.data.cache else "off for ray.data.Dataset and hub data set inputs"
-        return *_read_and_tokenize(cfg, train, eval), {"hit": False, "status": reason}
-    root, key = cache.cache_root(cfg), cache.entry_key(inputs)
-    tables, manifest, bad = cache.load(root, key)
-    if bad:
-        console.get().say(f"data: tokenized-data cache entry {key} is damaged ({bad[0]}); removed, tokenizing again")
-    if tables is not None:
-        console.get().say(f"data: tokenized-data cache hit, {manifest['rows']:,} rows, no tokenizer started: {os.path.join(root, key)}")
-        return from_tables(tables), manifest["paths"]["files"], {"hit": True, "key": key, "entry": os.path.join(root, key)}
-    processed, files = _read_and_tokenize(cfg, train, eval)
-    entry = cache.save(root, key, inputs, list(blocks(processed)), files)
-    return processed, files, {"hit": False, "key": key, "entry": entry, "status": "rebuilt" if bad else "written"}
-
-
 def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
     """Read, validate and tokenize ``data.train`` (and ``data.eval``), or read them from the
     tokenized-data cache; write the quarantine file.
@@ -383,6 +351,8 @@ def prepare(cfg, quarantine_path: str, train=None, eval=None) -> PreparedData:
     if train is None and not cfg.data.train:
         raise ValueError("data.train is empty: give at least one preference data file")
     started = time.perf_counter()
+    from raydpo.data.cache import cached_or_tokenized
+
     processed, inputs, data_cache = cached_or_tokenized(cfg, train, eval)
     is_unpaired = unpaired(cfg.loss)
     summary = summarize(processed, is_unpaired)

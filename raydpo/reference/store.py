@@ -55,7 +55,7 @@ def write_shard(data_dir: str, table: pa.Table) -> str:
     return final
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -112,7 +112,7 @@ def finalize(cache_dir: str, key: str, inputs: dict, expected: collections.Count
         path = os.path.join(data, name)
         table = pq.read_table(path, columns=["digest"])
         got.update(table["digest"].to_pylist())
-        shards.append({"file": name, "rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": _sha256(path)})
+        shards.append({"file": name, "rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
     if got != expected:
         missing, extra = sum((expected - got).values()), sum((got - expected).values())
         raise ValueError(f"reference cache {part}: the shards hold {missing} pairs too few and {extra} too many; "
@@ -147,7 +147,7 @@ def problems(entry: str, checksums: bool = True) -> list[str]:
             found.append(f"{shard['file']}: missing")
         elif os.path.getsize(path) != shard["bytes"]:
             found.append(f"{shard['file']}: {os.path.getsize(path)} bytes, expected {shard['bytes']}")
-        elif checksums and _sha256(path) != shard["sha256"]:
+        elif checksums and sha256_file(path) != shard["sha256"]:
             found.append(f"{shard['file']}: contents changed (sha256 mismatch)")
     listed = {s["file"] for s in manifest.get("shards", [])}
     found += [f"{name}: not in the manifest" for name in _shards(data) if name not in listed]
@@ -180,7 +180,7 @@ def lookup(cache_dir: str, key: str) -> tuple[str | None, list[str]]:
     for name in _shards(os.path.join(entry, "data")):
         shard = listed.get(name)
         path = os.path.join(entry, "data", name)
-        if shard and os.path.getsize(path) == shard["bytes"] and _sha256(path) == shard["sha256"]:
+        if shard and os.path.getsize(path) == shard["bytes"] and sha256_file(path) == shard["sha256"]:
             os.replace(path, os.path.join(part, "data", name))
     shutil.rmtree(entry)
     return None, bad

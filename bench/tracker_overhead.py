@@ -3,7 +3,7 @@
     .venv/bin/python bench/tracker_overhead.py [--rows 500]
 
 Each backend (TensorBoard, MLflow's local file store, wandb offline) gets the same rows the trainer
-writes (13 metrics each) through ``raydpo.trackers.Trackers``, in a temporary run directory. The
+writes (13 metrics each) through ``raydpo.observability.trackers.Trackers``, in a temporary run directory. The
 figure to compare is the per-row time against a training step (tens of ms to seconds): the
 trackers' share of a step is that ratio.
 """
@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from raydpo import trackers
+from raydpo.observability import trackers
 from raydpo.config import from_dict
 
 ROW = {"epoch": 0, "loss": 0.69, "rewards/chosen": 0.1, "rewards/rejected": 0.0, "rewards/accuracies": 0.5,

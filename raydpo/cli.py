@@ -129,7 +129,7 @@ def cmd_synthetic(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from raydpo.report import write_report
+    from raydpo.observability.report import write_report
 
     out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1 else "raydpo-report")
     print(write_report(args.run_dirs, out))

@@ -14,7 +14,7 @@ def ensure_ray(cfg: Config) -> str:
 
     import ray
 
-    from raydpo import console
+    from raydpo.observability import console
 
     # Ray Data announces every dataset execution at INFO: shown in verbose mode only.
     logging.getLogger("ray.data").setLevel(logging.INFO if cfg.logging.console == "verbose" else logging.WARNING)
@@ -80,7 +80,7 @@ def resolve_train_cpus(cfg: Config) -> float:
         return t.cpus_per_worker
     import ray
 
-    from raydpo import console
+    from raydpo.observability import console
     from raydpo.config import pool_size
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]

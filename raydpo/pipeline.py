@@ -39,7 +39,7 @@ def _paths(cfg: Config) -> dict[str, str]:
 
 
 def _start(cfg: Config) -> dict[str, str]:
-    from raydpo import console
+    from raydpo.observability import console
     from raydpo.cluster import ensure_ray
 
     console.configure(cfg.logging.console, cfg.logging.progress_every_s)
@@ -169,7 +169,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     Re-running an unfinished run resumes it from its latest checkpoint (``train.checkpoint_every``);
     a finished one is left alone (status ``finished``) unless ``force``, which starts over."""
     from raydpo.models import load_tokenizer, resolve_local
-    from raydpo.trackers import check_installed
+    from raydpo.observability.trackers import check_installed
     from raydpo.train.preflight import check_family, check_writable, preflight
     from raydpo.train.resume import FinishedRun, prepare_run_dir
     from raydpo.train.stage import check_eval, storage_path

@@ -147,7 +147,7 @@ def _check_report(path):
 @pytest.mark.slow
 def test_report_for_a_real_run_has_plots_and_the_metric_values(piped_run, tmp_path):
     from raydpo.cli import main
-    from raydpo.report.html import fmt
+    from raydpo.observability.report.html import fmt
 
     assert main(["report", str(piped_run["dir"]), "--out", str(tmp_path / "rep")]) == 0
     page, checker = _check_report(tmp_path / "rep" / "report.html")
@@ -201,7 +201,7 @@ def test_report_of_a_data_only_run_and_of_a_wrong_directory(ray_cluster, tiny_mo
 
 
 def test_a_missing_tracker_package_is_named_with_its_extra(tiny_model_dir, synthetic_dir, tmp_path, capsys, monkeypatch):
-    from raydpo import trackers
+    from raydpo.observability import trackers
     from raydpo.cli import main
 
     # Point the wandb backend at a module that does not exist, as on a machine without the extra.

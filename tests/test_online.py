@@ -110,7 +110,7 @@ def test_generator_weights_equal_the_trainers_after_sync(online_run, tiny_model_
 
 
 def test_summary_counts_add_up_and_report_plots_rounds(online_run, tmp_path):
-    from raydpo.report import write_report
+    from raydpo.observability.report import write_report
 
     result, _, _ = online_run
     s = result.summary

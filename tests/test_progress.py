@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from raydpo import console
-from raydpo.train.watch import MetricsWatcher
+from raydpo.observability import console
+from raydpo.observability.watch import MetricsWatcher
 
 CONTROL = re.compile(r"[\r\x1b\x07\x08]")
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from raydpo import trackers
+from raydpo.observability import trackers
 from raydpo.config import from_dict
 
 

@@ -166,7 +166,7 @@ def _cache_inputs(cfg, train, eval) -> dict | None:
 def cached_or_tokenized(cfg, train=None, eval=None) -> tuple[object, list[str], dict]:
     """(every row with its status, the source names, how the cache served them): from the
     tokenized-data cache on a hit, else from :func:`read_and_tokenize` (then written to the cache)."""
-    from raydpo import console
+    from raydpo.observability import console
     from raydpo.data.local import blocks, from_tables
     from raydpo.data.stage import read_and_tokenize
 

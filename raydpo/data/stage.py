@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydpo import console
+from raydpo.observability import console
 from raydpo.data.local import blocks, collect, from_tables
 from raydpo.data.summary import DataSummary, describe, reason_kind, summarize
 from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raydpo import console
+from raydpo.observability import console
 from raydpo.data.local import blocks
 from raydpo.data.unpaired import REJECTED_HALF
 

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from raydpo import console
+from raydpo.observability import console
 from raydpo.config import Config, to_dict
 from raydpo.online import phases
 from raydpo.online.phases import append_rows as _append
@@ -77,7 +77,7 @@ def preflight(cfg: Config) -> None:
     ]:
         if not ok:
             raise ConfigError(message)
-    from raydpo.trackers import check_installed
+    from raydpo.observability.trackers import check_installed
 
     check_installed(cfg.logging.backends)
     j = cfg.online.judge
@@ -170,7 +170,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     from raydpo.models import load_tokenizer, resolve_local
     from raydpo.online.prompts import load_prompts
     from raydpo.online.rounds import RoundQueue
-    from raydpo import trackers
+    from raydpo.observability import trackers
     from raydpo.pipeline import _start, _write_json
     from raydpo.train.checkpoint import Position, checkpoint_name
     from raydpo.train.preflight import check_writable

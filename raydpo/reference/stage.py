@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from raydpo import console
+from raydpo.observability import console
 from raydpo.config import Config, pool_size, reference_dtype, reference_path, reference_trusts_code
 from raydpo.data.local import blocks, from_tables
 from raydpo.reference import cache, store

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from raydpo import console
+from raydpo.observability import console
 from raydpo.config import Config, to_dict, uses_reference
 
 #: The final metrics a sweep's table shows, in order, where the runs have them.
@@ -98,7 +98,7 @@ def sweep(raw: dict, grid_specs: list[str], concurrent: int = 1) -> dict:
 
     from raydpo.cluster import default_train_cpus, ensure_ray
     from raydpo.config import from_dict
-    from raydpo.report import write_report
+    from raydpo.observability.report import write_report
     from raydpo.sweep.grid import parse_grid, run_configs
 
     base = from_dict(raw)

@@ -118,7 +118,7 @@ def _say(line: str) -> None:
 class MetricsLog:
     """metrics.jsonl and the experiment trackers, written by rank 0 only.
 
-    The console shows these rows from the driver (:mod:`raydpo.train.watch`), which prints
+    The console shows these rows from the driver (:mod:`raydpo.observability.watch`), which prints
     no matter where rank 0 runs and without Ray's per-worker line prefixes."""
 
     def __init__(self, path: str, active: bool, trackers=None):
@@ -164,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.train.guard import check, token_drift
     from raydpo.train.policy import activations, build_policy, trainable_summary
     from raydpo.train.sequence_parallel import setup as setup_sp
-    from raydpo.trackers import Trackers
+    from raydpo.observability.trackers import Trackers
 
     cfg = from_dict(config["cfg"])
     t, pad_id = cfg.train, config["pad_id"]

@@ -76,10 +76,10 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raydpo import console, trackers
+    from raydpo.observability import console, trackers
     from raydpo.cluster import resolve_train_cpus
     from raydpo.train.loop import train_loop_per_worker
-    from raydpo.train.watch import MetricsWatcher
+    from raydpo.observability.watch import MetricsWatcher
 
     trackers.check_installed(cfg.logging.backends)
     tracking = trackers.resolve(cfg)

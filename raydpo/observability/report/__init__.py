@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from raydpo.report.html import render
-from raydpo.report.plots import write_plots
-from raydpo.report.runs import label_runs, load_run
+from raydpo.observability.report.html import render
+from raydpo.observability.report.plots import write_plots
+from raydpo.observability.report.runs import label_runs, load_run
 
 
 def write_report(run_dirs: list[str], out_dir: str) -> str:

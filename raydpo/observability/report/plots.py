@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from raydpo.report.runs import Run
+from raydpo.observability.report.runs import Run
 
 STYLES = ["-", "--", ":", "-."]
 

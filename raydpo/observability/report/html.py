@@ -9,7 +9,7 @@ import time
 
 import yaml
 
-from raydpo.report.runs import Run, config_differences
+from raydpo.observability.report.runs import Run, config_differences
 
 #: Training rows listed in full up to this many per run; beyond it, evenly spaced ones (first and last kept).
 MAX_ROWS = 100

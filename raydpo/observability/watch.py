@@ -13,7 +13,7 @@ import os
 import threading
 import time
 
-from raydpo import console
+from raydpo.observability import console
 
 
 def _quality(row: dict, prefix: str = "") -> str:

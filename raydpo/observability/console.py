@@ -4,7 +4,7 @@ On a terminal a stage's progress is one line rewritten in place. Anywhere else (
 ``ray job logs``) every update is a whole line, at most one per stage every
 ``logging.progress_every_s`` seconds, so a job log stays short and free of control characters.
 Only the driver prints progress; trainer progress comes from rank 0's metrics.jsonl
-(:mod:`raydpo.train.watch`).
+(:mod:`raydpo.observability.watch`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -268,9 +267,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray Data announces every dataset execution at INFO; raydpo prints its own progress
-    # (logging.console=verbose turns it back on, see cluster.ensure_ray).
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     import yaml
 
     from raydpo.train.guard import GuardError

@@ -1,47 +1,97 @@
-"""Connecting to Ray: join an existing cluster (a job, RAY_ADDRESS) or start an embedded local one."""
+"""Connecting to Ray: join the cluster a run stands on (``ray.address``, ``RAY_ADDRESS``, or the live
+local cluster ``ray start`` left its address for) or start an embedded local one."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from raydpo.config import Config
 
 
+def address_file() -> str:
+    """The file ``ray start`` writes the address of the cluster it started to (Ray's temp dir:
+    ``$RAY_TMPDIR/ray`` or ``/tmp/ray``) and ``ray stop`` removes -- unless that cluster died."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def answers(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts connections at ``address`` (``host:port``, a GCS)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def choose_cluster(configured: str | None, env: str | None, file: str, alive=answers) -> tuple[str, str]:
+    """Which cluster to use: ``(address for ray.init, what to tell the user)``; ``"local"`` starts
+    an embedded cluster.
+
+    ``ray.address`` first (``local`` forces an embedded cluster), then ``RAY_ADDRESS``, then the
+    cluster whose address ``ray start`` left in ``file`` if its GCS answers; a file whose cluster
+    is gone (killed, machine rebooted) is ignored and named, so a stale file never hangs a run."""
+    if configured == "local":
+        return "local", "started an embedded local Ray cluster (ray.address: local)"
+    if configured:
+        return configured, f"joined the Ray cluster at {configured} (ray.address)"
+    if env:
+        return env, f"joined the Ray cluster at {env} (RAY_ADDRESS)"
+    try:
+        with open(file) as f:
+            found = f.read().strip()
+    except OSError:
+        return "local", "started an embedded local Ray cluster"
+    if found and alive(found):
+        return found, (f"joined the local Ray cluster at {found} (from {file}; "
+                       "ray.address: local starts an embedded one instead)")
+    return "local", (f"started an embedded local Ray cluster; ignored the stale {file} "
+                     f"(no Ray cluster answers at {found or 'an empty address'})")
+
+
 def ensure_ray(cfg: Config) -> str:
-    """Initialise Ray once per process; returns 'existing', 'joined' or 'embedded'."""
+    """Initialise Ray once per process; returns 'existing', 'joined' or 'embedded'.
+
+    Every worker process of the job gets raydpo's console level through Ray's
+    ``worker_process_setup_hook`` (:mod:`raydpo.observability.quiet`)."""
     import logging
 
     import ray
 
-    from raydpo.observability import console
+    from raydpo.observability import console, quiet
 
-    # Ray Data announces every dataset execution at INFO: shown in verbose mode only.
-    logging.getLogger("ray.data").setLevel(logging.INFO if cfg.logging.console == "verbose" else logging.WARNING)
+    quiet.setup_process(cfg.logging.console)
     if cfg.logging.console == "quiet":
         logging.getLogger("ray").setLevel(logging.WARNING)
     if ray.is_initialized():
         configure_data(progress_bars=None)
         return "existing"
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address, said = choose_cluster(cfg.ray.address, os.environ.get("RAY_ADDRESS"), address_file())
     # quiet: no worker output on the console (a worker's error still comes back as the exception).
     # Ray's own start-up lines (with colour codes in them) only in verbose mode; raydpo says the gist.
+    env_vars = {quiet.LEVEL_ENV: cfg.logging.console}
+    if os.environ.get(quiet.STRICT_ENV):
+        env_vars[quiet.STRICT_ENV] = os.environ[quiet.STRICT_ENV]
     options = {"log_to_driver": cfg.logging.console != "quiet",
-               "logging_level": logging.INFO if cfg.logging.console == "verbose" else logging.WARNING}
-    if address:
-        ctx = ray.init(address=address, **options)
-        kind = f"joined the Ray cluster at {address}"
-    else:
+               "logging_level": logging.INFO if cfg.logging.console == "verbose" else logging.WARNING,
+               "runtime_env": {"worker_process_setup_hook": f"{quiet.__name__}.worker_setup_hook", "env_vars": env_vars}}
+    if address == "local":
         # Declare more logical CPUs than cores so the tokenizer actors, the reference pool and the
         # train workers can all be placed at once on a small machine; they are mostly not busy together.
         num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
-        ctx = ray.init(num_cpus=num_cpus, **options)
-        kind = f"started an embedded local Ray cluster ({num_cpus} logical CPUs)"
+        ctx = ray.init(address="local", num_cpus=num_cpus, **options)
+        said = said.replace("cluster", f"cluster ({num_cpus} logical CPUs)", 1)
+    else:
+        ctx = ray.init(address=address, **options)
     dashboard = getattr(ctx, "dashboard_url", None)
-    console.get().say(kind + (f"; dashboard http://{dashboard}" if dashboard else ""))
+    console.get().say(said + (f"; dashboard http://{dashboard}" if dashboard else ""))
     # raydpo's console shows each stage's progress; Ray Data's own bars only with logging.console=verbose.
     configure_data(progress_bars=cfg.logging.console == "verbose")
-    return "joined" if address else "embedded"
+    return "embedded" if address == "local" else "joined"
 
 
 def configure_data(progress_bars: bool | None = False) -> None:

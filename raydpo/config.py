@@ -105,10 +105,11 @@ class ReferenceConfig:
     the nodes that declare them (another node type than the trainers)."""
     accelerator_type: Optional[str] = None
     """Ray accelerator type each actor needs (e.g. ``L4``, ``A10G``): the reference on cheaper GPUs."""
-    max_restarts: int = 3
-    """How often a dead reference actor is restarted (-1: always); its unfinished batches are retried."""
-    max_task_retries: int = 3
-    """How often a batch is retried after its actor died (-1: always)."""
+    max_restarts: Optional[int] = None
+    """How often a dead reference actor is restarted (-1: always); its unfinished batches are
+    retried. None: Ray Data's actor-pool default (always)."""
+    max_task_retries: Optional[int] = None
+    """How often a batch is retried after its actor died (-1: always). None: Ray Data's default (always)."""
     guard: bool = True
     """Exactness guard: on every worker's first micro-batch, before any update, the policy still is
     the reference, so its log-probs must match the cached ones; a gap above ``guard_tolerance`` stops
@@ -326,7 +327,9 @@ class OutputConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None
-    """Ray cluster to join ('auto', 'ray://...'); None joins RAY_ADDRESS if set, else starts an embedded local cluster."""
+    """Ray cluster to join (``host:port``, ``auto``, ``ray://...``) or ``local`` (always an embedded
+    cluster). None: ``RAY_ADDRESS`` if set, else the live local cluster ``ray start`` recorded in
+    Ray's ``ray_current_cluster`` file, else an embedded local cluster."""
     num_cpus: Optional[int] = None
     """Logical CPUs of an embedded local cluster (may exceed physical cores so all stages get placed)."""
 

@@ -97,7 +97,7 @@ def validate(cfg: "Config") -> None:
     checks = [
         (cfg.model.name_or_path != "", "model.name_or_path is required"),
         (_pool_ok(cfg.reference.num_actors), "reference.num_actors must be a number >= 1 or [min, max] with 1 <= min <= max"),
-        (cfg.reference.max_restarts >= -1 and cfg.reference.max_task_retries >= -1,
+        (all(v is None or v >= -1 for v in (cfg.reference.max_restarts, cfg.reference.max_task_retries)),
          "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
         (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
         (cfg.reference.mode != "streaming" or cfg.train.num_epochs == 1,

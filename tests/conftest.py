@@ -9,6 +9,9 @@ import pytest
 # A local ray.init() in Ray 2.60 turns on token auth; the suite's cluster is private to it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Deprecated or future-changing APIs called from raydpo's modules are errors, in every process
+# (raydpo.observability.quiet.strict_warnings; pyproject.toml's filterwarnings for this one).
+os.environ["RAYDPO_STRICT_WARNINGS"] = "1"
 
 # Test-only reward functions (tests/online_rewards.py) must import in Ray's worker processes too.
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +50,10 @@ def ray_cluster():
 
     from raydpo.cluster import configure_data
 
-    ray.init(num_cpus=8, log_to_driver=True)
+    # address="local": the session's own cluster, even if another one is live on the machine. The
+    # setup hook gives its workers raydpo's console level and the strict warnings, as ensure_ray does.
+    ray.init(address="local", num_cpus=8, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "raydpo.observability.quiet.worker_setup_hook"})
     configure_data()
     yield ray
     ray.shutdown()

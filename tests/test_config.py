@@ -132,9 +132,11 @@ def test_reference_pool_placement(tmp_path):
     opts = pool_options(r)
     assert (opts["compute"].min_size, opts["compute"].max_size) == (1, 3)
     assert opts["resources"] == {"ref_node": 1.0} and opts["accelerator_type"] == "L4"
-    assert (opts["max_restarts"], opts["max_task_retries"]) == (-1, 3)
+    assert opts["max_restarts"] == -1 and "max_task_retries" not in opts  # only what is set is passed
     fixed = pool_options(load(write(tmp_path, BASE), ["reference.num_actors=2"]).reference)
     assert (fixed["compute"].min_size, fixed["compute"].max_size) == (2, 2) and "resources" not in fixed
+    # Unset limits are Ray Data's own default (always restart, always retry), with no deprecated remote args.
+    assert not {"max_restarts", "max_task_retries"} & set(fixed)
     for bad in ("[3, 1]", "[1, 2, 3]", "0"):
         with pytest.raises(ConfigError, match="reference.num_actors must be"):
             load(write(tmp_path, BASE), [f"reference.num_actors={bad}"])

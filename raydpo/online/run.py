@@ -103,7 +103,7 @@ def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
 
     from raydpo.cluster import resolve_train_cpus
     from raydpo.online.worker import online_loop_per_worker
-    from raydpo.train.stage import storage_path
+    from raydpo.train.stage import storage_path, train_logging
 
     resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     t, o = cfg.train, cfg.online
@@ -115,7 +115,7 @@ def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
                            "output_dir": os.path.abspath(cfg.output.dir)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}) | dict(t.resources)),
-        run_config=RunConfig(name="train", storage_path=storage_path(cfg),
+        run_config=RunConfig(name="train", storage_path=storage_path(cfg), logging_config=train_logging(cfg),
                              failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
     )

@@ -37,6 +37,7 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
     from raydpo.objectives import mean_metrics
+    from raydpo.observability import quiet
     from raydpo.online.weights import policy_state
     from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
     from raydpo.train.engine import build_engine
@@ -46,6 +47,7 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.workers import record
 
     cfg = from_dict(config["cfg"])
+    quiet.setup_process(cfg.logging.console)  # a cluster raydpo did not start has no setup hook
     t, pad_id, queue = cfg.train, config["pad_id"], config["queue"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(t.seed + rank)

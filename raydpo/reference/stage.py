@@ -71,7 +71,10 @@ def pool_options(r) -> dict:
 
     A fixed ``num_actors`` gives a pool of that size; ``[min, max]`` lets Ray Data add actors while
     batches wait. Custom resources and an accelerator type steer the pool onto other node types
-    than the trainers; a dead actor is restarted and its batches retried up to the configured limits.
+    than the trainers; a dead actor is restarted and its batches retried: always (Ray Data's
+    default), or up to the limits set in the config. Ray Data 2.60 takes those limits only as loose
+    remote arguments, which it has deprecated with no named replacement yet: they are passed only
+    when set.
     """
     import ray.data
 
@@ -81,9 +84,8 @@ def pool_options(r) -> dict:
         "compute": compute,
         "num_cpus": r.num_cpus_per_actor,
         "num_gpus": r.num_gpus_per_actor,
-        "max_restarts": r.max_restarts,
-        "max_task_retries": r.max_task_retries,
     }
+    options |= {k: v for k, v in (("max_restarts", r.max_restarts), ("max_task_retries", r.max_task_retries)) if v is not None}
     if r.resources:
         options["resources"] = dict(r.resources)
     if r.accelerator_type:

@@ -56,13 +56,16 @@ def build_engine(model, t: TrainConfig, dtype: str, total_steps: int, mpu=None):
     Only parameters that require grad (all, or the LoRA adapters) are optimized. ``mpu``: the
     sequence-parallel groups (:func:`raydpo.train.sequence_parallel.setup`); DeepSpeed then reduces
     gradients over data and sequence ranks and averages over the data-parallel ones."""
-    import deepspeed
+    from raydpo.observability.quiet import deepspeed_quietly
 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype), mpu=mpu
-    )
+    with deepspeed_quietly():
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype), mpu=mpu
+        )
     if t.zero_stage == 0 and engine.seq_dp_world_size == 1:
         # A lone data-parallel rank has nothing to all-reduce, but DeepSpeed would still flatten every
         # gradient into buckets, all-reduce them over the process group and copy them back each step.

@@ -82,17 +82,22 @@ def aux_coef(engine, loss_cfg) -> float:
     return router_aux_coef(loss_cfg, unwrap(engine).config)
 
 
-def evaluate(engine, shard, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False,
+def evaluate(engine, rows: dict, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False,
              chunk_tokens=None, pad_to_multiple_of=None) -> dict[str, float]:
-    """Metric means over this worker's whole eval shard, reduced over all workers (each its own
-    pairs, whole: sequence parallelism is off in eval)."""
+    """Metric means over this worker's whole eval split, reduced over all workers (each its own
+    pairs, whole: sequence parallelism is off in eval).
+
+    ``rows``: the split as numpy columns (:func:`raydpo.train.batches.load_rows`, loaded once per
+    run), read in micro-batches of ``mb`` pairs, the last one partial."""
     from raydpo.data.collate import collate_rows
     from raydpo.objectives import mean_metrics, metric_keys
 
     engine.eval()
     sums: dict = {}
+    n = len(rows["prompt_ids"]) if rows else 0
     with torch.no_grad():
-        for raw in shard.iter_batches(batch_size=mb, batch_format="numpy"):
+        for start in range(0, n, mb):
+            raw = {k: v[start : start + mb] for k, v in rows.items()}
             batch = collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row, pad_to_multiple_of=pad_to_multiple_of)
             _, s, _ = step_metrics(engine, to_device(batch, engine.device), loss_cfg, chunk_tokens, across_ranks=False)
             sums = _add(sums, s)
@@ -164,9 +169,12 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.train.guard import check, token_drift
     from raydpo.train.policy import activations, build_policy, trainable_summary
     from raydpo.train.sequence_parallel import setup as setup_sp
+    from raydpo.observability import quiet
     from raydpo.observability.trackers import Trackers
+    from raydpo.train.batches import load_rows
 
     cfg = from_dict(config["cfg"])
+    quiet.setup_process(cfg.logging.console)  # a cluster raydpo did not start has no setup hook
     t, pad_id = cfg.train, config["pad_id"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -189,15 +197,15 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     if rank == 0 and cfg.logging.console != "quiet":
         _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
-    eval_shard = ray.train.get_dataset_shard("eval") if config["n_eval"] else None
+    eval_rows = load_rows(config["eval_splits"][rank]) if config.get("eval_splits") else None
     metrics_path = os.path.join(config["output_dir"], "metrics.jsonl")
     epoch_batches = _epoch_source(config, rank // t.sequence_parallel_size, t)
     per_epoch = config["steps_per_epoch"] * t.gradient_accumulation_steps
 
     def run_eval(step: int) -> dict:
-        if eval_shard is None:
+        if eval_rows is None:
             return {}
-        row = {"step": step, **evaluate(engine, eval_shard, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row, chunk,
+        row = {"step": step, **evaluate(engine, eval_rows, t.micro_batch_size, pad_id, loss_cfg, t.padding_free, one_row, chunk,
                                         t.pad_to_multiple_of), "time": time.time()}
         log.write(row)
         return row

@@ -109,11 +109,15 @@ def setup(model, size: int, zero_stage: int, rows: int):
     ``size`` 1. Call on every rank after the process group exists and before the first forward."""
     if size == 1:
         return None, None
-    import deepspeed
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    from raydpo.observability.quiet import deepspeed_quietly
+
+    with deepspeed_quietly():
+        import deepspeed
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if attn == "sdpa":
         # Ulysses captures the core attention registered under this name; ours rebuilds the masks.

@@ -65,6 +65,24 @@ def storage_path(cfg: Config) -> str:
     return cfg.train.storage_path or os.path.join(os.path.abspath(cfg.output.dir), "ray_train")
 
 
+def train_logging(cfg: Config):
+    """Ray Train's console: its routine INFO lines (resources requested, worker group started,
+    process group, each checkpoint and report) only with ``logging.console=verbose``."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if cfg.logging.console == "verbose" else "WARNING")
+
+
+def ingest_options():
+    """Ray Data options for the streaming train shard: the driver's order setting, given explicitly
+    (Ray Train's default copies the deprecated ``exclude_resources`` along with it)."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
+
+
 def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,
                  guard: dict | None = None, streaming: bool = False):
     """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir.
@@ -92,9 +110,9 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     # With sequence parallelism the ranks of one group share a split (train_splits[rank // size]).
     splits = None if streaming else train_ds.split(data_parallel_size(cfg), equal=True)
     datasets = {"train": train_ds} if streaming else {}
-    if n_eval:
-        # Materialized: the eval set is re-read at every evaluation and is small.
-        datasets["eval"] = eval_ds.materialize()
+    # The eval set is small and read at every evaluation: split once here, one equal part per worker
+    # (sequence parallelism is off in eval), each held in memory there -- no Ray Data execution per eval.
+    eval_splits = eval_ds.split(cfg.train.num_workers, equal=True) if n_eval else None
     resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -109,6 +127,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "output_dir": out,
             "guard": guard,
             "train_splits": splits,
+            "eval_splits": eval_splits,
             "trackers": tracking,
             "tracker_params": {**to_dict(cfg), "pairs": {"train": n_train, "eval": n_eval}},
         },
@@ -120,10 +139,11 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             accelerator_type=cfg.train.accelerator_type,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest_options()),
         run_config=RunConfig(
             name="train",
             storage_path=storage_path(cfg),
+            logging_config=train_logging(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),

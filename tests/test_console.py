@@ -1,0 +1,55 @@
+"""The console of a real run is raydpo's: the demo config (examples/tiny.yaml, on the session's
+synthetic data) through ``raydpo train`` in a subprocess, every line counted; ``--verbose`` brings
+the libraries' own lines back."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = re.compile(r"^(\(\w+ pid=\d+(, ip=[\d.]+)?\) )?\[raydpo\] ")
+#: Lines Ray prints that raydpo cannot turn down at their source (Ray Train's own
+#: PreemptionWatcher actor is created with its arguments in the object store).
+FOREIGN_ALLOWED = 2
+
+
+def raydpo(args: list[str], cwd, timeout=600) -> str:
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "raydpo", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-5000:]
+    return out.stdout
+
+
+def overrides(ray_cluster, tiny_model_dir, synthetic_dir, tmp) -> list[str]:
+    return [f"model.name_or_path={tiny_model_dir}", f"data.train={synthetic_dir}/train.jsonl", f"data.eval={synthetic_dir}/eval.jsonl",
+            f"reference.cache_dir={tmp}/cache", f"output.dir={tmp}/run", "train.checkpoint_every=8",
+            f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]
+
+
+@pytest.mark.slow
+def test_the_demo_config_console_is_raydpos_lines(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
+    log = raydpo(["train", os.path.join(ROOT, "examples", "tiny.yaml"), *overrides(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path)],
+                 cwd=tmp_path)
+    lines = [line for line in log.splitlines() if line.strip()]
+    foreign = [line for line in lines if not OURS.match(line)]
+    assert len(foreign) <= FOREIGN_ALLOWED, "\n".join(foreign)
+    # Every stage was really run (tokenized, scored, trained with checkpoints, evaluated) and said so.
+    for start in ("data: 256 rows read", "reference train: 256 pairs scored", "reference eval: 64 pairs scored",
+                  "policy: ", "eval @ step 0: ", "eval @ step 10: ", "train: step 16/16 ", "done: 16 steps"):
+        assert any(OURS.sub("", line).startswith(start) for line in lines), (start, log)
+    assert os.path.isdir(tmp_path / "run" / "ray_train" / "train" / "step_00000008")
+    # The eval set is split once for the run: no Ray Data execution per evaluation, on any process.
+    assert "execution finished" not in log and "Starting execution" not in log
+
+
+@pytest.mark.slow
+def test_verbose_shows_the_libraries_own_lines(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
+    args = ["validate-data", os.path.join(ROOT, "examples", "tiny.yaml"), *overrides(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path)]
+    normal = raydpo(args, cwd=tmp_path)
+    assert "Execution plan of Dataset" not in normal
+    verbose = raydpo(args + ["data.cache=false", "--verbose"], cwd=tmp_path)
+    assert "Execution plan of Dataset" in verbose and "execution finished" in verbose

@@ -19,6 +19,24 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
+# Ray Train's controller checks on its workers this often (default 2 s): a finished run or a
+# reported checkpoint waits up to one interval before the controller sees it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+_SESSION: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_dirs(tmp_path_factory):
+    _SESSION["cache"] = str(tmp_path_factory.mktemp("shared-cache"))
+
+
+def shared_cache() -> str:
+    """One reference (and tokenized-data) cache root for the tests that train rather than test the
+    caches. Entries are content-addressed by everything that changes their numbers, so a test that
+    reads another's entry gets exactly what it would have computed, without re-scoring it."""
+    return _SESSION["cache"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:

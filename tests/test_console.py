@@ -11,8 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = re.compile(r"^(\(\w+ pid=\d+(, ip=[\d.]+)?\) )?\[raydpo\] ")
-#: Lines Ray prints that raydpo cannot turn down at their source (Ray Train's own
-#: PreemptionWatcher actor is created with its arguments in the object store).
+#: Lines Ray's core worker prints that raydpo cannot turn down at their source: an actor created
+#: with its arguments in the object store and restarts allowed, once per process -- Ray Data's map
+#: workers (it always puts their transformer in the store) and Ray Train's PreemptionWatcher.
 FOREIGN_ALLOWED = 2
 
 
@@ -53,3 +54,53 @@ def test_verbose_shows_the_libraries_own_lines(ray_cluster, tiny_model_dir, synt
     assert "Execution plan of Dataset" not in normal
     verbose = raydpo(args + ["data.cache=false", "--verbose"], cwd=tmp_path)
     assert "Execution plan of Dataset" in verbose and "execution finished" in verbose
+
+
+def test_setup_turns_ray_datas_console_handler_down_and_verbose_back_up(monkeypatch):
+    import logging
+
+    import ray.data
+
+    from raydpo.observability import quiet
+
+    monkeypatch.setenv(quiet.LEVEL_ENV, "normal")
+    (handler,) = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    level, filters = handler.level, list(handler.filters)
+    try:
+        quiet.setup_process("normal")
+        quiet.setup_process("normal")  # idempotent: one filter, not two
+        assert handler.level == logging.WARNING and not ray.data.DataContext.get_current().print_on_execution_start
+        notice = logging.LogRecord("ray.data._internal.progress", logging.WARNING, "", 0, "Progress bars disabled. To enable, ...", (), None)
+        other = logging.LogRecord("ray.data", logging.WARNING, "", 0, "Task failed: out of memory", (), None)
+        assert not handler.filter(notice) and handler.filter(other)  # a real warning still passes
+        quiet.setup_process("verbose")
+        assert handler.level == logging.INFO and handler.filter(notice)
+        assert ray.data.DataContext.get_current().print_on_execution_start
+    finally:
+        handler.setLevel(level)
+        handler.filters[:] = filters
+        ray.data.DataContext.get_current().print_on_execution_start = True
+
+
+def test_strict_warnings_fail_raydpos_deprecated_calls_only(monkeypatch):
+    import types
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from raydpo.observability import quiet
+
+    monkeypatch.setenv(quiet.STRICT_ENV, "1")
+    caller = types.ModuleType("raydpo.some_stage")  # a warning attributed to a raydpo module ...
+    exec(compile("import warnings\ndef call(cat):\n    warnings.warn('old API', cat, stacklevel=1)\n", "raydpo/some_stage.py", "exec"),
+         caller.__dict__)
+    library = types.ModuleType("somelib")  # ... and one attributed to a library
+    exec(compile("import warnings\ndef call(cat):\n    warnings.warn('old API', cat, stacklevel=1)\n", "somelib.py", "exec"), library.__dict__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        quiet.strict_warnings()
+        for category in (RayDeprecationWarning, FutureWarning):
+            with pytest.raises(category):
+                caller.call(category)
+            with pytest.warns(category):
+                library.call(category)

@@ -7,11 +7,13 @@ import pytest
 import torch
 import yaml
 
+from conftest import shared_cache
 
-def _run_config(tiny_model_dir, synthetic_dir, tmp_path, zero_stage):
+
+def _run_config(tiny_model_dir, synthetic_dir, tmp_path, zero_stage, cache=None):
     return {
         "model": {"name_or_path": tiny_model_dir},
-        "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 32},
+        "reference": {"cache_dir": cache or shared_cache(), "batch_size": 32},
         "data": {"train": f"{synthetic_dir}/train.jsonl", "eval": f"{synthetic_dir}/eval.jsonl", "max_length": 64},
         "loss": {"beta": 0.1},
         "train": {
@@ -73,7 +75,7 @@ def test_repeated_run_reads_cache_and_trains_identically(ray_cluster, tiny_model
     from raydpo.config import from_dict
     from raydpo.pipeline import run
 
-    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0)
+    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0, cache=str(tmp_path / "cache"))  # the first run misses
     raw["train"].update(num_workers=1, max_steps=2, eval_every=0)
     first = run(from_dict(raw))
     raw["output"]["dir"] = str(tmp_path / "run2")

@@ -8,13 +8,15 @@ import os
 import pytest
 import torch
 
+from conftest import shared_cache
 
-def _config(tiny_model_dir, train_file, tmp_path, name, **train):
+
+def _config(tiny_model_dir, train_file, tmp_path, name, cache=None, **train):
     from raydpo.config import from_dict
 
     raw = {
         "model": {"name_or_path": tiny_model_dir},
-        "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 32},
+        "reference": {"cache_dir": cache or shared_cache(), "batch_size": 32},
         "data": {"train": train_file, "max_length": 64},
         "loss": {"beta": 0.1},
         "train": {"num_workers": 1, "zero_stage": 2, "micro_batch_size": 8, "learning_rate": 1e-3, "max_steps": 1,
@@ -111,8 +113,8 @@ def test_qlora_with_orpo_exports_the_adapter_without_a_reference(ray_cluster, ti
 
     from raydpo.pipeline import run
 
-    raw, from_dict = _config(tiny_model_dir, f"{synthetic_dir}/train.jsonl", tmp_path, "qlora", max_steps=3,
-                             learning_rate=1e-2)
+    raw, from_dict = _config(tiny_model_dir, f"{synthetic_dir}/train.jsonl", tmp_path, "qlora", cache=str(tmp_path / "cache"),
+                             max_steps=3, learning_rate=1e-2)
     raw["model"] |= {"quantization": "4bit", "gradient_checkpointing": True, "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}
     raw["loss"] = {"type": "orpo", "beta": 0.1}
     raw["output"]["save_adapter_only"] = True
@@ -132,7 +134,7 @@ def test_qlora_with_orpo_exports_the_adapter_without_a_reference(ray_cluster, ti
 def test_reference_free_losses_run_without_a_reference_stage(ray_cluster, tiny_model_dir, eight_pairs, tmp_path, loss):
     from raydpo.pipeline import run
 
-    raw, from_dict = _config(tiny_model_dir, eight_pairs, tmp_path, loss, max_steps=1)
+    raw, from_dict = _config(tiny_model_dir, eight_pairs, tmp_path, loss, cache=str(tmp_path / "cache"), max_steps=1)
     raw["loss"] = {"type": loss, "beta": 2.0}
     result = run(from_dict(raw))
     assert result.summary["reference"] == "skipped: the loss needs no reference"

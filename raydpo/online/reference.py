@@ -31,7 +31,7 @@ class RoundReference:
         self.inputs = cache_inputs(cfg, [], tokenize_settings)
         self.pool = RestartingPool(ReferenceScorer, scorer_kwargs(cfg, pad_id), pool_size(r.num_actors)[0],
                                    actor_options(r.num_cpus_per_actor, r.num_gpus_per_actor, r.resources, r.accelerator_type),
-                                   max(r.max_restarts, 0), "reference pool")
+                                   None if r.max_restarts in (None, -1) else r.max_restarts, "reference pool")
 
     def score(self, pairs: pa.Table) -> tuple[pa.Table, bool, float]:
         """(``pairs`` + ``ref_chosen_logps`` / ``ref_rejected_logps``, cache hit, seconds in the actors)."""

@@ -53,6 +53,10 @@ def choose_cluster(configured: str | None, env: str | None, file: str, alive=ans
                      f"(no Ray cluster answers at {found or 'an empty address'})")
 
 
+#: Ray Train's switch for its per-run preemption watcher, off on an embedded cluster.
+NO_PREEMPTION_WATCHER = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def ensure_ray(cfg: Config) -> str:
     """Initialise Ray once per process; returns 'existing', 'joined' or 'embedded'.
 
@@ -83,6 +87,10 @@ def ensure_ray(cfg: Config) -> str:
         # Declare more logical CPUs than cores so the tokenizer actors, the reference pool and the
         # train workers can all be placed at once on a small machine; they are mostly not busy together.
         num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
+        # One node that this process starts and stops: nothing can drain or preempt it, so Ray
+        # Train's preemption watcher (an actor per run polling Ray Core's drain state) has nothing
+        # to watch. Ray Train reads the flag from the driver's environment.
+        os.environ.setdefault(NO_PREEMPTION_WATCHER[0], NO_PREEMPTION_WATCHER[1])
         ctx = ray.init(address="local", num_cpus=num_cpus, **options)
         said = said.replace("cluster", f"cluster ({num_cpus} logical CPUs)", 1)
     else:

@@ -23,6 +23,9 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 # reported checkpoint waits up to one interval before the controller sees it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+# The session's cluster is embedded, as `raydpo train`'s own is: no preemption watcher per run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 _SESSION: dict = {}
 
 

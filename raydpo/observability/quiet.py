@@ -34,6 +34,13 @@ _DEEPSPEED_FUTURE = r"`torch.distributed.all_gather_into_tensor` is deprecated"
 #: DeepSpeed's bare print() after loading its shared-memory comm op, once per backend per worker.
 _DEEPSPEED_PRINTS = re.compile(r"^DeepSpeed \S+ built successfully")
 
+#: bitsandbytes' CPU backend, on a CPU with AVX512-BF16, tries to fetch a 4-bit GEMM kernel from the
+#: Hugging Face hub (the ``kernels`` package) when it is imported and warns when it cannot. raydpo
+#: downloads nothing at run time and bitsandbytes falls back to its own kernel, so the warning (once
+#: per process that imports peft or transformers' quantizers) says nothing a user can act on.
+_BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_NOTICES = re.compile(r"^Failed to load CPU gemm_4bit_forward from kernels-community")
+
 
 def level() -> str:
     """This process's console level (``normal`` unless set by :func:`setup_process`)."""
@@ -53,6 +60,14 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+def _drop_on(target: logging.Logger | logging.Handler, pattern: re.Pattern, drop: bool) -> None:
+    """Replace raydpo's message filter on ``target`` (idempotent); ``drop=False`` just removes it."""
+    for f in [f for f in target.filters if isinstance(f, _DropMessages)]:
+        target.removeFilter(f)
+    if drop:
+        target.addFilter(_DropMessages(pattern))
+
+
 def quiet_ray_data(is_verbose: bool) -> None:
     """Ray Data's console handler: its INFO lines (each execution's start, plan and finish) and the
     progress-bar notice only in verbose mode; its file log keeps every level.
@@ -66,10 +81,13 @@ def quiet_ray_data(is_verbose: bool) -> None:
         if handler.get_name() != "console":
             continue
         handler.setLevel(logging.INFO if is_verbose else logging.WARNING)
-        for f in [f for f in handler.filters if isinstance(f, _DropMessages)]:
-            handler.removeFilter(f)
-        if not is_verbose:
-            handler.addFilter(_DropMessages(_RAY_DATA_NOTICES))
+        _drop_on(handler, _RAY_DATA_NOTICES, not is_verbose)
+
+
+def quiet_bitsandbytes(is_verbose: bool) -> None:
+    """bitsandbytes' hub-kernel notice only in verbose mode. Set on its logger by name before the
+    import that logs it (loggers are created on first ``getLogger``), so every later import sees it."""
+    _drop_on(logging.getLogger(_BNB_LOGGER), _BNB_NOTICES, not is_verbose)
 
 
 #: Ray Train 2.60 logs every ``ray.train.report`` at INFO on a logger named after this module's
@@ -103,6 +121,7 @@ def setup_process(console_level: str | None = None) -> None:
         os.environ[LEVEL_ENV] = console_level
     quiet_ray_data(verbose())
     quiet_ray_train(verbose())
+    quiet_bitsandbytes(verbose())
     if not verbose():
         warnings.filterwarnings("ignore", message=_DEEPSPEED_FUTURE, category=FutureWarning)
     strict_warnings()

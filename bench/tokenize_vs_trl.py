@@ -45,7 +45,8 @@ def bench_raydpo(jsonl: str, model_dir: str, out: str, max_length: int, workers:
     from raydpo.pipeline import prepare_data
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # RAY_ADDRESS set (the suite's smoke run): join that cluster rather than start one.
+    ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 8, "include_dashboard": False}), log_to_driver=False)
     configure_data()
     # A warm cluster has served a Ray Data job before: its stats and autoscaling actors exist.
     # Creating them costs a first job about 1.7 s here; it is counted in the start-up figure.

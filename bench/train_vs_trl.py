@@ -261,7 +261,9 @@ def main() -> None:
               f"({tpp:.0f} real tokens per pair), batch {args.batch_size} pairs, {args.steps} steps ({args.warmup} warm-up)")
         import ray
 
-        ray.init(num_cpus=max(4, 2 * args.threads), num_gpus=1 if args.device == "cuda" else 0, log_to_driver=False)
+        # RAY_ADDRESS set (the suite's smoke run): join that cluster rather than start one.
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, 2 * args.threads),
+                                                            "num_gpus": 1 if args.device == "cuda" else 0}), log_to_driver=False)
         results = {}
         cold, _ = run_raydpo(raydpo_config(jsonl, model_dir, tmp, "cold", args, False) | {})  # fills the cache
         results["raydpo, padded (cache warm)"] = bench_raydpo(raydpo_config(jsonl, model_dir, tmp, "padded", args, False), args, tpp)

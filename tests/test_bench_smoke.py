@@ -12,14 +12,20 @@ from conftest import SHARED_DATA
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def on_session_cluster(ray_cluster) -> dict:
+    """The environment of a benchmark that joins the session's cluster (no cluster start per smoke
+    run; the benchmarks start their own when RAY_ADDRESS is unset)."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(SHARED_DATA), reason="../shared/data is not present in this checkout")
-def test_tokenize_benchmark_smoke():
+def test_tokenize_benchmark_smoke(ray_cluster):
     out = subprocess.run(
         # One process each: TRL's datasets.map(num_proc=2) once died mid-suite on a multiprocess pipe
         # (EOFError, not reproducible alone); the smoke test checks it works, the full bench uses 2.
         [sys.executable, os.path.join(ROOT, "bench", "tokenize_vs_trl.py"), "--rows", "400", "--vocab-size", "2000", "--workers", "1"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True, text=True, timeout=600, env=on_session_cluster(ray_cluster),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ratio raydpo / TRL pairs/s" in out.stdout
@@ -49,9 +55,9 @@ TRAIN_BENCH_TINY = ["--pairs", "40", "--steps", "4", "--warmup", "1", "--hidden-
                     "--vocab-size", "500", "--max-length", "128", "--sweep", "--sweep-runs", "1"]
 
 
-def _train_bench(*extra):
+def _train_bench(env: dict, *extra):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_vs_trl.py"), *TRAIN_BENCH_TINY, *extra],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                         capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for row in ("raydpo, padded (cache warm)", "raydpo, padding-free", "bare PyTorch floor", "TRL, reference in loop",
                 "TRL, precompute_ref_log_probs", "model-state memory per trainer", "1-run beta sweep, end to end"):
@@ -61,8 +67,8 @@ def _train_bench(*extra):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(SHARED_DATA), reason="../shared/data is not present in this checkout")
-def test_train_benchmark_smoke():
-    stdout = _train_bench("--device", "cpu")
+def test_train_benchmark_smoke(ray_cluster):
+    stdout = _train_bench(on_session_cluster(ray_cluster), "--device", "cpu")
     # TRL's in-loop reference keeps a second copy of the weights; raydpo's trainer does not.
     memory = stdout.split("model-state memory per trainer")[1].split("\n\n")[0]
     ref_col = {line[:32].strip(): line.split()[-2] for line in memory.splitlines()[2:]}
@@ -75,7 +81,9 @@ def test_train_benchmark_gpu_variant():
 
     if not torch.cuda.is_available():
         pytest.skip("the GPU variant (bf16, nccl) needs a CUDA device; none here")
-    assert "peak MiB" in _train_bench("--device", "cuda")
+    # The session's cluster has no GPU: with RAY_ADDRESS unset the bench starts its own (num_gpus=1).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    assert "peak MiB" in _train_bench(env, "--device", "cuda")
 
 
 def test_tracker_overhead_benchmark_smoke():

@@ -12,11 +12,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_iterative_example_runs_rounds_on_datasets(tiny_model_dir, tmp_path):
+def test_iterative_example_runs_rounds_on_datasets(ray_cluster, tiny_model_dir, tmp_path):
+    import yaml
+
+    # The example's own config with one trainer (data parallelism is test_online's subject), run as
+    # a job on the session's cluster (RAY_ADDRESS: the example's ensure_ray joins it).
+    with open(os.path.join(ROOT, "examples", "online.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["train"]["num_workers"] = 1
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "iterative_dpo.py"), "--policy", tiny_model_dir, "--out", str(tmp_path / "it"),
-         "--rounds", "2", "--prompts", "16", "--steps", "2"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        [sys.executable, os.path.join(ROOT, "examples", "iterative_dpo.py"), "--config", str(tmp_path / "online.yaml"),
+         "--policy", tiny_model_dir, "--out", str(tmp_path / "it"), "--rounds", "2", "--prompts", "16", "--steps", "2"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("[iterative]")]

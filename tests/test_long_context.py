@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from conftest import shared_cache
 from raydpo.data.collate import collate_packed, collate_pairs
 from raydpo.logprobs import forward_logps
 
@@ -112,11 +113,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, sp: int, model_dir: str, out: str, zero: int, layout: str, lora: int) -> dict:
+def start_ranks(world: int, sp: int, model_dir: str, out: str, zero: int, layout: str, lora: int) -> tuple[list, str]:
+    """One process group of ``world`` ranks (tests/sp_worker.py) on its own port, started, not waited for."""
     env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "sp_worker.py"), str(r), str(world), str(sp), model_dir, out,
                                str(zero), layout, str(lora)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
+    return procs, out
+
+
+def finish_ranks(group: tuple[list, str]) -> dict:
+    procs, out = group
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs[0][-3000:]
     return torch.load(out)
@@ -128,8 +135,9 @@ def test_sequence_parallel_trains_to_the_same_weights(family_dirs, tmp_path, fam
     """SP=2 on 2 ranks against 1 rank: the same loss at every step and the same weights after 3 SGD
     steps (gradient checkpointing on; LoRA on one case; Gemma 2's 24-token windows on rows of up to
     ~85 tokens; a gradient off by any factor would show)."""
-    one = run_ranks(1, 1, family_dirs[family], str(tmp_path / "sp1.pt"), zero, layout, lora)
-    two = run_ranks(2, 2, family_dirs[family], str(tmp_path / "sp2.pt"), zero, layout, lora)
+    # Both groups at once (their own ports): most of each process's time is its imports.
+    groups = [start_ranks(n, n, family_dirs[family], str(tmp_path / f"sp{n}.pt"), zero, layout, lora) for n in (1, 2)]
+    one, two = map(finish_ranks, groups)
     assert len(one["losses"]) == 3
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5)
     moved = max((one["state"][k] - one["initial"][k]).abs().max().item() for k in one["state"])
@@ -199,7 +207,7 @@ def test_sequence_parallel_run_recovers_a_killed_worker_to_the_same_model(ray_cl
 
     def raw(name):
         return {"model": {"name_or_path": tiny_model_dir},
-                "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 64},
+                "reference": {"cache_dir": shared_cache(), "batch_size": 64},
                 "data": {"train": f"{synthetic_dir}/train.jsonl", "max_length": 64},
                 "train": {"num_workers": 2, "sequence_parallel_size": 2, "zero_stage": 2, "micro_batch_size": 8,
                           "learning_rate": 1e-3, "max_steps": 6, "checkpoint_every": 2, "max_failures": 1, "seed": 0,

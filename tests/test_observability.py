@@ -168,7 +168,7 @@ def test_report_compares_runs_of_a_sweep(piped_run, tiny_model_dir, tmp_path):
     from raydpo.cli import main
 
     cfg = piped_run["cfg"] | {"loss": {"beta": 0.5}, "output": {"dir": str(tmp_path / "beta0.5")}}
-    cfg["train"] = cfg["train"] | {"max_steps": 4, "eval_every": 0}
+    cfg["train"] = cfg["train"] | {"num_workers": 1, "max_steps": 2, "eval_every": 0}
     cfg["logging"] = {"console": "quiet"}
     cfg.pop("ray")  # in-process: the session's cluster
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))

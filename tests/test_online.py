@@ -19,8 +19,10 @@ ONLINE = {"rounds": 3, "prompts_per_round": 64, "steps_per_round": 16, "eval_pro
           "judge": {"reward_fn": "raydpo.synthetic:count_on_reward"}}
 
 
-def online_raw(tiny_model_dir, synthetic_dir, tmp_path, **online) -> dict:
-    """The plain config of an online run on the synthetic task (``online`` overrides merged in)."""
+def online_raw(tiny_model_dir, synthetic_dir, tmp_path, workers: int = 2, **online) -> dict:
+    """The plain config of an online run on the synthetic task (``online`` overrides merged in).
+    ``workers``: trainers; 1 where the test is not about data parallelism (each one more costs a
+    process start and a DeepSpeed set-up)."""
     section = {**ONLINE, **{k: v for k, v in online.items() if k not in ("generator", "judge")}}
     section["generator"] = {**ONLINE["generator"], **online.get("generator", {})}
     section["judge"] = {**ONLINE["judge"], **online.get("judge", {})}
@@ -29,16 +31,16 @@ def online_raw(tiny_model_dir, synthetic_dir, tmp_path, **online) -> dict:
         "reference": {"cache_dir": str(tmp_path / "cache"), "batch_size": 32},
         "data": {"train": os.path.join(synthetic_dir, "train.jsonl"), "eval": os.path.join(synthetic_dir, "eval.jsonl"), "max_length": 48},
         "loss": {"beta": 0.1},
-        "train": {"num_workers": 2, "micro_batch_size": 8, "learning_rate": 0.003, "seed": 0},
+        "train": {"num_workers": workers, "micro_batch_size": 8, "learning_rate": 0.003, "seed": 0},
         "online": section,
         "output": {"dir": str(tmp_path / "run")},
     }
 
 
-def online_config(tiny_model_dir, synthetic_dir, tmp_path, **online):
+def online_config(tiny_model_dir, synthetic_dir, tmp_path, workers: int = 2, **online):
     from raydpo.config import from_dict
 
-    return from_dict(online_raw(tiny_model_dir, synthetic_dir, tmp_path, **online))
+    return from_dict(online_raw(tiny_model_dir, synthetic_dir, tmp_path, workers, **online))
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +148,8 @@ def test_a_reward_model_directory_judges(ray_cluster, tiny_model_dir, synthetic_
     from raydpo.tiny import write_tiny_reward_model
 
     rm = write_tiny_reward_model(tmp_path / "rm", tokenizer=tokenizer)
-    cfg = online_config(tiny_model_dir, synthetic_dir, tmp_path, rounds=1, prompts_per_round=16, steps_per_round=1, eval_prompts=4,
-                        judge={"reward_fn": None, "reward_model": rm})
+    cfg = online_config(tiny_model_dir, synthetic_dir, tmp_path, workers=1, rounds=1, prompts_per_round=16, steps_per_round=1,
+                        eval_prompts=4, judge={"reward_fn": None, "reward_model": rm})
     result = run_online(cfg)
     row = result.rounds[0]
     # A random head gives distinct real-valued scores: every prompt makes its best-vs-worst pair.
@@ -159,8 +161,8 @@ def test_judge_failures_are_quarantined_and_a_round_without_pairs_goes_on(ray_cl
     from raydpo.online.phases import JudgeFailures
     from raydpo.online.run import run_online
 
-    cfg = online_config(tiny_model_dir, synthetic_dir, tmp_path, rounds=2, prompts_per_round=16, steps_per_round=1, eval_prompts=0,
-                        judge={"reward_fn": "online_rewards:flaky", "max_failed_fraction": 0.5})
+    cfg = online_config(tiny_model_dir, synthetic_dir, tmp_path, workers=1, rounds=2, prompts_per_round=16, steps_per_round=1,
+                        eval_prompts=0, judge={"reward_fn": "online_rewards:flaky", "max_failed_fraction": 0.5})
     result = run_online(cfg)
     rounds = [r for r in result.rounds if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1]
@@ -173,8 +175,8 @@ def test_judge_failures_are_quarantined_and_a_round_without_pairs_goes_on(ray_cl
     assert reasons == {"judge_error", "judge_not_a_number"}
     assert all(b["stage"] == "judge" and b["prompt"].startswith("Count on from") and "completion" in b for b in bad)
 
-    strict = online_config(tiny_model_dir, synthetic_dir, tmp_path / "strict", rounds=2, prompts_per_round=16, steps_per_round=1,
-                           eval_prompts=0, judge={"reward_fn": "online_rewards:flaky", "max_failed_fraction": 0.05})
+    strict = online_config(tiny_model_dir, synthetic_dir, tmp_path / "strict", workers=1, rounds=2, prompts_per_round=16,
+                           steps_per_round=1, eval_prompts=0, judge={"reward_fn": "online_rewards:flaky", "max_failed_fraction": 0.05})
     with pytest.raises(JudgeFailures, match="max_failed_fraction"):
         run_online(strict)
 
@@ -200,8 +202,8 @@ def test_bad_judges_stop_before_any_stage(tiny_model_dir, synthetic_dir, tmp_pat
 def test_killed_driver_resumes_at_the_next_round(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
     """``raydpo online`` killed with SIGKILL between rounds; the same command resumes after the
     last checkpointed round with new trainer processes, and finishes every round once."""
-    raw = online_raw(tiny_model_dir, synthetic_dir, tmp_path, rounds=4, prompts_per_round=32, steps_per_round=2, eval_prompts=4,
-                     judge={"reward_fn": "online_rewards:slow_count_on"})
+    raw = online_raw(tiny_model_dir, synthetic_dir, tmp_path, workers=1, rounds=4, prompts_per_round=32, steps_per_round=2,
+                     eval_prompts=4, judge={"reward_fn": "online_rewards:slow_count_on"})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     address = ray_cluster.get_runtime_context().gcs_address

@@ -14,14 +14,17 @@ import time
 import pytest
 import yaml
 
-STEPS = 40
+from conftest import shared_cache
+
+STEPS = 24
 
 
 def _raw(tiny_model_dir, synthetic_dir, tmp_path, name):
-    # 2 workers x 128 pairs, micro-batches of 16: 8 steps per epoch, so 40 steps cross 4 epoch ends.
+    # 2 workers x 128 pairs, micro-batches of 16: 8 steps per epoch, so 24 steps cross 2 epoch ends,
+    # both after the restart points (the kills wait for steps 14 and 10).
     return {
         "model": {"name_or_path": tiny_model_dir},
-        "reference": {"cache_dir": str(tmp_path.parent / "recovery-cache"), "batch_size": 64},
+        "reference": {"cache_dir": shared_cache(), "batch_size": 64},
         "data": {"train": f"{synthetic_dir}/train.jsonl", "max_length": 64},
         "train": {"num_workers": 2, "zero_stage": 2, "micro_batch_size": 16, "learning_rate": 1e-3, "max_steps": STEPS,
                   "num_epochs": 5, "checkpoint_every": 4, "keep_checkpoints": 2, "max_failures": 1, "seed": 0},

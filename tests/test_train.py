@@ -70,23 +70,12 @@ def test_train_end_to_end(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_repeated_run_reads_cache_and_trains_identically(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
-    """A repeated run (ZeRO-0, one worker) reads both splits from the cache and gives the same losses."""
-    from raydpo.config import from_dict
-    from raydpo.pipeline import run
-
-    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0, cache=str(tmp_path / "cache"))  # the first run misses
-    raw["train"].update(num_workers=1, max_steps=2, eval_every=0)
-    first = run(from_dict(raw))
-    raw["output"]["dir"] = str(tmp_path / "run2")
-    second = run(from_dict(raw))
-    assert not first.summary["reference"]["train"]["cache_hit"]
-    assert second.summary["reference"]["train"]["cache_hit"] and second.summary["reference"]["eval"]["cache_hit"]
-    # Same data, same reference, same seed, ZeRO-0 on one worker: the runs agree step for step.
-    assert [m.get("loss") for m in first.metrics] == pytest.approx([m.get("loss") for m in second.metrics], abs=1e-6)
-
-    # A cache entry that is sound on disk but holds wrong log-probs (a buggy backend, a cache copied
-    # from another model): the exactness guard stops the run before the first update.
+def test_streaming_then_repeated_runs_read_the_cache_and_train_identically(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
+    """Streaming: training consumes the pool's output as it is scored, and the cache is sealed
+    after. A precompute run on the same inputs hits that cache (both splits) and trains like a
+    precompute run that missed its own cache, step for step. A cache entry that is sound on disk
+    but holds wrong log-probs stops the run at the exactness guard. (ZeRO-0, one worker; one test,
+    so that each run serves two checks.)"""
     import collections
     import glob
     import os
@@ -94,10 +83,39 @@ def test_repeated_run_reads_cache_and_trains_identically(ray_cluster, tiny_model
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from raydpo.config import from_dict
+    from raydpo.pipeline import run
     from raydpo.reference import store
     from raydpo.train.guard import GuardError
 
-    entry = second.summary["reference"]["train"]["entry"]
+    def raw(name, cache, mode="precompute"):
+        r = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0, cache=str(tmp_path / cache))
+        r["train"].update(num_workers=1, max_steps=4, eval_every=0)
+        r["reference"]["mode"] = mode
+        r["output"]["dir"] = str(tmp_path / name)
+        return r
+
+    streamed = run(from_dict(raw("streamed", "stream-cache", "streaming")))
+    ref = streamed.summary["reference"]["train"]
+    assert not ref["cache_hit"] and ref["pairs_scored"] == 256
+    assert os.path.exists(os.path.join(ref["entry"], "manifest.json")) and not ref["entry"].endswith(".partial")
+    assert streamed.summary["timings_s"]["first_step"] > 0
+    hit = run(from_dict(raw("hit", "stream-cache")))
+    assert hit.summary["reference"]["train"]["cache_hit"] and hit.summary["reference"]["train"]["entry"] == ref["entry"]
+    assert hit.summary["reference"]["eval"]["cache_hit"]
+    # Streaming trains on pairs in scoring order, precompute in a seeded permutation of input order:
+    # the same pairs and steps, in other orders, so the losses agree at step 1 (ln 2) and stay close.
+    s_loss, h_loss = ([m["loss"] for m in r.metrics if "loss" in m] for r in (streamed, hit))
+    assert len(s_loss) == len(h_loss) == 4 and abs(s_loss[0] - h_loss[0]) < 1e-6
+    assert abs(s_loss[-1] - h_loss[-1]) < 0.05
+    missed = run(from_dict(raw("missed", "cache")))
+    assert not missed.summary["reference"]["train"]["cache_hit"]
+    # Same data, same reference, same seed, ZeRO-0 on one worker: the runs agree step for step.
+    assert [m.get("loss") for m in missed.metrics] == pytest.approx([m.get("loss") for m in hit.metrics], abs=1e-6)
+
+    # A cache entry that is sound on disk but holds wrong log-probs (a buggy backend, a cache copied
+    # from another model): the exactness guard stops the run before the first update.
+    entry = missed.summary["reference"]["train"]["entry"]
     inputs = store.read_manifest(entry)["inputs"]
     os.rename(entry, entry + ".partial")
     os.remove(entry + ".partial/manifest.json")
@@ -108,37 +126,7 @@ def test_repeated_run_reads_cache_and_trains_identically(ray_cluster, tiny_model
         pq.write_table(table.set_column(i, "ref_chosen_logps", pc.add(table["ref_chosen_logps"], 0.5)), path)
         digests.update(table["digest"].to_pylist())
     store.finalize(os.path.dirname(entry), os.path.basename(entry), inputs, digests)
-    raw["output"]["dir"] = str(tmp_path / "run3")
     with pytest.raises(GuardError, match="exactness guard: the cached reference log-probs differ"):
-        run(from_dict(raw))
-    guard = json.load(open(tmp_path / "run3" / "guard.json"))
+        run(from_dict(raw("guarded", "cache")))
+    guard = json.load(open(tmp_path / "guarded" / "guard.json"))
     assert not guard["ok"] and guard["max_token_drift"] > 0.5 / 64
-
-
-@pytest.mark.slow
-def test_streaming_mode_trains_like_precompute(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path):
-    """Streaming: training consumes the pool's output as it is scored, the cache is sealed after,
-    and a precompute run on the same inputs hits that cache."""
-    import os
-
-    from raydpo.config import from_dict
-    from raydpo.pipeline import run
-
-    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0)
-    raw["train"].update(num_workers=1, max_steps=4, eval_every=0)
-    raw["reference"].update(cache_dir=str(tmp_path / "stream-cache"), mode="streaming")
-    raw["output"]["dir"] = str(tmp_path / "streamed")
-    streamed = run(from_dict(raw))
-    ref = streamed.summary["reference"]["train"]
-    assert not ref["cache_hit"] and ref["pairs_scored"] == 256
-    assert os.path.exists(os.path.join(ref["entry"], "manifest.json")) and not ref["entry"].endswith(".partial")
-    assert streamed.summary["timings_s"]["first_step"] > 0
-    raw["reference"]["mode"] = "precompute"
-    raw["output"]["dir"] = str(tmp_path / "precomputed")
-    again = run(from_dict(raw))
-    assert again.summary["reference"]["train"]["cache_hit"] and again.summary["reference"]["train"]["entry"] == ref["entry"]
-    # Streaming trains on pairs in scoring order, precompute in a seeded permutation of input order:
-    # the same pairs and steps, in other orders, so the losses agree at step 1 (ln 2) and stay close.
-    s_loss, p_loss = ([m["loss"] for m in r.metrics if "loss" in m] for r in (streamed, again))
-    assert len(s_loss) == len(p_loss) == 4 and abs(s_loss[0] - p_loss[0]) < 1e-6
-    assert abs(s_loss[-1] - p_loss[-1]) < 0.05

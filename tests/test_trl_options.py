@@ -319,7 +319,8 @@ def test_options_through_a_real_pipeline_run(ray_cluster, tiny_model_dir, synthe
 
     loss = {"type": "sigmoid", "beta": 0.1, "ld_alpha": 0.5, "use_weighting": True}
     cfg = make_config(tiny_model_dir, f"{synthetic_dir}/train.jsonl", tmp_path, loss=loss,
-                      train={"micro_batch_size": 8, "learning_rate": 1e-3, "max_steps": 6, "pad_to_multiple_of": 16, "seed": 0})
+                      train={"num_workers": 1, "micro_batch_size": 8, "learning_rate": 1e-3, "max_steps": 6, "pad_to_multiple_of": 16,
+                             "seed": 0})
     result = run(cfg)
     guard = json.load(open(tmp_path / "run" / "guard.json"))
     assert guard["ok"] and guard["max_token_drift"] < 1e-4, guard

@@ -90,7 +90,7 @@ def ensure_ray(cfg: Config) -> str:
         # One node that this process starts and stops: nothing can drain or preempt it, so Ray
         # Train's preemption watcher (an actor per run polling Ray Core's drain state) has nothing
         # to watch. Ray Train reads the flag from the driver's environment.
-        os.environ.setdefault(NO_PREEMPTION_WATCHER[0], NO_PREEMPTION_WATCHER[1])
+        os.environ.setdefault(*NO_PREEMPTION_WATCHER)
         ctx = ray.init(address="local", num_cpus=num_cpus, **options)
         said = said.replace("cluster", f"cluster ({num_cpus} logical CPUs)", 1)
     else:

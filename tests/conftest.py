@@ -24,7 +24,9 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # The session's cluster is embedded, as `raydpo train`'s own is: no preemption watcher per run.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+from raydpo.cluster import NO_PREEMPTION_WATCHER  # noqa: E402 (after the environment above)
+
+os.environ.setdefault(*NO_PREEMPTION_WATCHER)
 
 _SESSION: dict = {}
 

@@ -36,6 +36,12 @@ def _session_dirs(tmp_path_factory):
     _SESSION["cache"] = str(tmp_path_factory.mktemp("shared-cache"))
 
 
+def on_session_cluster(ray_cluster) -> dict:
+    """The environment of a subprocess (a benchmark, an example) that joins the session's cluster
+    through RAY_ADDRESS instead of starting its own."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+
+
 def shared_cache() -> str:
     """One reference (and tokenized-data) cache root for the tests that train rather than test the
     caches. Entries are content-addressed by everything that changes their numbers, so a test that

@@ -7,15 +7,9 @@ import sys
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, on_session_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def on_session_cluster(ray_cluster) -> dict:
-    """The environment of a benchmark that joins the session's cluster (no cluster start per smoke
-    run; the benchmarks start their own when RAY_ADDRESS is unset)."""
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
 
 
 @pytest.mark.slow

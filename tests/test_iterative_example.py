@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import on_session_cluster
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,11 +23,10 @@ def test_iterative_example_runs_rounds_on_datasets(ray_cluster, tiny_model_dir, 
         cfg = yaml.safe_load(f)
     cfg["train"]["num_workers"] = 1
     (tmp_path / "online.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "iterative_dpo.py"), "--config", str(tmp_path / "online.yaml"),
          "--policy", tiny_model_dir, "--out", str(tmp_path / "it"), "--rounds", "2", "--prompts", "16", "--steps", "2"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=on_session_cluster(ray_cluster),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("[iterative]")]

@@ -12,9 +12,6 @@ cache and the run directory.
 
 from __future__ import annotations
 
-import json
-import os
-
 from raydpo.config import Config
 
 
@@ -44,25 +41,23 @@ def train_on_pairs(pairs, cfg: Config, eval_pairs=None):
 
     Always a fresh training: whatever an earlier run left in ``output.dir`` (checkpoints, metrics,
     model) is replaced, since these pairs need not be the ones those checkpoints were made on."""
-    from raydpo.models import load_tokenizer, resolve_local
-    from raydpo.pipeline import RunResult, _paths, _start
-    from raydpo.train.preflight import check_writable, preflight
+    from raydpo.models import load_tokenizer, pin
+    from raydpo.pipeline import RunResult, _paths, _start, save_tokenizer
+    from raydpo.train.preflight import check_storage, preflight
     from raydpo.train.resume import prepare_run_dir
-    from raydpo.train.stage import guard_config, run_training, storage_path
+    from raydpo.train.stage import guard_config, run_storage, run_training
 
-    check_writable(_paths(cfg)["dir"])
-    prepare_run_dir(_paths(cfg), {}, storage_path(cfg), force=True)
+    check_storage(cfg)
+    prepare_run_dir(_paths(cfg), {}, run_storage(cfg), force=True)
     paths = _start(cfg)
-    model_path = resolve_local(cfg.model.name_or_path)
+    model_path = pin(cfg.model.name_or_path)
     preflight(cfg, model_path)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     n_train, n_eval = pairs.count(), eval_pairs.count() if eval_pairs is not None else 0
-    _, plan = run_training(cfg, pairs, eval_pairs, n_train, n_eval, tokenizer.pad_token_id, model_path,
-                           guard_config(cfg, model_path, None))
-    tokenizer.save_pretrained(paths["model"])
-    with open(paths["train_result"]) as f:
-        trained = json.load(f)
-    metrics = [json.loads(line) for line in open(paths["metrics"])] if os.path.exists(paths["metrics"]) else []
+    outcome, plan = run_training(cfg, pairs, eval_pairs, n_train, n_eval, tokenizer.pad_token_id, model_path,
+                                 guard_config(cfg, model_path, None))
+    save_tokenizer(cfg, paths["model"])
+    trained, metrics = outcome["result"], outcome["rows"]
     summary = {"steps": trained["steps"], "steps_per_epoch": plan.steps_per_epoch, "pairs": n_train,
                "final_metrics": trained["final"], "final_eval_metrics": trained["final_eval"]}
     return RunResult(paths["dir"], paths["model"], summary, metrics)

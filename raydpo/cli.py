@@ -61,8 +61,9 @@ def cmd_sweep(args) -> int:
     from raydpo.config import apply_overrides
     from raydpo.sweep import sweep
 
-    with open(args.config) as f:
-        raw = yaml.safe_load(f) or {}
+    from raydpo import storage
+
+    raw = yaml.safe_load(storage.read_text(args.config)) or {}
     level = "quiet" if args.quiet else "verbose" if args.verbose else None
     raw = apply_overrides(raw, args.overrides + ([f"logging.console={level}"] if level else []))
     summary = sweep(raw, args.grid, args.concurrent)
@@ -145,7 +146,9 @@ def _cache_roots(args) -> list[tuple[str, str]]:
         cfg.reference.cache_dir = args.cache_dir
     if args.data_cache_dir:
         cfg.data.cache_dir = args.data_cache_dir
-    return [("reference", os.path.abspath(os.path.expanduser(cfg.reference.cache_dir))), ("tokenized", cache_root(cfg))]
+    from raydpo import storage
+
+    return [("reference", storage.normalize(cfg.reference.cache_dir)), ("tokenized", cache_root(cfg))]
 
 
 def _human_bytes(n: int) -> str:
@@ -157,7 +160,7 @@ def _human_bytes(n: int) -> str:
 
 def _describe_entry(e: dict) -> str:
     if e["status"] != "complete":
-        return e["status"]
+        return f"{e['status']} ({e['n_files']} files of unfinished or other-format writers)"
     if e["kind"] == "tokenized":
         return f"{e.get('pairs')} rows read, {len(e.get('files') or [])} source(s)"
     return f"{e.get('pairs')} pairs, {e.get('dtype')}, {e.get('backend')}, reference {e.get('reference')}"
@@ -167,28 +170,37 @@ def cmd_cache(args) -> int:
     import time
 
     from raydpo.reference import store
+    from raydpo.storage import entries
 
     roots = _cache_roots(args)
     if args.action == "list":
-        entries = [e | {"kind": kind} for kind, root in roots for e in store.list_entries(root)]
+        found = [e | {"kind": kind} for kind, root in roots for e in store.list_entries(root)]
         if args.json:
-            print(json.dumps(entries, indent=1))
+            print(json.dumps(found, indent=1))
             return 0
         for kind, root in roots:
-            mine = [e for e in entries if e["kind"] == kind]
+            mine = [e for e in found if e["kind"] == kind]
             print(f"{len(mine)} {kind} entries in {root}")
             for e in mine:
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"]))
-                print(f"{e['key']}  {when}  {_human_bytes(e['bytes']):>10}  {_describe_entry(e)}")
+                print(f"{e['key']}  {when}  {_human_bytes(e['bytes']):>10}  {_describe_entry(e)}"
+                      + (f"; {_human_bytes(e['unlisted'])} unlisted" if e["status"] == "complete" and e["unlisted"] else ""))
         return 0
     removed = [e | {"kind": kind} for kind, root in roots
-               for e in store.prune(root, keys=args.key or None, older_than_days=args.older_than_days,
-                                    keep_last=args.keep_last, dry_run=args.dry_run)]
+               for e in entries.prune(root, keys=args.key or None, older_than_days=args.older_than_days,
+                                      keep_last=args.keep_last, min_age_s=args.min_age_minutes * 60, dry_run=args.dry_run)]
     verb = "would remove" if args.dry_run else "removed"
     for e in removed:
-        print(f"{verb} {e['key']} ({e['kind']}, {e['status']}, {_human_bytes(e['bytes'])})")
+        what = "" if e["removed"] == "entry" else "unlisted files of "
+        print(f"{verb} {what}{e['key']} ({e['kind']}, {e['status']}, {_human_bytes(e['bytes'])})")
     print(f"[raydpo] {verb} {len(removed)} entries, {_human_bytes(sum(e['bytes'] for e in removed))}", file=sys.stderr)
     return 0
+
+
+def entries_min_age_minutes() -> float:
+    from raydpo.storage.entries import MIN_AGE_S
+
+    return MIN_AGE_S / 60
 
 
 def parser() -> argparse.ArgumentParser:
@@ -233,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--older-than-days", type=float, help="prune: entries created longer ago than this")
     ca.add_argument("--keep-last", type=int, help="prune: all but the newest N complete entries of each cache")
     ca.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    ca.add_argument("--min-age-minutes", type=float, default=entries_min_age_minutes(),
+                    help="prune: leave alone anything with a file written more recently than this (a run may be "
+                         "writing it); default %(default)g, 0 includes everything")
     ca.set_defaults(fn=cmd_cache)
 
     tm = sub.add_parser("tiny-model", help="write a tiny random Llama + trained BPE tokenizer")

@@ -409,14 +409,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply overrides, validate. Relative data/model paths stay relative to the cwd."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    from raydpo import storage
+
+    raw = yaml.safe_load(storage.read_text(str(path))) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return from_dict(apply_overrides(raw, list(overrides)))
 
 
 def dump(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (loadable again by :func:`load`)."""
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    """Write the resolved config as YAML (loadable again by :func:`load`) to a local path or URI."""
+    from raydpo import storage
+
+    storage.write_text(str(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

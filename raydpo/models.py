@@ -8,8 +8,23 @@ import os
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+#: Separates a hub id from the commit it was pinned to (``org/name@<40 hex>``): what the driver
+#: ships to the workers, so every node loads the very files the driver fingerprinted.
+REVISION_SEP = "@"
+
+
+def split_revision(name_or_path: str) -> tuple[str, str | None]:
+    """(hub id or path, pinned revision or None)."""
+    head, sep, tail = name_or_path.rpartition(REVISION_SEP)
+    if sep and head and "/" not in tail and not os.path.exists(os.path.expanduser(name_or_path)):
+        return head, tail
+    return name_or_path, None
+
+
 def resolve_local(name_or_path: str) -> str:
-    """A local directory for ``name_or_path``: itself if it is one, else the hub snapshot (downloaded once).
+    """A local directory for ``name_or_path`` on this node: itself if it is one, else the hub
+    snapshot of that id (at its pinned revision ``id@commit`` if given), from this node's Hugging Face
+    cache or downloaded into it.
 
     Resolving hub ids to a snapshot directory lets the cache fingerprint the exact files used.
     """
@@ -18,12 +33,36 @@ def resolve_local(name_or_path: str) -> str:
         return os.path.abspath(path)
     if os.path.exists(path) or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model path {name_or_path!r} is not a Hugging Face model directory")
+    repo, revision = split_revision(name_or_path)
+    return _snapshot(repo, revision)
+
+
+@functools.lru_cache(maxsize=16)
+def _snapshot(repo: str, revision: str | None) -> str:
     from huggingface_hub import snapshot_download
 
+    try:  # this node's cache first: no network call for a revision it already holds
+        return snapshot_download(repo, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached here (or partly): download it
+        pass
     try:
-        return snapshot_download(name_or_path)
+        return snapshot_download(repo, revision=revision)
     except Exception as e:  # offline machines, private repos, typos: say which id and why
-        raise FileNotFoundError(f"cannot resolve model {name_or_path!r} locally or on the hub: {e}") from e
+        at = f" at revision {revision}" if revision else ""
+        raise FileNotFoundError(f"cannot resolve model {repo!r}{at} locally or on the hub: {e} "
+                                "(gated or private models need HF_TOKEN on every node)") from e
+
+
+def pin(name_or_path: str) -> str:
+    """What the driver ships to the workers for a model setting: a local directory as an absolute
+    path; a hub id as ``id@<commit>``, the revision the driver resolved (and fingerprinted), which
+    each node then loads into its own Hugging Face cache (or finds in a shared one)."""
+    local = resolve_local(name_or_path)
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return local
+    repo, revision = split_revision(name_or_path)
+    # A hub snapshot directory is named after its commit: .../models--org--name/snapshots/<commit>.
+    return f"{repo}{REVISION_SEP}{revision or os.path.basename(local)}"
 
 
 def torch_dtype(name: str):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 
 from raydpo import config as config_mod
+from raydpo import storage
 from raydpo.config import Config
 
 
@@ -25,36 +24,34 @@ class RunResult:
 
 
 def _paths(cfg: Config) -> dict[str, str]:
-    out = os.path.abspath(cfg.output.dir)
-    return {
-        "dir": out,
-        "config": os.path.join(out, "config.yaml"),
-        "metrics": os.path.join(out, "metrics.jsonl"),
-        "quarantine": os.path.join(out, "quarantine.jsonl"),
-        "summary": os.path.join(out, "summary.json"),
-        "model": os.path.join(out, "model"),
-        "train_result": os.path.join(out, "train_result.json"),
-        "guard": os.path.join(out, "guard.json"),
-    }
+    """The run directory's files: local paths or URIs, as ``output.dir`` is."""
+    out = storage.normalize(cfg.output.dir)
+    names = {"config": "config.yaml", "metrics": "metrics.jsonl", "quarantine": "quarantine.jsonl", "summary": "summary.json",
+             "model": "model", "train_result": "train_result.json", "guard": "guard.json"}
+    return {"dir": out} | {k: storage.join(out, v) for k, v in names.items()}
 
 
 def _start(cfg: Config) -> dict[str, str]:
-    from raydpo.observability import console
+    """Before any stage: the console, every written directory checked (a missing bucket or denied
+    access stops here), the resolved config written, Ray up, and every node seeing the run's local
+    paths (:mod:`raydpo.storage.probe`)."""
     from raydpo.cluster import ensure_ray
+    from raydpo.observability import console
+    from raydpo.storage.probe import check_nodes_see
+    from raydpo.train.preflight import check_storage
 
     console.configure(cfg.logging.console, cfg.logging.progress_every_s)
+    check_storage(cfg)
     paths = _paths(cfg)
-    os.makedirs(paths["dir"], exist_ok=True)
+    storage.makedirs(paths["dir"])
     config_mod.dump(cfg, paths["config"])
     ensure_ray(cfg)
+    check_nodes_see(cfg)
     return paths
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    storage.write_json(path, obj)
 
 
 def prepare_data(cfg: Config, train=None, eval=None):
@@ -91,19 +88,28 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
 
 
 def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
-    """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (ray Result, TrainPlan).
+    """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (what rank 0 reported, TrainPlan):
+    see :func:`raydpo.train.stage.run_training`.
 
     ``refs``: from :func:`score_reference`, or for reference-free losses {"train": d, "eval": d}
     with plain tokenized datasets (``PreparedData.train`` / ``.eval``) in place of the results."""
-    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.models import load_tokenizer, pin
     from raydpo.train.stage import guard_config, run_training
 
     pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
-    model_path = resolve_local(cfg.model.name_or_path)
+    model_path = pin(cfg.model.name_or_path)  # each worker loads this very revision on its own node
     guard = guard_config(cfg, model_path, refs["train"].entry)
     streaming = getattr(refs["train"], "seal", None) is not None
     return run_training(cfg, refs["train"].dataset, refs["eval"].dataset if "eval" in refs else None, n_train, n_eval,
                         pad_id, model_path, guard, streaming)
+
+
+def save_tokenizer(cfg: Config, model_dir: str) -> None:
+    """The policy's tokenizer beside the exported weights (``model_dir`` a local path or URI)."""
+    from raydpo.models import load_tokenizer
+
+    with storage.local_dir_for_writing(model_dir) as local:
+        load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(local)
 
 
 def _reference_summary(refs: dict) -> dict | str:
@@ -168,22 +174,20 @@ def run(cfg: Config, force: bool = False) -> RunResult:
 
     Re-running an unfinished run resumes it from its latest checkpoint (``train.checkpoint_every``);
     a finished one is left alone (status ``finished``) unless ``force``, which starts over."""
-    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.models import resolve_local
     from raydpo.observability.trackers import check_installed
-    from raydpo.train.preflight import check_family, check_writable, preflight
+    from raydpo.train.preflight import check_family, check_storage, preflight
     from raydpo.train.resume import FinishedRun, prepare_run_dir
-    from raydpo.train.stage import check_eval, storage_path
+    from raydpo.train.stage import check_eval, run_storage
 
     paths = _paths(cfg)
     check_installed(cfg.logging.backends)  # before any work: a missing tracker would fail the trainers
-    check_writable(paths["dir"])
+    check_storage(cfg)
     check_family(cfg, resolve_local(cfg.model.name_or_path))  # before Ray starts: settings this family cannot serve
     try:
-        status = prepare_run_dir(paths, config_mod.to_dict(cfg), storage_path(cfg), force)
+        status = prepare_run_dir(paths, config_mod.to_dict(cfg), run_storage(cfg), force)
     except FinishedRun:
-        with open(paths["summary"]) as f:
-            summary = json.load(f)
-        return RunResult(paths["dir"], paths["model"], summary, status="finished")
+        return RunResult(paths["dir"], paths["model"], storage.read_json(paths["summary"]), status="finished")
     paths = _start(cfg)
     preflight(cfg, resolve_local(cfg.model.name_or_path))
     timings = {}
@@ -195,15 +199,14 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     refs = score_reference(data, cfg, stream=cfg.reference.mode == "streaming")
     timings["reference"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    _, plan = train_policy(cfg, refs or unscored(data), data.n_train, data.n_eval)
+    outcome, plan = train_policy(cfg, refs or unscored(data), data.n_train, data.n_eval)
     timings["train"] = time.perf_counter() - t2
     for r in refs.values():
         if r.seal is not None:  # streamed: the trainer has read every pair, the shards are complete
             r.entry, r.seal = r.seal(), None
-    load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(paths["model"])
+    save_tokenizer(cfg, paths["model"])
     timings["total"] = time.perf_counter() - t0
-    with open(paths["train_result"]) as f:
-        trained = json.load(f)
+    trained = outcome["result"]
     summary = {
         **data.summary.as_dict(),
         "quarantine_file": paths["quarantine"], "data_cache": data.cache,
@@ -220,7 +223,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
         "start": status,
         "finished": True,
     }
-    metrics = [json.loads(line) for line in open(paths["metrics"])] if os.path.exists(paths["metrics"]) else []
+    metrics = outcome["rows"]
     first = next((m for m in metrics if "loss" in m), None)
     if first is not None:
         summary["timings_s"]["first_step"] = round(first["time"] - started, 3)

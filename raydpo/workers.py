@@ -7,10 +7,11 @@ node group its config pins it to (``train.resources``, ``reference.resources``).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
+
+from raydpo import storage
 
 
 def record(workers_dir: str, name: str, **extra) -> None:
@@ -20,8 +21,4 @@ def record(workers_dir: str, name: str, **extra) -> None:
     ctx = ray.get_runtime_context()
     info = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ctx.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(), "started": time.time(), **extra}
-    os.makedirs(workers_dir, exist_ok=True)
-    tmp = os.path.join(workers_dir, f".{name}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, os.path.join(workers_dir, f"{name}.json"))
+    storage.write_json(storage.join(workers_dir, f"{name}.json"), info, indent=None)

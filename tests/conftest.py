@@ -28,6 +28,13 @@ from raydpo.cluster import NO_PREEMPTION_WATCHER  # noqa: E402 (after the enviro
 
 os.environ.setdefault(*NO_PREEMPTION_WATCHER)
 
+# The S3-compatible server's address and credentials, in the standard AWS variables, before any Ray
+# cluster starts: every worker and `ray start` node of the suite inherits them (tests/s3.py).
+from s3 import S3Server, aws_environment, free_port  # noqa: E402
+
+S3_PORT = free_port()
+os.environ.update(aws_environment(S3_PORT))
+
 _SESSION: dict = {}
 
 
@@ -86,6 +93,22 @@ def ray_cluster():
     configure_data()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (behind a proxy that can drop connections); skips where moto
+    is not installed or the server cannot start."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("boto3") is None:
+        pytest.skip("moto[server] is not installed (a test dependency: pip install 'moto[server]')")
+    try:
+        server = S3Server(S3_PORT)
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"moto's S3 server could not start here: {e}")
+    yield server
+    server.stop()
 
 
 def make_config(tiny_model_dir: str, data_path, tmp_path, **sections):

@@ -1,120 +1,221 @@
-"""Cache entries on disk: atomic shards, resume, damage detection, list and prune (no Ray needed)."""
+"""Cache entries on a local disk and on S3 (moto's server): content-addressed shards, writers under
+their own prefixes, publication by manifest (first wins), resume from other writers' shards, damage
+detected and rebuilt without deleting anything, concurrent writers in separate processes, transient
+network errors retried and reported, list and prune. No Ray needed: these are the storage layer's
+own functions (the stages run them as Ray tasks)."""
 
 import collections
+import hashlib
 import json
+import multiprocessing
 import os
+import threading
+import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raydpo import storage
 from raydpo.cli import main
 from raydpo.reference import store
+from raydpo.storage import entries
 
 
-def scored(ids: range, dup: int | None = None) -> pa.Table:
+def scored(ids, dup: int | None = None) -> pa.Table:
     rows = list(ids) + ([dup] if dup is not None else [])
     return pa.table({
         "pair_id": [f"p{i}" for i in rows],
         "digest": [i.to_bytes(16, "little") for i in rows],
-        "ref_chosen_logps": [-float(i) for i in rows],
+        "ref_chosen_logps": pa.array([-float(i) for i in rows], pa.float32()),
+        "ref_rejected_logps": pa.array([-2.0 * i for i in rows], pa.float32()),
     })
 
 
-def expected(*tables) -> collections.Counter:
-    return collections.Counter(d for t in tables for d in t["digest"].to_pylist())
+def digests(table: pa.Table) -> list[bytes]:
+    return table["digest"].to_pylist()
 
 
-def test_shards_are_content_addressed_and_atomic(tmp_path):
-    first = store.write_shard(str(tmp_path), scored(range(4)))
-    again = store.write_shard(str(tmp_path), scored(range(4)))  # a retried batch
-    other = store.write_shard(str(tmp_path), scored(range(4, 8)))
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A cache root on the local disk, or under a fresh prefix of a bucket on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "cache")
+    server = request.getfixturevalue("s3_server")
+    return f"{server.bucket('store-tests')}/{uuid.uuid4().hex[:8]}/cache"
+
+
+def fill(root: str, key: str, table: pa.Table, batch: int = 4, adopted=(), replacing=None, everything=None) -> dict:
+    """One writer scoring ``table`` in batches of ``batch`` into its own prefix, then finalizing the
+    entry of ``everything`` (default ``table``; the rest is in the ``adopted`` shards)."""
+    writer = entries.new_writer()
+    for i in range(0, table.num_rows, batch):
+        store.write_shard(entries.writer_path(root, key, writer), table.slice(i, batch))
+    return store.finalize(root, key, writer, list(adopted), {"x": 1}, digests(everything or table), {"reference": "/m"}, replacing)
+
+
+def test_shards_are_content_addressed_and_atomic(root):
+    w = storage.join(root, "k0", "w-1-aaaaaaaaaaaa")
+    first = store.write_shard(w, scored(range(4)))
+    again = store.write_shard(w, scored(range(4)))  # a retried batch rewrites the same file
+    other = store.write_shard(w, scored(range(4, 8)))
     assert first == again != other
-    assert sorted(os.listdir(tmp_path)) == sorted({os.path.basename(first), os.path.basename(other)})
+    assert [e.relative for e in storage.listing(w)] == sorted(storage.basename(p) for p in (first, other))
 
 
-def test_resume_scores_only_what_is_missing(tmp_path):
-    cache = str(tmp_path)
-    part, done, dropped = store.open_partial(cache, "k1")
-    assert not done and dropped == 0
-    store.write_shard(os.path.join(part, "data"), scored(range(0, 4)))
-    with open(os.path.join(part, "data", "shard-cut.parquet"), "wb") as f:
-        f.write(b"PAR1 cut short")  # a damaged shard
-    open(os.path.join(part, "data", ".x.tmp"), "w").close()  # a write that never finished
-    all_pairs = scored(range(10), dup=3)  # pair 3 appears twice: both rows must be scored
-    part, done, dropped = store.open_partial(cache, "k1")
-    assert dropped == 1 and sum(done.values()) == 4
-    todo = store.remaining(all_pairs, done)
+def test_a_run_adopts_what_an_interrupted_writer_left(root):
+    key, everything = "k1", scored(range(10), dup=3)  # pair 3 twice: both rows count
+    dead = entries.new_writer()
+    store.write_shard(entries.writer_path(root, key, dead), scored(range(0, 4)))  # killed after one batch
+    cut = storage.join(entries.writer_path(root, key, dead), "shard-cut.parquet")
+    storage.write_bytes(cut, b"PAR1 cut short")  # damaged: not adopted, and not deleted either
+    adopted, done, unreadable = store.scan_and_adopt(root, key, digests(everything))
+    assert len(adopted) == 1 and sum(done.values()) == 4 and unreadable[0].startswith(f"{dead}/shard-cut.parquet")
+    todo = store.remaining(everything, done)
     assert todo["pair_id"].to_pylist() == ["p4", "p5", "p6", "p7", "p8", "p9", "p3"]
-    store.write_shard(os.path.join(part, "data"), todo)
-    entry = store.finalize(cache, "k1", {"x": 1}, expected(all_pairs))
-    manifest = store.read_manifest(entry)
+    manifest = fill(root, key, todo, batch=10, adopted=adopted, everything=everything)
     assert manifest["rows"] == 11 and len(manifest["shards"]) == 2
-    assert not os.path.exists(store.partial_dir(cache, "k1"))
-    assert store.lookup(cache, "k1") == (entry, [])
+    assert {s["file"].split("/")[0] for s in manifest["shards"]} == {dead, manifest["writer"]}
+    assert store.lookup(root, key) == (manifest, [], (), None)
+    assert storage.exists(cut)
+    logps = store.load_logps(root, key, manifest)
+    assert logps.num_rows == 10 and sorted(logps["ref_chosen_logps"].to_pylist()) == sorted(-float(i) for i in range(10))
 
 
-def test_finalize_refuses_missing_or_duplicated_pairs(tmp_path):
-    part, _, _ = store.open_partial(str(tmp_path), "k2")
-    store.write_shard(os.path.join(part, "data"), scored(range(0, 5)))
+def test_finalize_refuses_missing_or_duplicated_pairs(root):
+    writer = entries.new_writer()
+    store.write_shard(entries.writer_path(root, "k2", writer), scored(range(0, 5)))
     with pytest.raises(ValueError, match="1 pairs too few and 0 too many"):
-        store.finalize(str(tmp_path), "k2", {}, expected(scored(range(6))))
-    store.write_shard(os.path.join(part, "data"), scored(range(3, 6)))  # overlaps: 3 and 4 twice
+        store.finalize(root, "k2", writer, [], {}, digests(scored(range(6))))
+    store.write_shard(entries.writer_path(root, "k2", writer), scored(range(3, 6)))  # 3 and 4 twice
     with pytest.raises(ValueError, match="0 pairs too few and 2 too many"):
-        store.finalize(str(tmp_path), "k2", {}, expected(scored(range(6))))
+        store.finalize(root, "k2", writer, [], {}, digests(scored(range(6))))
+    assert entries.read_manifest(root, "k2") is None  # nothing was published
 
 
-@pytest.mark.parametrize("damage", ["altered", "truncated", "deleted", "stray"])
-def test_damaged_entry_is_reopened_without_the_bad_shard(tmp_path, damage):
-    cache = str(tmp_path)
-    part, _, _ = store.open_partial(cache, "k3")
-    good = store.write_shard(os.path.join(part, "data"), scored(range(0, 4)))
-    bad = store.write_shard(os.path.join(part, "data"), scored(range(4, 8)))
-    entry = store.finalize(cache, "k3", {}, expected(scored(range(8))))
-    bad = os.path.join(entry, "data", os.path.basename(bad))
-    if damage == "altered":  # same size, other values
-        table = pq.read_table(bad)
-        pq.write_table(table.set_column(2, "ref_chosen_logps", pa.array([1.0, 2.0, 3.0, 4.0])), bad)
+@pytest.mark.parametrize("damage", ["altered", "truncated", "deleted"])
+def test_a_damaged_entry_is_rebuilt_and_nothing_is_deleted(root, damage):
+    key, everything = "k3", scored(range(8))
+    first = fill(root, key, everything)
+    victim = storage.join(root, key, first["shards"][1]["file"])
+    data = storage.read_bytes(victim)
+    if damage == "altered":  # bit rot: same size, other bytes
+        storage.write_bytes(victim, data[: len(data) // 2] + b"\xff" * 8 + data[len(data) // 2 + 8:])
     elif damage == "truncated":
-        data = open(bad, "rb").read()
-        open(bad, "wb").write(data[: len(data) // 2])
-    elif damage == "deleted":
-        os.remove(bad)
+        storage.write_bytes(victim, data[: len(data) // 2])
     else:
-        store.write_shard(os.path.join(entry, "data"), scored(range(100, 102)))
-    found, problems = store.lookup(cache, "k3")
-    assert found is None and len(problems) == 1, problems
-    part, done, _ = store.open_partial(cache, "k3")
-    left = store.remaining(scored(range(8)), done)["pair_id"].to_pylist()
-    if damage == "stray":  # both listed shards are sound; the unlisted one is dropped
-        assert sorted(os.listdir(os.path.join(part, "data"))) == sorted(map(os.path.basename, (good, bad))) and left == []
-    else:  # the sound shard was kept; the damaged one's pairs are all that is left to score
-        assert os.listdir(os.path.join(part, "data")) == [os.path.basename(good)]
-        assert left == [f"p{i}" for i in range(4, 8)]
+        storage.delete_file(victim)
+    before = {e.relative for e in storage.listing(storage.join(root, key), recursive=True)}
+    manifest, problems, bad, damaged = store.lookup(root, key)
+    assert manifest is None and len(problems) == 1 and bad == (first["shards"][1]["file"],) and damaged == first
+    assert {e.relative for e in storage.listing(storage.join(root, key), recursive=True)} == before  # nothing removed
+    adopted, done, _ = store.scan_and_adopt(root, key, digests(everything), bad)
+    left = store.remaining(everything, done)
+    assert left["pair_id"].to_pylist() == ["p4", "p5", "p6", "p7"]  # only the damaged shard's pairs
+    rebuilt = fill(root, key, left, adopted=adopted, replacing=damaged, everything=everything)
+    assert store.lookup(root, key) == (rebuilt, [], (), None) and rebuilt["writer"] != first["writer"]
+    if damage != "deleted":
+        assert storage.exists(victim)  # unlisted now, for `raydpo cache prune`; never deleted by a reader
 
 
-def test_list_and_prune_from_the_cli(tmp_path, capsys):
-    cache = str(tmp_path / "cache")
+def _race(root: str, key: str, n: int, start_at: float, out) -> None:
+    """One of several processes filling the same key at once (after scanning what is there)."""
+    everything = scored(range(n))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    adopted, done, _ = store.scan_and_adopt(root, key, digests(everything))
+    todo = store.remaining(everything, done)
+    manifest = fill(root, key, todo, batch=3, adopted=adopted, everything=everything)
+    out.put((manifest["writer"], store.load_logps(root, key, manifest).to_pydict()))
+
+
+def test_concurrent_writers_publish_one_entry(root):
+    ctx = multiprocessing.get_context("spawn")
+    out, start_at = ctx.Queue(), time.time() + 3.0
+    procs = [ctx.Process(target=_race, args=(root, "k4", 40, start_at, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    published = entries.read_manifest(root, "k4")
+    # Every writer ended with the published entry and its log-probs.
+    assert {w for w, _ in results} == {published["writer"]}
+    assert all(logps == results[0][1] for _, logps in results) and len(results[0][1]["digest"]) == 40
+    listed = {s["file"] for s in published["shards"]}
+    files = {e.relative for e in storage.listing(storage.join(root, "k4"), recursive=True) if not e.is_dir}
+    assert files == listed | {entries.MANIFEST}  # the losers removed their own unlisted shards
+
+
+def test_a_transient_network_error_is_retried_then_reported_and_deletes_nothing(s3_server, monkeypatch):
+    root = f"{s3_server.bucket('flaky')}/cache"
+    manifest = fill(root, "k5", scored(range(8)))
+    keys = s3_server.keys("flaky")
+    # The network is gone for longer than the retries last (one attempt of ours, each already retried
+    # for seconds inside the AWS client: the default of 4 would take a minute here).
+    monkeypatch.setenv("RAYDPO_STORAGE_READ_ATTEMPTS", "1")
+    s3_server.proxy.down()
+    try:
+        with pytest.raises(OSError, match=r"s3://flaky/cache/k5"):
+            store.lookup(root, "k5")
+    finally:
+        s3_server.proxy.up()
+    assert s3_server.keys("flaky") == keys
+    # A blip shorter than the retries: the read goes through and finds the entry whole.
+    monkeypatch.delenv("RAYDPO_STORAGE_READ_ATTEMPTS")
+    s3_server.proxy.down()
+    threading.Timer(0.4, s3_server.proxy.up).start()
+    assert store.lookup(root, "k5") == (manifest, [], (), None)
+    assert s3_server.proxy.refused > 0 and s3_server.keys("flaky") == keys
+
+
+def test_list_and_prune_from_the_cli(root, capsys):
     for key, ids in (("aaa", range(3)), ("bbb", range(3, 5))):
-        part, _, _ = store.open_partial(cache, key)
-        store.write_shard(os.path.join(part, "data"), scored(ids))
-        store.finalize(cache, key, {"dtype": "float32", "backend": "hf"}, expected(scored(ids)), {"reference": "/m"})
-    store.open_partial(cache, "ccc")  # an interrupted run
-    manifest = os.path.join(cache, "aaa", "manifest.json")
-    m = json.load(open(manifest))
-    m["created"] -= 10 * 86400  # ten days old
-    json.dump(m, open(manifest, "w"))
+        fill(root, key, scored(ids))
+    store.write_shard(entries.writer_path(root, "ccc", entries.new_writer()), scored(range(2)))  # an interrupted run
+    old = entries.read_manifest(root, "aaa") | {"created": time.time() - 10 * 86400}  # ten days old
+    storage.write_json(storage.join(root, "aaa", entries.MANIFEST), old)
 
-    assert main(["cache", "list", "--cache-dir", cache, "--json"]) == 0
-    listed = {e["key"]: e for e in json.loads(capsys.readouterr().out)}
+    assert main(["cache", "list", "--cache-dir", root, "--json"]) == 0
+    listed = {e["key"]: e for e in json.loads(capsys.readouterr().out) if e["kind"] == "reference"}
     assert listed["aaa"]["pairs"] == 3 and listed["bbb"]["pairs"] == 2 and listed["ccc"]["status"] == "partial"
-    assert listed["bbb"]["dtype"] == "float32" and listed["bbb"]["reference"] == "/m"
+    assert listed["bbb"]["reference"] == "/m"
 
-    assert main(["cache", "prune", "--cache-dir", cache, "--older-than-days", "5", "--dry-run"]) == 0
-    assert "would remove aaa" in capsys.readouterr().out and os.path.exists(os.path.join(cache, "aaa"))
-    assert main(["cache", "prune", "--cache-dir", cache]) == 0  # no rule: only unfinished directories
-    assert sorted(os.listdir(cache)) == ["aaa", "bbb"]
-    assert main(["cache", "prune", "--cache-dir", cache, "--keep-last", "1"]) == 0
-    assert os.listdir(cache) == ["bbb"]
-    assert main(["cache", "prune", "--cache-dir", cache, "--key", "bbb"]) == 0
-    assert os.listdir(cache) == []
+    keys = lambda: sorted({e.relative.split("/")[0] for e in storage.listing(root, recursive=True)})  # noqa: E731
+    assert main(["cache", "prune", "--cache-dir", root, "--older-than-days", "5", "--min-age-minutes", "0", "--dry-run"]) == 0
+    assert "would remove aaa" in capsys.readouterr().out and keys() == ["aaa", "bbb", "ccc"]
+    assert main(["cache", "prune", "--cache-dir", root]) == 0  # written in the last hour: left alone
+    assert keys() == ["aaa", "bbb", "ccc"]
+    assert main(["cache", "prune", "--cache-dir", root, "--min-age-minutes", "0"]) == 0  # no rule: unfinished only
+    assert keys() == ["aaa", "bbb"]
+    assert main(["cache", "prune", "--cache-dir", root, "--keep-last", "1", "--min-age-minutes", "0"]) == 0
+    assert keys() == ["bbb"]
+    assert main(["cache", "prune", "--cache-dir", root, "--key", "bbb", "--min-age-minutes", "0"]) == 0
+    assert keys() == []
+
+
+def test_uris_and_bad_locations(tmp_path, s3_server):
+    bucket = s3_server.bucket("uris")
+    storage.write_text(f"{bucket}/a/b.txt", "hi")
+    assert storage.read_text(f"{bucket}/a/b.txt") == "hi" and storage.kind(f"{bucket}/a") == "dir"
+    assert storage.create_exclusive(f"{bucket}/a/c", b"1") and not storage.create_exclusive(f"{bucket}/a/c", b"2")
+    assert storage.read_bytes(f"{bucket}/a/c") == b"1"
+    assert storage.create_exclusive(str(tmp_path / "c"), b"1") and not storage.create_exclusive(str(tmp_path / "c"), b"2")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{bucket}/nothing")
+    with pytest.raises(storage.MissingFilesystem, match="adlfs"):
+        storage.resolve("abfs://container/path")
+    from raydpo.train.preflight import check_writable
+
+    with pytest.raises(OSError, match="s3://no-such-bucket/x.*not writable"):
+        check_writable("s3://no-such-bucket/x", "reference.cache_dir")
+    with pytest.raises(FileNotFoundError, match=r"no file matches 's3://uris/\*\.jsonl'"):
+        from raydpo.data.sources import resolve_paths
+
+        resolve_paths([f"{bucket}/*.jsonl"])
+    assert hashlib.sha256(b"1").hexdigest() == entries.shard_record("x", b"1", 1)["sha256"]
+    assert pq.read_table(pa.BufferReader(store.table_bytes(scored(range(2))))).num_rows == 2
+    assert collections.Counter(digests(scored(range(2), dup=1)))[(1).to_bytes(16, "little")] == 2
+    assert os.path.isabs(storage.normalize("~/x")) and storage.join("s3://b/p/", "q") == "s3://b/p/q"

@@ -1,7 +1,7 @@
 """The tokenized-data cache: the data stage's result, content-addressed, so a later run skips tokenizing.
 
 An entry ``<data cache root>/<key>/`` holds ``manifest.json`` (every key input spelled out, the
-resolved source names, shards with row counts and sha256) and ``data/shard-<n>.parquet``: every row
+resolved source names, shards with row counts and sha256) and ``<writer>/shard-<n>.parquet``: every row
 the data stage read, with its status, reason and token ids (``raydpo.data.stage.OUT_SCHEMA``), after
 de-duplication and KL pairing, in the stage's block order. A hit rebuilds the same table, so the
 kept pairs, the quarantine file and the counts are those of the run that wrote it.
@@ -10,9 +10,11 @@ The key covers what the table depends on: each source file's path and bytes (pat
 and the quarantine file), the tokenizer's files, every tokenization and parsing setting, the KL group
 size of unpaired losses, and raydpo's version plus a digest of ``raydpo/data``'s own code (so a
 changed tokenizing rule never serves old ids). Hub data set ids and ``ray.data.Dataset`` inputs are
-not cached: they have no file bytes to address. Entries share the reference cache's store
-(:mod:`raydpo.reference.store`: checked shard by shard, listed and pruned by ``raydpo cache``); a
-damaged entry is removed and rebuilt by the run that finds it.
+not cached: they have no file bytes to address. Entries live in the same kind of store as the
+reference cache's (:mod:`raydpo.storage.entries`: safe for concurrent writers on a local disk, NFS or
+an object store; checked shard by shard; listed and pruned by ``raydpo cache``). The shards are
+written and read by Ray tasks on the cluster; the driver reads the manifest. A damaged entry is
+rebuilt by the run that finds it, and the new manifest replaces the damaged one.
 """
 
 from __future__ import annotations
@@ -21,36 +23,36 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raydpo.reference.store import sha256_file
+from raydpo import storage
+from raydpo.storage import entries
 
-FORMAT = 1
+FORMAT = 2
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def cache_root(cfg) -> str:
-    """``data.cache_dir``, or ``tokenized`` beside ``reference.cache_dir``."""
+    """``data.cache_dir``, or ``tokenized`` beside ``reference.cache_dir`` (a local path or URI)."""
     if cfg.data.cache_dir:
-        return os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
-    ref = os.path.abspath(os.path.expanduser(cfg.reference.cache_dir))
-    return os.path.join(os.path.dirname(ref), "tokenized")
+        return storage.normalize(cfg.data.cache_dir)
+    return storage.join(storage.parent(storage.normalize(cfg.reference.cache_dir)), "tokenized")
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def _source_digest(name: str) -> str:
-    """sha256 of a source file, or of every file under a ``save_to_disk`` directory."""
-    if not os.path.isdir(name):
-        return sha256_file(name)
+    """sha256 of a source file (local or URI), or of every file under a ``save_to_disk`` directory."""
+    if storage.kind(name) != "dir":
+        return _sha256(name)
     h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(name)):
-        for f in sorted(files):
-            path = os.path.join(root, f)
-            h.update(os.path.relpath(path, name).encode() + b"\0" + sha256_file(path).encode())
+    for e in storage.listing(name, recursive=True):
+        if not e.is_dir:
+            h.update(e.relative.encode() + b"\0" + _sha256(e.path).encode())
     return h.hexdigest()
 
 
@@ -102,53 +104,63 @@ def entry_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load(root: str, key: str) -> tuple[list[pa.Table] | None, dict, list[str]]:
-    """(the entry's tables in block order, its manifest, []) on a sound hit; (None, {}, problems)
-    otherwise. A damaged or unreadable entry is removed, so this run rebuilds it."""
-    from raydpo.reference import store
+def read_shards(root: str, key: str, shards: list[dict]):
+    """On the cluster: every shard of an entry, each checked against the manifest, then each
+    table's block metadata. Returned as ``len(shards) + 1`` values (:func:`load` asks Ray for as many
+    refs), so the tables stay in the object store, owned by the driver, never fetched by it."""
+    from raydpo.data.local import block_metadata
+    from raydpo.reference.store import read_table
 
-    entry = os.path.join(root, key)
-    if not os.path.exists(os.path.join(entry, store.MANIFEST)):
+    tables = [read_table(entries.read_shard(root, key, s)) for s in shards]
+    return (*tables, [block_metadata(t) for t in tables])
+
+
+def load(root: str, key: str):
+    """(a materialized dataset of the entry's tables in block order, its manifest, []) on a sound
+    hit; (None, {}, problems) otherwise. A damaged entry is left in place: this run writes a new one,
+    whose manifest replaces the damaged one's."""
+    import ray
+
+    from raydpo.data.local import materialized
+    from raydpo.storage.remote import on_cluster
+
+    manifest = entries.read_manifest(root, key)
+    if manifest is None:
         return None, {}, []
+    if manifest.get("format") != FORMAT or not manifest.get("writer"):
+        return None, manifest, [f"format {manifest.get('format')}, this raydpo writes {FORMAT}"]
+    n = len(manifest["shards"])
     try:
-        bad = store.problems(entry)
-        manifest = store.read_manifest(entry)
-        if not bad:
-            tables = [pq.read_table(os.path.join(entry, "data", s["file"])) for s in manifest["shards"]]
-            if sum(t.num_rows for t in tables) == manifest["rows"]:
-                return tables, manifest, []
-            bad = [f"{sum(t.num_rows for t in tables)} rows, the manifest says {manifest['rows']}"]
-    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
-        bad = [f"unreadable ({e})"]
-    shutil.rmtree(entry, ignore_errors=True)
-    return None, {}, bad
+        *refs, metadata = on_cluster(read_shards, root, key, manifest["shards"], num_returns=n + 1)
+        metadata = ray.get(metadata)
+    except ValueError as e:  # a shard that does not match its manifest
+        return None, manifest, [str(e)]
+    if sum(m.num_rows for m in metadata) != manifest["rows"]:
+        return None, manifest, [f"{sum(m.num_rows for m in metadata)} rows, the manifest says {manifest['rows']}"]
+    return materialized(refs, metadata), manifest, []
 
 
-def save(root: str, key: str, inputs: dict, tables: list[pa.Table], files: list[str]) -> str:
-    """Write ``tables`` as entry ``key`` (one shard per block, in order), atomically: a reader sees
-    the whole entry or none. Returns the entry directory (another run's copy if it got there first)."""
-    from raydpo.reference import store
+def write_entry(root: str, key: str, inputs: dict, block_refs: list, files: list[str], replacing: dict | None) -> dict:
+    """On the cluster: write the data stage's blocks (``block_refs``, in order) as a new writer's
+    shards of ``key`` and publish it; returns the published manifest (another run's if it won)."""
+    import ray
 
-    final = os.path.join(root, key)
-    part = os.path.join(root, f"{key}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(os.path.join(part, "data"))
+    from raydpo.reference.store import table_bytes
+
+    writer = entries.new_writer()
     shards = []
-    for i, table in enumerate(tables):
-        name = f"shard-{i:06d}.parquet"
-        path = os.path.join(part, "data", name)
-        pq.write_table(table, path)
-        shards.append({"file": name, "rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
-    manifest = {"key": key, "kind": "tokenized", "format": FORMAT, "created": time.time(), "inputs": inputs,
-                "paths": {"files": files}, "rows": sum(s["rows"] for s in shards), "shards": shards}
-    with open(os.path.join(part, store.MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    try:
-        os.rename(part, final)
-    except OSError:
-        shutil.rmtree(part)
-        if not os.path.exists(os.path.join(final, store.MANIFEST)):
-            raise
-    return final
+    for i, ref in enumerate(block_refs):
+        table = ray.get(ref)
+        relative = f"{writer}/shard-{i:06d}.parquet"
+        data = table_bytes(table)
+        storage.write_bytes(storage.join(root, key, relative), data)
+        shards.append(entries.shard_record(relative, data, table.num_rows))
+    manifest = {"key": key, "kind": "tokenized", "format": FORMAT, "created": time.time(), "writer": writer,
+                "inputs": inputs, "paths": {"files": files}, "rows": sum(s["rows"] for s in shards), "shards": shards}
+    published, mine = entries.publish(root, key, manifest, replacing)
+    if not mine:
+        entries.discard_unlisted(root, key, writer, published)
+    return published
 
 
 def _cache_inputs(cfg, train, eval) -> dict | None:
@@ -166,21 +178,22 @@ def _cache_inputs(cfg, train, eval) -> dict | None:
 def cached_or_tokenized(cfg, train=None, eval=None) -> tuple[object, list[str], dict]:
     """(every row with its status, the source names, how the cache served them): from the
     tokenized-data cache on a hit, else from :func:`read_and_tokenize` (then written to the cache)."""
-    from raydpo.observability import console
-    from raydpo.data.local import blocks, from_tables
     from raydpo.data.stage import read_and_tokenize
+    from raydpo.observability import console
+    from raydpo.storage.remote import on_cluster
 
     inputs = _cache_inputs(cfg, train, eval)
     if inputs is None:
         reason = "off (data.cache)" if not cfg.data.cache else "off for ray.data.Dataset and hub data set inputs"
         return *read_and_tokenize(cfg, train, eval), {"hit": False, "status": reason}
     root, key = cache_root(cfg), entry_key(inputs)
-    tables, manifest, bad = load(root, key)
+    entry = storage.join(root, key)
+    found, manifest, bad = load(root, key)
     if bad:
-        console.get().say(f"data: tokenized-data cache entry {key} is damaged ({bad[0]}); removed, tokenizing again")
-    if tables is not None:
-        console.get().say(f"data: tokenized-data cache hit, {manifest['rows']:,} rows, no tokenizer started: {os.path.join(root, key)}")
-        return from_tables(tables), manifest["paths"]["files"], {"hit": True, "key": key, "entry": os.path.join(root, key)}
+        console.get().say(f"data: tokenized-data cache entry {entry} is damaged ({bad[0]}); tokenizing again to replace it")
+    if found is not None:
+        console.get().say(f"data: tokenized-data cache hit, {manifest['rows']:,} rows, no tokenizer started: {entry}")
+        return found, manifest["paths"]["files"], {"hit": True, "key": key, "entry": entry}
     processed, files = read_and_tokenize(cfg, train, eval)
-    entry = save(root, key, inputs, list(blocks(processed)), files)
+    on_cluster(write_entry, root, key, inputs, processed.to_arrow_refs(), files, manifest if bad else None)
     return processed, files, {"hit": False, "key": key, "entry": entry, "status": "rebuilt" if bad else "written"}

@@ -30,7 +30,7 @@ def from_tables(tables: list[pa.Table]):
     """
     import ray
 
-    return _materialized([ray.put(t) for t in tables], [_metadata(t) for t in tables])
+    return materialized([ray.put(t) for t in tables], [block_metadata(t) for t in tables])
 
 
 def collect(dataset, on_table: Callable[[pa.Table], None]):
@@ -49,11 +49,11 @@ def collect(dataset, on_table: Callable[[pa.Table], None]):
                 ref = ray.put(table)
             on_table(table)
             refs.append(ref)
-            metadata.append(_metadata(table))
-    return _materialized(refs, metadata)
+            metadata.append(block_metadata(table))
+    return materialized(refs, metadata)
 
 
-def _metadata(table: pa.Table):
+def block_metadata(table: pa.Table):
     try:
         from ray.data.block import BlockExecStats, BlockMetadataWithSchema
     except ImportError:
@@ -61,7 +61,7 @@ def _metadata(table: pa.Table):
     return BlockMetadataWithSchema.from_block(table, block_exec_stats=BlockExecStats.builder().build())
 
 
-def _materialized(refs: list, metadata: list):
+def materialized(refs: list, metadata: list):
     import ray.data
 
     try:

@@ -21,6 +21,8 @@ from typing import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from raydpo import storage
+
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 CHUNK_ROWS = 2048
 SCHEMA = pa.schema([("source", pa.string()), ("index", pa.int64()), ("raw", pa.binary())])
@@ -36,37 +38,63 @@ def file_kind(path: str) -> str:
 
 
 def resolve_paths(paths: list[str]) -> list[str]:
-    """Expand globs and directories into a sorted, de-duplicated list of absolute file paths."""
+    """Expand globs and directories into a sorted, de-duplicated list of files: absolute local
+    paths, or URIs (``s3://...``) listed through :mod:`raydpo.storage`."""
     out: list[str] = []
     for p in paths:
-        p = os.path.expanduser(p)
-        matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+        p = storage.normalize(p) if storage.is_uri(p) else os.path.expanduser(p)
+        matches = _glob(p) if glob.has_magic(p) else [p]
         if not matches:
             raise FileNotFoundError(f"no file matches {p!r}")
         for m in matches:
-            if os.path.isdir(m):
-                found = sorted(os.path.join(root, f) for root, files in _data_dirs(m) for f in files if _is_data_file(f))
-                if not found:
+            found = storage.kind(m)
+            if found == "dir":
+                files = sorted(f for f in _data_files(m) if _is_data_file(f))
+                if not files:
                     raise FileNotFoundError(f"directory {m!r} holds no {'/'.join(EXTENSIONS)} files")
-                out.extend(found)
-            elif os.path.exists(m):
+                out.extend(files)
+            elif found == "file":
                 file_kind(m)
                 out.append(m)
             else:
                 raise FileNotFoundError(f"data file {m!r} does not exist")
-    return list(dict.fromkeys(os.path.abspath(p) for p in out))
+    return list(dict.fromkeys(storage.normalize(p) for p in out))
 
 
-def _data_dirs(top: str):
-    """(directory, file names) under ``top``, leaving out raydpo cache entries (a ``manifest.json``
-    beside a ``data/`` folder, or an unfinished ``.partial`` one): a cache kept inside a data directory
-    must not be read back as preference rows."""
-    for root, dirs, files in os.walk(top):
-        if "manifest.json" in files and "data" in dirs:
-            dirs[:] = []
+def _glob(pattern: str) -> list[str]:
+    """Files matching a glob, local or under a URI (listed from the pattern's last literal directory)."""
+    if not storage.is_uri(pattern):
+        return sorted(glob.glob(pattern))
+    import fnmatch
+
+    head = pattern[: min(pattern.find(c) for c in "*?[" if c in pattern)]
+    base = head.rsplit("/", 1)[0]
+    return [e.path for e in storage.listing(base, recursive=True) if not e.is_dir and fnmatch.fnmatchcase(e.path, pattern)]
+
+
+def _data_files(top: str) -> list[str]:
+    """Files under ``top``, leaving out raydpo cache entries (a directory holding a ``manifest.json``,
+    a cache writer's ``w-<time>-<id>`` directory, an older raydpo's ``.partial`` one): a cache kept
+    inside a data directory must not be read back as preference rows."""
+    import re
+
+    listed = storage.listing(top, recursive=True)
+    entries = {e.relative.rsplit("/", 1)[0] + "/" for e in listed if not e.is_dir and e.relative.endswith("/manifest.json")}
+    cache_dir = re.compile(r"^w-\d+-[0-9a-f]{12}$|\.partial")
+    return [e.path for e in listed if not e.is_dir and not any(e.relative.startswith(d) for d in entries)
+            and not any(cache_dir.search(part) for part in e.relative.split("/")[:-1])]
+
+
+def local_sources(specs: list[str]) -> list[str]:
+    """The local files and directories among ``specs`` (no URIs, no hub ids), unexpanded: what a node
+    must see to read them."""
+    out = []
+    for spec in specs:
+        if storage.is_uri(spec) or _is_hub_id(spec):
             continue
-        dirs[:] = sorted(d for d in dirs if ".partial" not in d)
-        yield root, files
+        path = os.path.expanduser(spec)
+        out.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
+    return out
 
 
 def _is_data_file(name: str) -> bool:
@@ -92,9 +120,16 @@ def _jsonl_rows(f) -> Iterator[bytes]:
 
 
 class PreferenceFiles(FileBasedDatasource):
-    """One read task per file; blocks of ``CHUNK_ROWS`` rows as ``SCHEMA``."""
+    """One read task per file; blocks of ``CHUNK_ROWS`` rows as ``SCHEMA``. ``paths``: local files or
+    URIs of one filesystem (Ray Data opens them; a row's ``source`` is the name as given)."""
+
+    def __init__(self, paths: list[str], **kwargs):
+        super().__init__(paths, **kwargs)
+        # Ray Data hands read tasks the path inside the filesystem ("bucket/key"): map it back.
+        self._names = {storage.resolve(p)[1]: p for p in paths}
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        path = self._names.get(path, path)
         kind = file_kind(path)
         if kind == "jsonl":
             yield from self._chunks(path, _jsonl_rows(f), start=1, skip_blank=True)
@@ -202,6 +237,8 @@ def _hub_or_saved(spec: str, default_split: str):
 
 
 def _is_hub_id(spec: str) -> bool:
+    if storage.is_uri(spec):
+        return False
     name = spec.partition(":")[0]
     return name.count("/") == 1 and not spec.startswith((".", "/", "~")) and not glob.has_magic(spec) and not os.path.exists(name)
 
@@ -209,6 +246,8 @@ def _is_hub_id(spec: str) -> bool:
 def _resolve(spec: str, default_split: str) -> tuple[str | None, list[str]]:
     """(what ``_hub_or_saved`` reads, or None for files; the resolved source names) of one spec."""
     path = os.path.expanduser(spec)
+    if storage.is_uri(spec):
+        return None, resolve_paths([spec])
     if (os.path.isdir(path) and (is_saved_dataset(path) or os.path.isfile(os.path.join(path, "dataset_dict.json")))) or _is_hub_id(spec):
         if os.path.isdir(path):
             return path, [os.path.abspath(path)]
@@ -244,6 +283,9 @@ def read_preferences(specs: list[str], default_split: str = "train"):
             parts.append(_hub_or_saved(hf, default_split))
             names.extend(resolved)
         else:
-            files.extend(resolved)
+            for name in resolved:  # one datasource per run of files on the same filesystem
+                if files and storage.scheme(files[-1]) != storage.scheme(name):
+                    flush()
+                files.append(name)
     flush()
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), names

@@ -192,16 +192,17 @@ def first_reason(processed, kind: str) -> str:
 
 
 def write_quarantine(processed, path: str) -> int:
-    """Write every quarantined row (source, position, reason, the row itself) to ``path``."""
-    n = 0
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for block in blocks(processed):
-            for row in _pick_block(block, "quarantined", columns=["source", "index", "reason", "raw"]).to_pylist():
-                row["row"] = row.pop("raw").decode("utf-8", errors="backslashreplace")
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    return n
+    """Write every quarantined row (source, position, reason, the row itself) to ``path`` (a local
+    path or URI, written whole in one step)."""
+    from raydpo import storage
+
+    lines = []
+    for block in blocks(processed):
+        for row in _pick_block(block, "quarantined", columns=["source", "index", "reason", "raw"]).to_pylist():
+            row["row"] = row.pop("raw").decode("utf-8", errors="backslashreplace")
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    storage.write_text(path, "".join(lines))
+    return len(lines)
 
 
 class _LiveCounts:
@@ -242,13 +243,15 @@ class PreparedData:
 
 
 def tokenize_settings(cfg) -> TokenizeSettings:
+    from raydpo import storage
+
     d = cfg.data
     template = d.chat_template
     if template and template.endswith(".jinja"):
-        if not os.path.exists(os.path.expanduser(template)):
-            raise FileNotFoundError(f"data.chat_template file {template!r} does not exist")
-        with open(os.path.expanduser(template)) as f:
-            template = f.read()
+        try:
+            template = storage.read_text(template)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.chat_template file {template!r} does not exist") from None
     return TokenizeSettings(
         max_length=d.max_length,
         truncation_mode=d.truncation_mode,
@@ -259,9 +262,9 @@ def tokenize_settings(cfg) -> TokenizeSettings:
 
 def driver_tokenizer_spec(cfg) -> TokenizerSpec:
     """What the tokenizer actors load: the driver's ``AutoTokenizer`` of ``model.name_or_path``."""
-    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.models import load_tokenizer, pin
 
-    path, trust = resolve_local(cfg.model.name_or_path), cfg.model.trust_remote_code
+    path, trust = pin(cfg.model.name_or_path), cfg.model.trust_remote_code
     return tokenizer_spec(path, trust, load_tokenizer(path, trust))
 
 

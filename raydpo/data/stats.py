@@ -65,12 +65,12 @@ def export_reference(processed, files: list[str], scored: list, path: str) -> in
                 b["rejected_ids"].combine_chunks().value_lengths().to_pylist(),
             ):
                 by_digest[row[0]] = row[1:]
-    n = 0
-    with open(path, "w") as f:
-        for pid, _, _, digest, _ in input_order(processed, files):
-            rc, rr, pt, ct, rt = by_digest[digest]
-            line = {"pair_id": pid, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
-                    "prompt_tokens": pt, "chosen_tokens": ct, "rejected_tokens": rt}
-            f.write(json.dumps(line) + "\n")
-            n += 1
-    return n
+    lines = []
+    for pid, _, _, digest, _ in input_order(processed, files):
+        rc, rr, pt, ct, rt = by_digest[digest]
+        lines.append(json.dumps({"pair_id": pid, "ref_chosen_logps": rc, "ref_rejected_logps": rr,
+                                 "prompt_tokens": pt, "chosen_tokens": ct, "rejected_tokens": rt}) + "\n")
+    from raydpo import storage
+
+    storage.write_text(path, "".join(lines))  # a local path or URI
+    return len(lines)

@@ -143,12 +143,12 @@ def load_spec(spec: TokenizerSpec):
 
     Raises :class:`TokenizerMismatch` (naming the text and both id lists) if it disagrees.
     """
-    from raydpo.models import ensure_pad_token
+    from raydpo.models import ensure_pad_token, resolve_local
 
     if spec.backend_json is not None:
         tok = ShippedTokenizer(spec)  # the driver's tokenizer already had its pad token set
-    else:
-        tok = ensure_pad_token(auto_tokenizer(spec.path, spec.trust_remote_code), spec.path)
+    else:  # spec.path may be a hub id pinned to the driver's revision: this node's copy of it
+        tok = ensure_pad_token(auto_tokenizer(resolve_local(spec.path), spec.trust_remote_code), spec.path)
     for text, want in spec.probes:
         got = tok(text, add_special_tokens=True)["input_ids"]
         if tuple(got) != tuple(want):

@@ -17,6 +17,7 @@ import math
 import os
 import secrets
 import sys
+import tempfile
 import time
 
 from raydpo.schema import flatten
@@ -61,9 +62,18 @@ def _wandb_logged_in(env) -> bool:
 def resolve(cfg, env: dict | None = None) -> dict:
     """The trackers' settings with every default filled in on the driver (the train workers may run
     on other nodes, without the driver's environment variables or working directory)."""
+    from raydpo import storage
+
     env = os.environ if env is None else env
-    lg, out = cfg.logging, os.path.abspath(cfg.output.dir)
-    run_name = lg.run_name or os.path.basename(out.rstrip(os.sep))
+    lg, out = cfg.logging, storage.normalize(cfg.output.dir)
+    run_name = lg.run_name or storage.basename(out)
+    remote_out = storage.is_uri(out)
+    mlflow_uri = lg.mlflow_tracking_uri or env.get("MLFLOW_TRACKING_URI")
+    for name, missing, key in (("tensorboard", not lg.tensorboard_dir, "logging.tensorboard_dir"),
+                               ("mlflow", not mlflow_uri, "logging.mlflow_tracking_uri (or MLFLOW_TRACKING_URI)")):
+        if remote_out and name in lg.backends and missing:
+            raise ValueError(f"the {name} tracker writes local files, and output.dir {out} is not local: set {key} to a "
+                             "local path or a mount every node shares, or a tracking server")
     # wandb with no login would fail in the worker (no terminal to ask on): offline then, said on the console.
     wandb_mode = lg.wandb_mode or env.get("WANDB_MODE") or ("online" if _wandb_logged_in(env) else "offline")
     return {
@@ -73,11 +83,12 @@ def resolve(cfg, env: dict | None = None) -> dict:
         # A shared directory gets one subdirectory per run, so runs do not mix their curves.
         "tensorboard_dir": os.path.join(os.path.abspath(os.path.expanduser(lg.tensorboard_dir)), run_name) if lg.tensorboard_dir
         else os.path.join(out, "tensorboard"),
-        "mlflow_tracking_uri": _mlflow_uri(lg.mlflow_tracking_uri or env.get("MLFLOW_TRACKING_URI") or os.path.join(out, "mlruns")),
+        "mlflow_tracking_uri": _mlflow_uri(mlflow_uri or os.path.join(out, "mlruns")),
         "wandb_mode": wandb_mode,
         "wandb_entity": lg.wandb_entity,
-        "wandb_dir": out,
-        "state_file": os.path.join(out, STATE_FILE),
+        # wandb keeps its files in a local directory: a node-local one when output.dir is a URI.
+        "wandb_dir": os.path.join(tempfile.gettempdir(), "raydpo-wandb", run_name) if remote_out else out,
+        "state_file": storage.join(out, STATE_FILE),
         "quiet": lg.console == "quiet",
     }
 
@@ -189,17 +200,17 @@ class Trackers:
         if not s or not s["backends"]:
             return
         state = {}
-        if resume_step is not None and os.path.exists(s["state_file"]):
-            with open(s["state_file"]) as f:
-                state = json.load(f)
+        from raydpo import storage
+
+        if resume_step is not None and storage.exists(s["state_file"]):
+            state = storage.read_json(s["state_file"])
         for name in s["backends"]:
             try:
                 check_installed([name])
                 self.active[name] = BACKENDS[name](s, config, state, resume_step)
             except Exception as e:  # noqa: BLE001 - as mid-run: a tracker that cannot start does not stop training
                 _warn(f"the {name} tracker could not start and is left out of this run: {type(e).__name__}: {e}")
-        with open(s["state_file"], "w") as f:
-            json.dump(state, f)
+        storage.write_json(s["state_file"], state, indent=None)
 
     def log(self, row: dict) -> None:
         values, when = scalars(row), row.get("time") or time.time()

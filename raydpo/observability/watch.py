@@ -1,17 +1,14 @@
-"""Trainer progress on the console: the driver follows rank 0's metrics.jsonl while Ray Train runs.
+"""Trainer progress on the console: the driver follows what rank 0 posts while Ray Train runs.
 
 Printing from the driver, not the workers, keeps the lines free of Ray's per-worker prefixes and
-colours, lets a terminal show one live status line, and works wherever rank 0 runs (the run
-directory is on storage every node and the driver share, as for the rest of the run).
+colours and lets a terminal show one live status line. The rows come through Ray
+(:mod:`raydpo.train.relay`), so this works wherever rank 0 runs and wherever it writes its files.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import threading
-import time
+from typing import Callable
 
 from raydpo.observability import console
 
@@ -43,19 +40,18 @@ def eval_line(row: dict) -> str:
 
 
 class MetricsWatcher:
-    """Prints the rows rank 0 appends to ``path`` (a background thread; use as a context manager).
+    """Prints the rows rank 0 logs while training runs (a background thread; a context manager).
 
-    Rows written before the watcher started (a resumed run's earlier attempt) are skipped. When
-    rank 0 replaces the file (it trims it back to the checkpoint whenever a worker group starts,
-    also after a restart within this run), the rows kept from before are skipped and the steps
-    logged again are shown again."""
+    ``fetch(cursor) -> (events, cursor)`` returns what was posted since ``cursor``: rows, and a
+    ``{"kind": "start"}`` marker whenever a worker group (re)starts (:class:`raydpo.train.relay.RunRelay`;
+    :func:`raydpo.train.relay.follow` makes one). After a restart the steps logged again are shown
+    again and the ETA starts over."""
 
-    def __init__(self, path: str, total_steps: int, out: console.Console | None = None, poll_s: float = 0.5):
-        self.path, self.total, self.poll_s = path, total_steps, poll_s
+    def __init__(self, fetch: Callable[[int], tuple[list[dict], int]], total_steps: int,
+                 out: console.Console | None = None, poll_s: float = 0.5):
+        self.fetch, self.total, self.poll_s = fetch, total_steps, poll_s
         self.out = out or console.get()
-        self.started = time.time()
-        self.offset, self.file_id = 0, None
-        self.seen: set[tuple[str, int, float]] = set()  # (kind, step, time): a step logged again is new
+        self.cursor = 0
         self.first: tuple[int, float] | None = None  # (step, time) of the first training row shown
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raydpo-metrics-watcher", daemon=True)
@@ -74,40 +70,22 @@ class MetricsWatcher:
             self.poll()
 
     def poll(self) -> None:
-        """Show the complete rows appended since the last poll."""
+        """Show the rows posted since the last poll."""
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino) != self.file_id or st.st_size < self.offset:
-                    self._replaced()
-                    self.file_id = (st.st_dev, st.st_ino)
-                f.seek(self.offset)
-                chunk = f.read()
-        except OSError:  # not written yet, or being replaced
+            events, self.cursor = self.fetch(self.cursor)
+        except Exception:  # noqa: BLE001 - the relay is gone with a failed run: the error comes from fit()
             return
-        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
-        self.offset += end
-        for line in chunk[:end].splitlines():
+        for row in events:
             try:
-                self.show(json.loads(line))
+                self.show(row)
             except (ValueError, KeyError, TypeError):
                 continue  # a row from another version of raydpo: the file has it, the console skips it
 
-    def _replaced(self) -> None:
-        """A new file (or one cut short): read it from the start; the rows already shown are
-        known by their time, and the ETA restarts with the new attempt."""
-        if self.file_id is not None:
-            self.first = None
-        self.offset = 0
-
     def show(self, row: dict) -> None:
-        kind = "train" if "loss" in row else "eval"
-        key = (kind, int(row["step"]), row.get("time"))
-        # One second of slack for clocks of other nodes; rows without a time are from an older raydpo.
-        if key in self.seen or row.get("time", -math.inf) < self.started - 1.0:
+        if row.get("kind") == "start":
+            self.first = None
             return
-        self.seen.add(key)
-        if kind == "eval":
+        if "loss" not in row:
             self.out.say(eval_line(row))
             return
         step, now = row["step"], row["time"]

@@ -84,7 +84,9 @@ class VllmEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+        from raydpo.models import resolve_local
+
+        self.llm = LLM(model=resolve_local(model_path), dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=False)
 
     def generate(self, prompts: list[list[int]], n: int, params: dict, seed: int, pad_id: int) -> list[list[list[int]]]:

@@ -66,8 +66,9 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from raydpo.models import load_tokenizer, torch_dtype
+        from raydpo.models import load_tokenizer, resolve_local, torch_dtype
 
+        path = resolve_local(path)  # a hub id pinned by the driver: this node's copy
         self.torch = torch
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))

@@ -7,11 +7,11 @@ all compute (what ``bench/online_rounds.py`` compares with the restart-per-round
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
+from raydpo import storage
 from raydpo.config import Config, uses_reference
 from raydpo.online.generate import Generator, resolve_backend
 from raydpo.online.judge import Judge
@@ -27,22 +27,24 @@ class JudgeFailures(RuntimeError):
 
 
 def append_rows(path: str, rows: list[dict]) -> None:
-    """Append JSON lines (metrics rows, quarantine entries) to ``path``."""
+    """Append JSON lines (metrics rows, quarantine entries) to ``path`` (a local path or URI). The
+    driver is the one writer of an online run's files: the trainers send their rows with each round."""
     import json
 
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    from raydpo import storage
+
+    if rows:
+        storage.append_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
 def start_pools(cfg: Config, model_path: str, pad_id: int) -> dict:
     """The generator, judge and (for losses that read it) reference pools, started once per run."""
     from raydpo.data.stage import tokenize_settings
-    from raydpo.models import resolve_local
+    from raydpo.models import pin
     from raydpo.online.reference import RoundReference
 
     g, j = cfg.online.generator, cfg.online.judge
-    workers = os.path.join(os.path.abspath(cfg.output.dir), "workers")
+    workers = storage.join(cfg.output.dir, "workers")
     generator = RestartingPool(
         Generator, {"model_path": model_path, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
                     "backend": resolve_backend(g.backend), "max_length": cfg.data.max_length, "threads": max(1, int(g.num_cpus_per_actor)),
@@ -50,7 +52,7 @@ def start_pools(cfg: Config, model_path: str, pad_id: int) -> dict:
         g.num_actors, actor_options(g.num_cpus_per_actor, g.num_gpus_per_actor, g.resources, g.accelerator_type), g.max_restarts,
         "generator pool")
     judge = RestartingPool(
-        Judge, {"reward_fn": j.reward_fn, "reward_model": resolve_local(j.reward_model) if j.reward_model else None,
+        Judge, {"reward_fn": j.reward_fn, "reward_model": pin(j.reward_model) if j.reward_model else None,
                 "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code, "max_length": cfg.data.max_length,
                 "threads": max(1, int(j.num_cpus_per_actor)), "workers_dir": workers},
         j.num_actors, actor_options(j.num_cpus_per_actor, j.num_gpus_per_actor, j.resources, j.accelerator_type), j.max_restarts,
@@ -111,8 +113,9 @@ def split_rows(table, workers: int) -> tuple[list[dict], int]:
     return parts, table.num_rows - per * workers
 
 
-def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: int, paths: dict) -> dict:
-    """Run round ``r`` end to end; returns its metrics row (quarantined samples appended to the file)."""
+def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: int, paths: dict) -> tuple[dict, list[dict]]:
+    """Run round ``r`` end to end; returns its metrics row and the training steps' rows (both
+    appended to ``metrics.jsonl`` by the caller; quarantined samples appended to their file)."""
     import ray
 
     o, t = cfg.online, cfg.train
@@ -185,7 +188,7 @@ def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: in
     row["restarts"] = {name: pool.restarts if hasattr(pool, "restarts") else pool.pool.restarts
                        for name, pool in pools.items() if pool is not None}
     row["time"] = time.time()
-    return row
+    return row, result.get("step_rows", [])
 
 
 def describe(row: dict, rounds: int) -> str:

@@ -8,15 +8,13 @@ interrupted round reads the pairs it already scored).
 
 from __future__ import annotations
 
-import collections
-import os
-
 import pyarrow as pa
 
+from raydpo import storage
 from raydpo.config import Config, pool_size
 from raydpo.online.pool import RestartingPool, actor_options
 from raydpo.reference import cache, store
-from raydpo.reference.stage import cache_inputs, scorer_kwargs, with_logps
+from raydpo.reference.stage import cache_inputs, find, logps_for, scorer_kwargs
 
 
 class RoundReference:
@@ -35,15 +33,18 @@ class RoundReference:
 
     def score(self, pairs: pa.Table) -> tuple[pa.Table, bool, float]:
         """(``pairs`` + ``ref_chosen_logps`` / ``ref_rejected_logps``, cache hit, seconds in the actors)."""
+        from raydpo.storage import entries
+        from raydpo.storage.remote import on_cluster
+
         digests = pairs["digest"].to_pylist()
         inputs = {**self.inputs, "data": cache.data_digest(digests)}
         key = cache.cache_key(inputs)
-        cache_dir = self.cfg.reference.cache_dir
-        entry, _ = store.lookup(cache_dir, key)
-        if entry is not None:
-            return with_logps([pairs], entry)[0], True, 0.0
-        part, done, _ = store.open_partial(cache_dir, key)
-        todo = store.remaining(pairs, done)
+        root = storage.normalize(self.cfg.reference.cache_dir)
+        found = find(root, key, digests, storage.join(root, key))
+        if found.manifest is not None:
+            return logps_for([pairs], root, key, found.manifest)[0], True, 0.0
+        todo = store.remaining(pairs, found.done)
+        writer = entries.new_writer()
         b = self.cfg.reference.batch_size
         batches = [todo.slice(i, b) for i in range(0, todo.num_rows, b)]
         seconds = 0.0
@@ -52,10 +53,11 @@ class RoundReference:
             chosen, rejected, s = out
             seconds += s
             batch = batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float32()))
-            store.write_shard(os.path.join(part, "data"), batch.append_column("ref_rejected_logps", pa.array(rejected, pa.float32())))
-        entry = store.finalize(cache_dir, key, inputs, collections.Counter(digests),
-                               {"reference": self.cfg.reference.name_or_path or self.cfg.model.name_or_path})
-        return with_logps([pairs], entry)[0], False, seconds
+            store.write_shard(entries.writer_path(root, key, writer),
+                              batch.append_column("ref_rejected_logps", pa.array(rejected, pa.float32())))
+        manifest = on_cluster(store.finalize, root, key, writer, found.adopted, inputs, digests,
+                              {"reference": self.cfg.reference.name_or_path or self.cfg.model.name_or_path}, found.damaged)
+        return logps_for([pairs], root, key, manifest)[0], False, seconds
 
     def shutdown(self) -> None:
         self.pool.shutdown()

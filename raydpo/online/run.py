@@ -12,11 +12,11 @@ report where they stand; the generators then get the restored weights).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 
+from raydpo import storage
 from raydpo.observability import console
 from raydpo.config import Config, to_dict
 from raydpo.online import phases
@@ -93,7 +93,7 @@ def _paths(cfg: Config) -> dict[str, str]:
     from raydpo.pipeline import _paths as run_paths
 
     paths = run_paths(cfg)
-    return paths | {"state": os.path.join(paths["dir"], "online_state.json")}
+    return paths | {"state": storage.join(paths["dir"], "online_state.json")}
 
 
 def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
@@ -103,7 +103,7 @@ def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
 
     from raydpo.cluster import resolve_train_cpus
     from raydpo.online.worker import online_loop_per_worker
-    from raydpo.train.stage import storage_path, train_logging
+    from raydpo.train.stage import run_name, storage_path, train_logging
 
     resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     t, o = cfg.train, cfg.online
@@ -112,37 +112,33 @@ def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
     return TorchTrainer(
         online_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "queue": queue, "model_path": model_path, "pad_id": pad_id, "total_steps": total,
-                           "output_dir": os.path.abspath(cfg.output.dir)},
+                           "output_dir": storage.normalize(cfg.output.dir)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
                                      resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}) | dict(t.resources)),
-        run_config=RunConfig(name="train", storage_path=storage_path(cfg), logging_config=train_logging(cfg),
+        run_config=RunConfig(name=run_name(cfg), storage_path=storage_path(cfg), logging_config=train_logging(cfg),
                              failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
     )
 
 
 def _keep_rows(path: str, keep) -> list[dict]:
-    """Rewrite the JSON-lines file at ``path`` with the rows ``keep(row)`` accepts; returns them."""
-    if not os.path.exists(path):
+    """Rewrite the JSON-lines file at ``path`` (local or a URI) with the rows ``keep(row)`` accepts;
+    returns them."""
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
         return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if keep(r)]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    rows = [r for r in (json.loads(line) for line in text.splitlines() if line.strip()) if keep(r)]
+    storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 
-def _track(tracker, metrics_path: str, round_: int, row: dict) -> None:
-    """Feed the trackers the round's training steps (rank 0 wrote them to metrics.jsonl) and its row.
+def _track(tracker, steps: list[dict], row: dict) -> None:
+    """Feed the trackers the round's training steps (sent by rank 0 with the round's result) and its row.
 
     The driver is the one tracker writer of an online run: the round rows are made here."""
-    with open(metrics_path) as f:
-        for line in f:
-            step = json.loads(line)
-            if "loss" in step and step.get("round") == round_:
-                tracker.log(step)
+    for step in steps:
+        tracker.log(step)
     # The held-out numbers are of the weights at the round's start: logged at that step.
     held = {k: v for k, v in row.items() if k.startswith(("eval/", "compute/eval"))}
     if held:
@@ -150,11 +146,11 @@ def _track(tracker, metrics_path: str, round_: int, row: dict) -> None:
     tracker.log({k: v for k, v in row.items() if k not in held})
 
 
-def _await_registration(storage: str, name: str, timeout_s: float = 120.0) -> None:
+def _await_registration(run_storage: str, name: str, timeout_s: float = 120.0) -> None:
     from raydpo.train.resume import latest_registered
 
     deadline = time.monotonic() + timeout_s
-    while latest_registered(storage) != name and time.monotonic() < deadline:
+    while latest_registered(run_storage) != name and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -167,31 +163,29 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     """
     import ray
 
-    from raydpo.models import load_tokenizer, resolve_local
+    from raydpo.models import load_tokenizer, pin
     from raydpo.online.prompts import load_prompts
     from raydpo.online.rounds import RoundQueue
     from raydpo.observability import trackers
-    from raydpo.pipeline import _start, _write_json
+    from raydpo.pipeline import _start, _write_json, save_tokenizer
     from raydpo.train.checkpoint import Position, checkpoint_name
-    from raydpo.train.preflight import check_writable
+    from raydpo.train.preflight import check_storage
     from raydpo.train.resume import FinishedRun, prepare_run_dir
-    from raydpo.train.stage import storage_path
+    from raydpo.train.stage import run_storage
 
     paths = _paths(cfg)
     preflight(cfg)
-    check_writable(paths["dir"])
+    check_storage(cfg)
     try:
-        status = prepare_run_dir(paths, to_dict(cfg), storage_path(cfg), force)
+        status = prepare_run_dir(paths, to_dict(cfg), run_storage(cfg), force)
     except FinishedRun:
-        with open(paths["summary"]) as f:
-            return OnlineResult(paths["dir"], paths["model"], json.load(f), status="finished")
+        return OnlineResult(paths["dir"], paths["model"], storage.read_json(paths["summary"]), status="finished")
     if status != "resume":
         for name in ("state", "quarantine"):
-            if os.path.exists(paths[name]):
-                os.remove(paths[name])
+            storage.delete_file(paths[name])
     paths = _paths(cfg) | _start(cfg)
     out, o = console.get(), cfg.online
-    model_path = resolve_local(cfg.model.name_or_path)
+    model_path = pin(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     started = time.perf_counter()
     sets = load_prompts(cfg, tokenizer, prompts, eval_prompts)
@@ -218,7 +212,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         rounds = _keep_rows(paths["metrics"], lambda r: r.get("round", 0) < done)
         rounds = [r for r in rounds if r.get("kind") == "round"]
         _keep_rows(paths["quarantine"], lambda r: r.get("stage") != "judge" or r["round"] < done)
-        if not os.path.exists(paths["quarantine"]) or done == 0:
+        if not storage.exists(paths["quarantine"]) or done == 0:
             _keep_rows(paths["quarantine"], lambda r: r.get("stage") != "prompts")
             _append(paths["quarantine"], sets.quarantine)
         if ready[0]["weights"][0] is not None:
@@ -229,15 +223,15 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         out.say(f"online: {cfg.train.num_workers} trainer worker(s) (DeepSpeed ZeRO-{cfg.train.zero_stage}) ready; pids "
                 f"{[ready[r]['pid'] for r in sorted(ready)]}" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
         for r in range(done, o.rounds):
-            row = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
+            row, steps = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
             rounds.append(row)
-            _append(paths["metrics"], [row])
+            _append(paths["metrics"], steps + [row])
             if row["checkpointed"]:
                 # A re-run resumes from what the controller registered, which lags the workers' report a little.
-                _await_registration(storage_path(cfg), checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
+                _await_registration(run_storage(cfg), checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
                 _write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
             out.say(phases.describe(row, o.rounds))
-            _track(tracker, paths["metrics"], r, row)
+            _track(tracker, steps, row)
             if on_round is not None:
                 on_round(row, pools)
         final = phases.held_out(cfg, sets.eval, pools, o.rounds)
@@ -257,7 +251,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         raise
     finally:
         phases.stop_pools(pools)
-    tokenizer.save_pretrained(paths["model"])
+    save_tokenizer(cfg, paths["model"])
     summary = phases.summarize(rounds, final_row, sets.counts, paths, status, time.perf_counter() - started)
     _write_json(paths["summary"], summary)
     if summary["initial_eval_reward"] is not None and summary["final_eval_reward"] is not None:

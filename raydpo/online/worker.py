@@ -8,7 +8,6 @@ Train at round boundaries, post the round's result. No process, model or engine 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -34,6 +33,7 @@ def online_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from raydpo import storage
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
     from raydpo.objectives import mean_metrics
@@ -42,7 +42,7 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
     from raydpo.train.engine import build_engine
     from raydpo.train.export import export_model
-    from raydpo.train.loop import MetricsLog, _add, _float_or_none, _global_sums, step_metrics, to_device
+    from raydpo.train.loop import _add, _float_or_none, _global_sums, step_metrics, to_device
     from raydpo.train.policy import activations, build_policy
     from raydpo.workers import record
 
@@ -58,11 +58,10 @@ def online_loop_per_worker(config: dict) -> None:
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
     engine.train()
     lora = cfg.model.lora.r > 0
-    log = MetricsLog(os.path.join(config["output_dir"], "metrics.jsonl"), rank == 0)
 
     position = restore(engine, rank)
     rounds_done, step = (position.epoch, position.step) if position else (0, 0)
-    record(os.path.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_round=rounds_done)
+    record(storage.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_round=rounds_done)
     weights = None
     if position is not None:  # resumed: the generators start from the initial weights and need these
         state = policy_state(engine.module, rank == 0, lora)
@@ -77,7 +76,7 @@ def online_loop_per_worker(config: dict) -> None:
         if job.get("abort"):  # the driver failed: leave without exporting a model of an unfinished run
             ray.train.report({"round": round_, "step": step})
             return
-        start, sums, trained = time.perf_counter(), {}, 0
+        start, sums, trained, step_rows = time.perf_counter(), {}, 0, []
         if job["steps"]:
             rows = ray.get(job["splits"][rank])
             batches = round_batches(rows, t.micro_batch_size, t.seed, round_, t.group_by_length)
@@ -97,7 +96,7 @@ def online_loop_per_worker(config: dict) -> None:
                 totals = _global_sums(step_sums)
                 sums = _add(sums, totals)
                 elapsed = time.perf_counter() - step_start
-                log.write({"step": step, "round": round_, **{k: v for k, v in mean_metrics(totals).items() if k != "tokens"},
+                step_rows.append({"step": step, "round": round_, **{k: v for k, v in mean_metrics(totals).items() if k != "tokens"},
                            "learning_rate": lr, "grad_norm": _float_or_none(engine.get_global_grad_norm()),
                            "pairs_per_s": totals["count"] / elapsed, "tokens_per_s": totals["tokens"] / elapsed,
                            "step_time_s": elapsed, "time": time.time()})
@@ -123,11 +122,9 @@ def online_loop_per_worker(config: dict) -> None:
         else:  # every worker reports once per round either way (Ray Train needs equal counts)
             ray.train.report(report)
         if rank == 0:
-            ray.get(queue.post_result.remote(round_, {**result, "pids": pids, "weights": [weights]}))
+            # The step rows go to the driver, the one writer of metrics.jsonl and the trackers in online runs.
+            ray.get(queue.post_result.remote(round_, {**result, "pids": pids, "weights": [weights], "step_rows": step_rows}))
         round_ += 1
-    export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
+    export_model(engine.module, storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
                  cfg.output.save_adapter_only)
-    if rank == 0:
-        with open(os.path.join(config["output_dir"], "train_result.json"), "w") as f:
-            json.dump({"steps": step, "rounds": round_}, f)
     ray.train.report({"round": round_, "step": step})

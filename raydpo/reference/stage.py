@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import collections
-import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from raydpo import storage
 from raydpo.observability import console
 from raydpo.config import Config, pool_size, reference_dtype, reference_path, reference_trusts_code
 from raydpo.data.local import blocks, from_tables
@@ -25,7 +24,7 @@ class ReferenceResult:
     dataset: object
     """``ray.data.Dataset`` with ``CACHED_COLUMNS``."""
     entry: str
-    """The cache entry directory."""
+    """The cache entry's location (a local directory or URI)."""
     key: str
     """The cache key."""
     cache_hit: bool
@@ -35,8 +34,8 @@ class ReferenceResult:
     seconds: float
     """Wall time of the stage for this split (in streaming mode: until training could start)."""
     seal: Optional[Callable[[], str]] = None
-    """Streaming mode only: call once the dataset has been read to the end; it checks and seals the
-    cache entry and returns its directory. None when the entry is already sealed."""
+    """Streaming mode only: call once the dataset has been read to the end; it checks and publishes
+    the cache entry and returns its location. None when the entry is already published."""
 
 
 def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> dict:
@@ -113,15 +112,14 @@ def packs_exactly(model_path: str, trust_remote_code: bool) -> bool:
 
 def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dict:
     """Constructor arguments of :class:`raydpo.reference.scorer.ReferenceScorer` for this config."""
-    from raydpo.models import resolve_local
+    from raydpo.models import pin, resolve_local
 
     r = cfg.reference
-    model_path = resolve_local(reference_path(cfg))
     # LD-DPO's weights follow the two-row batch's scored positions (HfBackend): no packed rows then.
     share_prompt = (r.share_prompt and r.backend == "hf" and cfg.loss.ld_alpha is None
-                    and packs_exactly(model_path, reference_trusts_code(cfg)))
+                    and packs_exactly(resolve_local(reference_path(cfg)), reference_trusts_code(cfg)))
     return {
-        "model_path": model_path,
+        "model_path": pin(reference_path(cfg)),  # a hub id at the revision the cache key fingerprinted
         "dtype": reference_dtype(cfg),
         "pad_id": pad_id,
         "trust_remote_code": reference_trusts_code(cfg),
@@ -134,7 +132,7 @@ def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dic
         "quantization": r.quantization,
         "backend": r.backend,
         "share_prompt": share_prompt,
-        "workers_dir": os.path.join(os.path.abspath(cfg.output.dir), "workers"),
+        "workers_dir": storage.join(cfg.output.dir, "workers"),
         "backend_options": {"max_model_len": r.vllm_max_model_len or cfg.data.max_length,
                             "gpu_memory_utilization": r.vllm_gpu_memory_utilization} if r.backend == "vllm" else None,
     }
@@ -157,29 +155,66 @@ def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, s
     )
 
 
-def in_input_order(tables: list, entry: str):
-    """The pairs of ``tables`` (input order) with their log-probs from the finished ``entry``, as a
+@dataclass
+class Found:
+    """What the cache holds for a key (:func:`find`)."""
+
+    manifest: Optional[dict]
+    """The published entry's manifest when it is sound (a hit), else None."""
+    adopted: list
+    """On a miss: shards other writers left that this run takes over."""
+    done: object
+    """On a miss: the digests the adopted shards hold (a Counter)."""
+    damaged: Optional[dict]
+    """The published manifest this run's entry will replace, when that one was damaged."""
+
+
+def find(root: str, key: str, digests: list, where: str) -> Found:
+    """Look ``key`` up, and on a miss adopt what other writers left; both read shards, so both run on
+    the cluster. Damage and unreadable leftovers are said on stderr (``where`` names the entry)."""
+    from raydpo.storage.remote import on_cluster
+
+    manifest, damaged, bad_files, damaged_manifest = on_cluster(store.lookup, root, key)
+    if damaged:
+        sys.stderr.write(f"[raydpo] reference cache entry {where} is damaged and is completed again: {'; '.join(damaged[:5])}\n")
+    if manifest is not None:
+        return Found(manifest, [], None, None)
+    adopted, done, unreadable = on_cluster(store.scan_and_adopt, root, key, digests, bad_files)
+    if unreadable:
+        sys.stderr.write(f"[raydpo] reference cache {where}: {len(unreadable)} shard(s) left by other writers are unreadable "
+                         f"and not used (left in place): {'; '.join(unreadable[:3])}\n")
+    return Found(None, adopted, done, damaged_manifest)
+
+
+def logps_for(tables: list, root: str, key: str, manifest: dict) -> list:
+    """``tables`` with their log-probs from the published entry (:func:`with_logps`); the shards are
+    read on the cluster and only the log-prob columns come back."""
+    from raydpo.storage.remote import on_cluster
+
+    return with_logps(tables, on_cluster(store.load_logps, root, key, manifest))
+
+
+def in_input_order(tables: list, root: str, key: str, manifest: dict):
+    """The pairs of ``tables`` (input order) with their log-probs from the published entry, as a
     materialized dataset: training sees pairs in input order whatever order the shards were written
     in (the same order as a streaming run), and one cache serves data sets listing the same pairs
     in another order. Pairs with equal token digests have equal log-probs."""
-    return from_tables(with_logps(tables, entry))
+    return from_tables(logps_for(tables, root, key, manifest))
 
 
-def with_logps(tables: list, entry: str) -> list:
-    """``tables`` (pyarrow, ``CACHED_COLUMNS[:5]`` and any extra columns) with the log-prob columns from
-    ``entry`` appended."""
+def with_logps(tables: list, logps) -> list:
+    """``tables`` (pyarrow, ``CACHED_COLUMNS[:5]`` and any extra columns) with the log-prob columns of
+    ``logps`` (``digest`` plus the columns, one row per digest) appended, rows in their order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    logps = {}
-    for name in sorted(os.listdir(os.path.join(entry, "data"))):
-        shard = pq.read_table(os.path.join(entry, "data", name), columns=["digest", *CACHED_COLUMNS[5:]])
-        logps.update(zip(shard["digest"].to_pylist(), zip(*(shard[c].to_pylist() for c in CACHED_COLUMNS[5:]))))
     out = []
     for t in tables:
-        values = [logps[d] for d in t["digest"].to_pylist()]
-        for i, name in enumerate(CACHED_COLUMNS[5:]):
-            t = t.append_column(name, pa.array([v[i] for v in values], pa.float32()))
+        at = pc.index_in(t["digest"], value_set=logps["digest"])
+        if t.num_rows and at.null_count:
+            raise ValueError(f"{at.null_count} pairs have no log-probs in the reference cache entry")
+        for name in CACHED_COLUMNS[5:]:
+            t = t.append_column(name, logps[name].take(at) if t.num_rows else pa.array([], pa.float32()))
         out.append(t)
     return out
 
@@ -200,45 +235,52 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
                   label: str = "train") -> ReferenceResult:
     """Return the scored pairs from the cache, scoring what the cache lacks first.
 
-    A complete, verified entry is a hit (no model loaded). Otherwise the pairs that no shard of the
-    key's partial entry holds yet are scored (all of them on a first run; only the rest after an
-    interrupted run or a damaged shard), and the entry is sealed once it holds every pair exactly once.
+    A published entry whose shards check out is a hit (no model loaded). Otherwise this run is a
+    new writer of the key: it adopts the shards other writers left (an interrupted run's, a
+    concurrent run's, a damaged entry's sound ones), scores the remaining pairs into its own prefix,
+    and publishes the entry once it holds every pair exactly once (:mod:`raydpo.reference.store`).
 
-    ``stream``: on a miss with nothing scored yet, return at once with the pool's *lazy* output as
+    ``stream``: on a miss with nothing adopted, return at once with the pool's *lazy* output as
     the dataset (the consumer, the trainer, drives the scoring) and ``seal`` to call when it has
-    read everything; resumed entries are completed first. ``label``: the split, for the console.
+    read everything. ``label``: the split, for the console.
     """
+    from raydpo.storage import entries
+    from raydpo.storage.remote import on_cluster
+
     start = time.perf_counter()
+    root = storage.normalize(cfg.reference.cache_dir)
     # Unpaired examples' label rides along (not part of the cache: the digest covers the tokens).
     tables = [t.select(CACHED_COLUMNS[:5] + [c for c in ("label",) if c in t.column_names]) for t in blocks(pairs)]
     digests = [d for t in tables for d in t["digest"].to_pylist()]
     inputs = cache_inputs(cfg, digests, tokenize_settings)
     key = cache.cache_key(inputs)
-    entry, damaged = store.lookup(cfg.reference.cache_dir, key)
-    if damaged:
-        sys.stderr.write(f"[raydpo] reference cache entry {key} was damaged and is completed again: {'; '.join(damaged[:5])}\n")
-    if entry is not None:
+    entry = storage.join(root, key)
+    found = find(root, key, digests, entry)
+    if found.manifest is not None:
         console.get().say(f"reference {label}: cache hit, {len(digests):,} pairs' log-probs read from {entry} (no model loaded)")
-        return ReferenceResult(in_input_order(tables, entry), entry, key, True, 0, time.perf_counter() - start)
-    part, done, dropped = store.open_partial(cfg.reference.cache_dir, key)
-    resumed = sum(done.values()) > 0
-    todo = [t for t in (store.remaining(t, done) for t in tables) if t.num_rows]
+        return ReferenceResult(in_input_order(tables, root, key, found.manifest), entry, key, True, 0, time.perf_counter() - start)
+    resumed = sum(found.done.values()) > 0
+    todo = [t for t in (store.remaining(t, found.done) for t in tables) if t.num_rows]
     scored = sum(t.num_rows for t in todo)
     paths = {"reference": reference_path(cfg), "tokenizer": cfg.model.name_or_path}
+    writer = entries.new_writer()
 
     def seal() -> str:
-        return store.finalize(cfg.reference.cache_dir, key, inputs, collections.Counter(digests), paths)
+        published = on_cluster(store.finalize, root, key, writer, found.adopted, inputs, digests, paths, found.damaged)
+        seal.manifest = published
+        return entry
 
-    scored_ds = score_pairs(from_tables(todo), cfg, pad_id, os.path.join(part, "data"), scorer) if todo else None
+    scored_ds = score_pairs(from_tables(todo), cfg, pad_id, entries.writer_path(root, key, writer), scorer) if todo else None
     low, high = pool_size(cfg.reference.num_actors)
     pool = f"{low}" if low == high else f"{low}-{high}"
-    already = f"; {len(digests) - scored:,} already in the partial cache entry" if resumed else ""
+    already = f"; {len(digests) - scored:,} already in shards other writers left" if resumed else ""
     if stream and scored_ds is not None and not resumed:
         console.get().say(f"reference {label}: {scored:,} pairs are scored on {pool} actor(s) as the trainer reads them "
                           "(reference.mode=streaming)")
-        return ReferenceResult(scored_ds, part, key, False, scored, time.perf_counter() - start, seal)
+        return ReferenceResult(scored_ds, entry, key, False, scored, time.perf_counter() - start, seal)
     if scored_ds is not None:
         console.get().say(f"reference {label}: cache miss, scoring {scored:,} pairs on {pool} actor(s){already}")
         drive(scored_ds, label, scored)
-    entry = seal()
-    return ReferenceResult(in_input_order(tables, entry), entry, key, scored == 0, scored, time.perf_counter() - start)
+    seal()
+    return ReferenceResult(in_input_order(tables, root, key, seal.manifest), entry, key, scored == 0, scored,
+                           time.perf_counter() - start)

@@ -1,40 +1,33 @@
-"""Cache entries on disk: shards written as scored, resumable, verified, listed and pruned.
+"""Reference cache entries: scored batches as shards, resumable, shared by concurrent runs.
 
-Layout under ``reference.cache_dir``::
+The layout, publication, verification, listing and pruning of entries are
+:mod:`raydpo.storage.entries`'s. Here is what a reference shard holds and how a run fills an entry:
 
-    <key>.partial/data/shard-<id>.parquet   scored batches, each renamed into place when complete
-    <key>/manifest.json                     key inputs, shards (rows, bytes, sha256), totals
-    <key>/data/shard-<id>.parquet           the finished entry (the .partial directory renamed)
+- every scored batch is one parquet shard under the run's own writer prefix, named by a hash of
+  its pairs, so a batch retried after its actor died rewrites the same file: never a duplicate;
+- a run first adopts the readable shards that earlier or concurrent writers of the key left (an
+  interrupted run's, a damaged entry's sound ones) and scores only the pairs they do not hold;
+- sealing checks that the adopted and the run's own shards hold exactly the expected pairs, then
+  publishes the manifest; a run that loses the race removes its own unlisted shards.
 
-A shard's name is a hash of the rows it holds, so a batch retried after its actor died rewrites the
-same file: never a duplicated pair. A run that stops midway leaves ``<key>.partial``; the next run
-with the same key scores only the pairs no shard holds yet. An entry whose shard is missing, cut
-short or altered (sha256 mismatch) is reopened as partial without that shard and completed again.
+These steps read shards, so the reference stage runs them as Ray tasks on the cluster
+(:func:`raydpo.storage.remote.on_cluster`): the driver reads manifests, never shards.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-import json
-import os
-import shutil
 import time
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 3
-MANIFEST = "manifest.json"
+from raydpo.storage import entries, uri
 
-
-def entry_dir(cache_dir: str, key: str) -> str:
-    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), key)
-
-
-def partial_dir(cache_dir: str, key: str) -> str:
-    return entry_dir(cache_dir, key) + ".partial"
+FORMAT_VERSION = 4
+MANIFEST = entries.MANIFEST
+LOGP_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 
 
 def shard_name(table: pa.Table) -> str:
@@ -45,48 +38,57 @@ def shard_name(table: pa.Table) -> str:
     return f"shard-{h.hexdigest()}.parquet"
 
 
-def write_shard(data_dir: str, table: pa.Table) -> str:
-    """Write ``table`` as one parquet shard, atomically (a reader sees all of it or nothing)."""
-    os.makedirs(data_dir, exist_ok=True)
-    final = os.path.join(data_dir, shard_name(table))
-    tmp = os.path.join(data_dir, f".{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
-    return final
+def table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+def write_shard(writer_dir: str, table: pa.Table) -> str:
+    """Write ``table`` as one parquet shard under ``writer_dir``, atomically; returns its location."""
+    path = uri.join(writer_dir, shard_name(table))
+    uri.write_bytes(path, table_bytes(table))
+    return path
 
 
-def _shards(data_dir: str) -> list[str]:
-    if not os.path.isdir(data_dir):
-        return []
-    return sorted(f for f in os.listdir(data_dir) if f.startswith("shard-") and f.endswith(".parquet"))
+def read_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
-def open_partial(cache_dir: str, key: str) -> tuple[str, collections.Counter, int]:
-    """The partial directory for ``key`` (created if needed), the digests its readable shards already
-    hold (a multiset: duplicate pairs count) and how many unreadable shards were dropped."""
-    data = os.path.join(partial_dir(cache_dir, key), "data")
-    os.makedirs(data, exist_ok=True)
-    done: collections.Counter = collections.Counter()
-    dropped = 0
-    for name in os.listdir(data):
-        path = os.path.join(data, name)
-        if name.endswith(".tmp"):  # a write cut short by a crash
-            os.remove(path)
+def scan(root: str, key: str, exclude: tuple = ()) -> tuple[list[tuple[str, list[bytes]]], list[str]]:
+    """Every readable shard any writer left under ``key`` with its digests, and the unreadable ones
+    (named, left in place). ``exclude``: shard files known to be damaged."""
+    found, unreadable = [], []
+    for e in uri.listing(entries.entry_path(root, key), recursive=True):
+        name = e.relative.rsplit("/", 1)[-1]
+        if e.is_dir or e.relative in exclude or not (name.startswith("shard-") and name.endswith(".parquet")):
             continue
         try:
-            done.update(pq.read_table(path, columns=["digest"])["digest"].to_pylist())
-        except (OSError, pa.ArrowException):
-            os.remove(path)  # cut short or damaged: its pairs are scored again
-            dropped += 1
-    return partial_dir(cache_dir, key), done, dropped
+            found.append((e.relative, read_table(uri.read_bytes(e.path), ["digest"])["digest"].to_pylist()))
+        except (OSError, pa.ArrowException) as err:
+            unreadable.append(f"{e.relative}: {err}")
+    return found, unreadable
+
+
+def adopt(scanned: list[tuple[str, list[bytes]]], expected: collections.Counter) -> tuple[list[str], collections.Counter]:
+    """The scanned shards a run takes over (each only if every one of its pairs is still needed) and
+    the digests they hold (a multiset: duplicate pairs count)."""
+    need, done, adopted = collections.Counter(expected), collections.Counter(), []
+    for relative, digests in scanned:
+        have = collections.Counter(digests)
+        if all(need[d] >= n for d, n in have.items()):
+            need.subtract(have)
+            done.update(have)
+            adopted.append(relative)
+    return adopted, done
+
+
+def scan_and_adopt(root: str, key: str, digests: list[bytes], exclude: tuple = ()) -> tuple[list[str], collections.Counter, list[str]]:
+    """:func:`scan` then :func:`adopt` against ``digests`` (one task on the cluster): (adopted
+    shards, digests they cover, unreadable shards)."""
+    scanned, unreadable = scan(root, key, exclude)
+    adopted, done = adopt(scanned, collections.Counter(digests))
+    return adopted, done, unreadable
 
 
 def remaining(table: pa.Table, done: collections.Counter) -> pa.Table:
@@ -101,133 +103,76 @@ def remaining(table: pa.Table, done: collections.Counter) -> pa.Table:
     return table.filter(pa.array(keep, pa.bool_()))
 
 
-def finalize(cache_dir: str, key: str, inputs: dict, expected: collections.Counter, paths: dict | None = None) -> str:
-    """Seal the partial entry: check that its shards hold exactly the ``expected`` digests, write the
-    manifest and rename it into place. Returns the entry directory (another run's copy if it won)."""
-    part, final = partial_dir(cache_dir, key), entry_dir(cache_dir, key)
-    data = os.path.join(part, "data")
-    got: collections.Counter = collections.Counter()
-    shards = []
-    for name in _shards(data):
-        path = os.path.join(data, name)
-        table = pq.read_table(path, columns=["digest"])
-        got.update(table["digest"].to_pylist())
-        shards.append({"file": name, "rows": table.num_rows, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
+def finalize(root: str, key: str, writer: str, adopted: list[str], inputs: dict, digests: list[bytes],
+             paths: dict | None = None, replacing: dict | None = None) -> dict:
+    """Seal an entry: the adopted shards and ``writer``'s own must hold exactly ``digests``; then
+    publish the manifest. Returns the published manifest (another writer's if it won; this writer's
+    unlisted shards are then removed). ``replacing``: the damaged manifest this one supersedes."""
+    published = entries.read_manifest(root, key) if replacing is None else None
+    if published is not None:  # another writer finished first: its entry is this run's too
+        entries.discard_unlisted(root, key, writer, published)
+        return published
+    own = [e.relative for e in uri.listing(entries.entry_path(root, key), recursive=True)
+           if not e.is_dir and e.relative.startswith(writer + "/") and e.relative.endswith(".parquet")]
+    got, shards = collections.Counter(), []
+    try:
+        for relative in sorted(adopted) + own:
+            data = uri.read_bytes(uri.join(root, key, relative))
+            table = read_table(data, ["digest"])
+            got.update(table["digest"].to_pylist())
+            shards.append(entries.shard_record(relative, data, table.num_rows))
+    except FileNotFoundError:
+        # An adopted shard's writer lost the race meanwhile and removed it: the winner has published.
+        published = entries.read_manifest(root, key)
+        if published is None or replacing is not None:
+            raise
+        entries.discard_unlisted(root, key, writer, published)
+        return published
+    expected = collections.Counter(digests)
     if got != expected:
         missing, extra = sum((expected - got).values()), sum((got - expected).values())
-        raise ValueError(f"reference cache {part}: the shards hold {missing} pairs too few and {extra} too many; "
-                         "was another run scoring the same pairs? Remove that directory and run again")
-    manifest = {"key": key, "format": FORMAT_VERSION, "created": time.time(), "inputs": inputs,
+        raise ValueError(f"reference cache {uri.join(root, key)}: writer {writer}'s shards and the {len(adopted)} it "
+                         f"adopted hold {missing} pairs too few and {extra} too many; run again (nothing was published)")
+    manifest = {"key": key, "format": FORMAT_VERSION, "created": time.time(), "writer": writer, "inputs": inputs,
                 "paths": paths or {}, "rows": sum(got.values()), "shards": shards}
-    with open(os.path.join(part, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(os.path.join(part, MANIFEST + ".tmp"), os.path.join(part, MANIFEST))
-    try:
-        os.rename(part, final)
-    except OSError:
-        if not os.path.exists(os.path.join(final, MANIFEST)):
-            raise
-        shutil.rmtree(part)
-    return final
+    published, mine = entries.publish(root, key, manifest, replacing)
+    if not mine:
+        entries.discard_unlisted(root, key, writer, published)
+    return published
 
 
-def read_manifest(entry: str) -> dict:
-    with open(os.path.join(entry, MANIFEST)) as f:
-        return json.load(f)
+def lookup(root: str, key: str) -> tuple[dict | None, list[str], tuple, dict | None]:
+    """(manifest, [], (), None) for a sound published entry; otherwise (None, its problems, the
+    damaged shard files, the damaged manifest) -- (None, [], (), None) when there is none. Nothing
+    is removed: a rebuild adopts the sound shards and publishes a manifest that replaces this one."""
+    manifest = entries.read_manifest(root, key)
+    if manifest is None:
+        return None, [], (), None
+    if manifest.get("format") != FORMAT_VERSION or not manifest.get("writer"):
+        return None, [f"format {manifest.get('format')}, this raydpo writes {FORMAT_VERSION}"], (), manifest
+    bad = entries.problems(root, key, manifest)
+    if not bad:
+        return manifest, [], (), None
+    return None, bad, tuple(b.split(":", 1)[0] for b in bad), manifest
 
 
-def problems(entry: str, checksums: bool = True) -> list[str]:
-    """What is wrong with a finished entry's shards: missing, wrong size, altered, or unlisted."""
-    manifest = read_manifest(entry)
-    data = os.path.join(entry, "data")
-    found = []
-    for shard in manifest.get("shards", []):
-        path = os.path.join(data, shard["file"])
-        if not os.path.exists(path):
-            found.append(f"{shard['file']}: missing")
-        elif os.path.getsize(path) != shard["bytes"]:
-            found.append(f"{shard['file']}: {os.path.getsize(path)} bytes, expected {shard['bytes']}")
-        elif checksums and sha256_file(path) != shard["sha256"]:
-            found.append(f"{shard['file']}: contents changed (sha256 mismatch)")
-    listed = {s["file"] for s in manifest.get("shards", [])}
-    found += [f"{name}: not in the manifest" for name in _shards(data) if name not in listed]
-    return found
+def load_logps(root: str, key: str, manifest: dict) -> pa.Table:
+    """``digest`` and the log-prob columns of every pair of a published entry, one row per distinct
+    digest (pairs with equal token ids have equal log-probs); each shard checked as it is read."""
+    tables = [read_table(entries.read_shard(root, key, s), ["digest", *LOGP_COLUMNS]) for s in manifest["shards"]]
+    if not tables:
+        return pa.table({"digest": pa.array([], pa.binary()), **{c: pa.array([], pa.float32()) for c in LOGP_COLUMNS}})
+    table = pa.concat_tables(tables)
+    grouped = table.group_by("digest", use_threads=False).aggregate([(c, "first") for c in LOGP_COLUMNS])
+    return pa.table({"digest": grouped["digest"], **{c: grouped[f"{c}_first"] for c in LOGP_COLUMNS}})
 
 
-def lookup(cache_dir: str, key: str) -> tuple[str | None, list[str]]:
-    """(entry, []) for a sound finished entry; (None, problems) otherwise.
-
-    A finished entry with damaged shards is reopened: it becomes ``<key>.partial`` without the bad
-    shards, so the next scoring run redoes only their pairs.
-    """
-    entry = entry_dir(cache_dir, key)
-    if not os.path.exists(os.path.join(entry, MANIFEST)):
-        return None, []
-    try:
-        bad = problems(entry)
-        manifest = read_manifest(entry)
-    except (OSError, ValueError, KeyError) as e:
-        bad, manifest = [f"{MANIFEST}: unreadable ({e})"], {}
-    if not bad and manifest.get("format") == FORMAT_VERSION:
-        return entry, []
-    if manifest.get("format") not in (None, FORMAT_VERSION):
-        bad.append(f"format {manifest.get('format')}, this raydpo writes {FORMAT_VERSION}")
-        shutil.rmtree(entry)
-        return None, bad
-    listed = {s["file"]: s for s in manifest.get("shards", [])}
-    part = partial_dir(cache_dir, key)
-    os.makedirs(os.path.join(part, "data"), exist_ok=True)
-    for name in _shards(os.path.join(entry, "data")):
-        shard = listed.get(name)
-        path = os.path.join(entry, "data", name)
-        if shard and os.path.getsize(path) == shard["bytes"] and sha256_file(path) == shard["sha256"]:
-            os.replace(path, os.path.join(part, "data", name))
-    shutil.rmtree(entry)
-    return None, bad
-
-
-def list_entries(cache_dir: str) -> list[dict]:
-    """One summary per entry (finished or partial), newest first."""
-    root = os.path.abspath(os.path.expanduser(cache_dir))
+def list_entries(root: str) -> list[dict]:
+    """:func:`raydpo.storage.entries.list_entries` with the reference inputs spelled out."""
     out = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name)
-        if not os.path.isdir(path):
-            continue
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-        row = {"key": name.split(".")[0], "status": "partial" if ".partial" in name else "complete",
-               "path": path, "bytes": size, "created": os.path.getmtime(path)}
-        if row["status"] == "complete" and os.path.exists(os.path.join(path, MANIFEST)):
-            m = read_manifest(path)
-            row |= {"created": m.get("created", row["created"]), "pairs": m.get("rows"), "files": m.get("paths", {}).get("files"),
-                    "reference": m.get("paths", {}).get("reference"), "dtype": m.get("inputs", {}).get("dtype"),
-                    "backend": m.get("inputs", {}).get("backend")}
-        elif row["status"] == "complete":
-            row["status"] = "stale"  # an old-format or interrupted directory
-        out.append(row)
-    return sorted(out, key=lambda r: -r["created"])
-
-
-def prune(cache_dir: str, keys: list[str] | None = None, older_than_days: float | None = None,
-          keep_last: int | None = None, dry_run: bool = False) -> list[dict]:
-    """Remove entries: those named in ``keys``, those older than ``older_than_days``, all but the
-    newest ``keep_last`` complete ones; partial and stale directories go whenever a rule is given
-    that they match, or always when no rule is given. Returns what was (or would be) removed."""
-    entries = list_entries(cache_dir)
-    now = time.time()
-    complete = [e for e in entries if e["status"] == "complete"]
-    doomed = []
-    for e in entries:
-        rules = []
-        if keys is not None:
-            rules.append(e["key"] in keys)
-        if older_than_days is not None:
-            rules.append(now - e["created"] > older_than_days * 86400)
-        if keep_last is not None:
-            rules.append(e["status"] != "complete" or complete.index(e) >= keep_last)
-        if (any(rules) if rules else e["status"] != "complete"):
-            doomed.append(e)
-    if not dry_run:
-        for e in doomed:
-            shutil.rmtree(e["path"], ignore_errors=True)
-    return doomed
+    for e in entries.list_entries(root):
+        m = e.pop("manifest") or {}
+        out.append(e | {"pairs": m.get("rows"), "files": m.get("paths", {}).get("files"),
+                        "reference": m.get("paths", {}).get("reference"), "dtype": m.get("inputs", {}).get("dtype"),
+                        "backend": m.get("inputs", {}).get("backend")})
+    return out

@@ -20,9 +20,11 @@ class VllmBackend:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = True, seed: int = 0):
         try:
             from vllm import LLM
+
+            from raydpo.models import resolve_local
         except ImportError as e:
             raise ImportError("reference.backend=vllm needs the vllm extra: pip install 'raydpo[vllm]'") from e
-        self.llm = LLM(model=model_path, dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+        self.llm = LLM(model=resolve_local(model_path), dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed,
                        skip_tokenizer_init=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from raydpo import storage
+
 import itertools
 import os
 import re
@@ -53,7 +55,7 @@ def run_configs(raw: dict, grid: dict[str, list[str]], sweep_dir: str) -> list[t
     out = []
     for point in points(grid):
         name = run_name(point)
-        overrides = [f"{k}={v}" for k, v in point.items()] + [f"output.dir={os.path.join(sweep_dir, 'runs', name)}"]
+        overrides = [f"{k}={v}" for k, v in point.items()] + [f"output.dir={storage.join(sweep_dir, 'runs', name)}"]
         try:
             cfg = from_dict(apply_overrides(raw, overrides))
         except ConfigError as e:

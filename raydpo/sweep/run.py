@@ -11,10 +11,10 @@ trials again; a finished run's directory makes its trial return at once (``pipel
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from raydpo import storage
 from raydpo.observability import console
 from raydpo.config import Config, to_dict, uses_reference
 
@@ -31,7 +31,7 @@ def shared_stages(runs: list[tuple[str, dict, Config]], sweep_dir: str) -> list[
     rows = []
     for name, _, cfg in runs:
         t0 = time.perf_counter()
-        data = prepare(cfg, os.path.join(sweep_dir, "shared", f"{name}.quarantine.jsonl"))
+        data = prepare(cfg, storage.join(sweep_dir, "shared", f"{name}.quarantine.jsonl"))
         refs = score_reference(data, cfg) if uses_reference(cfg) else {}
         rows.append({"run": name, "data": data.cache.get("key") or data.cache.get("status"), "data_hit": data.cache["hit"],
                      "reference": {split: r.key for split, r in refs.items()},
@@ -97,19 +97,22 @@ def sweep(raw: dict, grid_specs: list[str], concurrent: int = 1) -> dict:
     from ray import tune
 
     from raydpo.cluster import default_train_cpus, ensure_ray
+    from raydpo.storage.probe import check_nodes_see
     from raydpo.config import from_dict
     from raydpo.observability.report import write_report
     from raydpo.sweep.grid import parse_grid, run_configs
 
     base = from_dict(raw)
     grid = parse_grid(grid_specs)
-    sweep_dir = os.path.abspath(base.output.dir)
+    sweep_dir = storage.normalize(base.output.dir)
     runs = run_configs(raw, grid, sweep_dir)  # every point validated before anything starts
     if concurrent < 1:
         raise ValueError(f"--concurrent must be at least 1, got {concurrent}")
     console.configure(base.logging.console, base.logging.progress_every_s)
-    os.makedirs(sweep_dir, exist_ok=True)
+    storage.makedirs(sweep_dir)
     ensure_ray(base)
+    for _, _, cfg in runs:  # every run's local paths on every node, before any stage
+        check_nodes_see(cfg)
     console.get().say(f"sweep: {len(runs)} runs ({' x '.join(f'{len(v)} {k}' for k, v in grid.items())}) under {sweep_dir}")
     free = ray.available_resources()
     fits = capacity(runs[0][2], free.get("CPU", 0.0), free.get("GPU", 0.0))
@@ -137,7 +140,7 @@ def sweep(raw: dict, grid_specs: list[str], concurrent: int = 1) -> dict:
         tune.with_resources(tune.with_parameters(_trial, configs=configs), {"cpu": 1}),
         param_space={"run": tune.grid_search(list(configs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=os.path.join(sweep_dir, "tune"), verbose=0,
+        run_config=tune.RunConfig(name="tune", storage_path=storage.join(sweep_dir, "tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
@@ -153,15 +156,14 @@ def sweep(raw: dict, grid_specs: list[str], concurrent: int = 1) -> dict:
     rows.sort(key=lambda r: order[r["run"]])
     summary = {"grid": grid, "runs": rows, "shared": sharing, "timings_s": {"shared_stages": round(shared_s, 3),
                "trials": round(time.perf_counter() - t0 - shared_s, 3), "total": round(time.perf_counter() - t0, 3)}}
-    done = [os.path.join(sweep_dir, "runs", r["run"]) for r in rows if r["status"] != "failed"]
+    done = [storage.join(sweep_dir, "runs", r["run"]) for r in rows if r["status"] != "failed"]
     if done:
-        summary["report"] = write_report(done, os.path.join(sweep_dir, "report"))
-    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        summary["report"] = write_report(done, storage.join(sweep_dir, "report"))
+    storage.write_json(storage.join(sweep_dir, "sweep.json"), summary)
     print(format_table(rows))
     for r in rows:
         if r["status"] == "failed":
-            console.get().say(f"sweep: run {r['run']} failed: {r['error']}; see {os.path.join(sweep_dir, 'runs', r['run'])}")
+            console.get().say(f"sweep: run {r['run']} failed: {r['error']}; see {storage.join(sweep_dir, 'runs', r['run'])}")
     console.get().say(f"sweep: {sum(r['status'] != 'failed' for r in rows)} of {len(rows)} runs finished; "
                       + (f"report: {summary['report']}" if done else "no report"))
     return summary

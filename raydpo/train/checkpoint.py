@@ -35,8 +35,31 @@ class Position:
     """Micro-batches of that epoch already consumed."""
 
 
-def _rng_file(rank: int) -> str:
-    return f"rng_rank{rank:05d}.pt"
+def _rng_files(rank: int) -> tuple[str, str]:
+    """This rank's RNG state files: tensors (torch, CUDA) and JSON (numpy, Python)."""
+    return f"rng_rank{rank:05d}.pt", f"rng_rank{rank:05d}.json"
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensors, JSON-able values) of this process's RNGs: nothing that needs pickle to load."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    plain = {"numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), gauss_next]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    name, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def checkpoint_name(position: Position, rounds: bool = False) -> str:
@@ -52,10 +75,11 @@ def save(engine, position: Position, rank: int, metrics: dict, name: str | None 
 
     with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=TAG)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, os.path.join(tmp, _rng_file(rank)))
+        tensors, plain = rng_state()
+        tensor_file, json_file = _rng_files(rank)
+        torch.save(tensors, os.path.join(tmp, tensor_file))
+        with open(os.path.join(tmp, json_file), "w") as f:
+            json.dump(plain, f)
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(position), f)
@@ -64,7 +88,8 @@ def save(engine, position: Position, rank: int, metrics: dict, name: str | None 
 
 
 def restore(engine, rank: int) -> Position | None:
-    """Load the latest checkpoint into ``engine`` and this process's RNGs; None when starting fresh."""
+    """Load the latest checkpoint into ``engine`` and this process's RNGs; None when starting fresh.
+    Nothing in it is unpickled: RNG tensors load with ``weights_only=True``, the rest is JSON."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -74,29 +99,30 @@ def restore(engine, rank: int) -> Position | None:
         path, _ = engine.load_checkpoint(d, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state")
-        # weights_only=False: numpy and python RNG states are plain tuples of our own writing.
-        rng = torch.load(os.path.join(d, _rng_file(rank)), weights_only=False)
+        tensor_file, json_file = _rng_files(rank)
+        tensors = torch.load(os.path.join(d, tensor_file), weights_only=True)
+        with open(os.path.join(d, json_file)) as f:
+            plain = json.load(f)
         with open(os.path.join(d, STATE_FILE)) as f:
             position = Position(**json.load(f))
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(tensors, plain)
     return position
 
 
-def trim_metrics(path: str, position: Position | None) -> None:
-    """metrics.jsonl as of the checkpoint: rows logged after it are logged again by the resumed run
-    (none at all when starting fresh), so the curve has each step once."""
-    if not os.path.exists(path):
-        return
+def trim_metrics(path: str, position: Position | None) -> list[dict]:
+    """metrics.jsonl (a local path or URI) as of the checkpoint: rows logged after it are logged
+    again by the resumed run (none at all when starting fresh), so the curve has each step once.
+    Returns the rows kept."""
+    from raydpo import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        return []
     if position is None:
-        os.remove(path)
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= position.step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+        storage.delete_file(path)
+        return []
+    keep = [json.loads(line) for line in text.splitlines() if line.strip()]
+    keep = [row for row in keep if row["step"] <= position.step]
+    storage.write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+    return keep

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def gathered_state_dict(module, is_writer: bool, trainable_only: bool = False) -> dict:
     """Full tensors of every parameter and persistent buffer (``trainable_only``: of the parameters
@@ -35,23 +33,27 @@ def gathered_state_dict(module, is_writer: bool, trainable_only: bool = False) -
 
 def export_model(module, out_dir: str, is_writer: bool, model_cfg=None, model_path: str | None = None,
                  adapter_only: bool = False) -> None:
-    """Save ``module`` (a ``PreTrainedModel`` or peft model, possibly ZeRO-3 partitioned) to ``out_dir``.
+    """Save ``module`` (a ``PreTrainedModel`` or peft model, possibly ZeRO-3 partitioned) to ``out_dir``
+    (a local directory or URI).
 
     A LoRA policy is saved as its adapter (peft format) with ``adapter_only``, else merged into a
     fresh full-precision copy of the base (``model_path`` in ``model_cfg.dtype``; also for QLoRA, whose
     4-bit base would lose the update if merged in place): a plain Hugging Face model.
     """
+    from raydpo import storage
+
     lora = model_cfg is not None and model_cfg.lora.r > 0
     state = gathered_state_dict(module, is_writer, trainable_only=lora)
     if not is_writer:
         return
-    os.makedirs(out_dir, exist_ok=True)
-    if not lora:
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    elif adapter_only:
-        module.save_pretrained(out_dir, state_dict=state)
-    else:
-        merged_lora(state, model_cfg, model_path).save_pretrained(out_dir, safe_serialization=True)
+    # ``out_dir`` may be a URI: written to a local directory, then uploaded file by file.
+    with storage.local_dir_for_writing(out_dir) as local:
+        if not lora:
+            module.save_pretrained(local, state_dict=state, safe_serialization=True)
+        elif adapter_only:
+            module.save_pretrained(local, state_dict=state)
+        else:
+            merged_lora(state, model_cfg, model_path).save_pretrained(local, safe_serialization=True)
 
 
 def merged_lora(adapter_state: dict, model_cfg, model_path: str):

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import json
-import os
-
 if TYPE_CHECKING:
     import torch
 
@@ -51,8 +48,9 @@ def token_drift(policy_logps: "torch.Tensor", cached_logps: "torch.Tensor", comp
     return (gap / completion_tokens.float().clamp(min=1)).max()
 
 
-def check(drift: "torch.Tensor", tolerance: float, output_dir: str, is_rank0: bool, entry: str) -> float:
-    """Reduce ``drift`` with MAX over all ranks; record the result; raise GuardError above ``tolerance``."""
+def check(drift: "torch.Tensor", tolerance: float, relay, is_rank0: bool, entry: str) -> float:
+    """Reduce ``drift`` with MAX over all ranks; rank 0 posts the verdict to the driver's ``relay``
+    (:mod:`raydpo.train.relay`); raise GuardError above ``tolerance``."""
     import torch.distributed as dist
 
     worst = drift.detach().float().clone()
@@ -60,9 +58,10 @@ def check(drift: "torch.Tensor", tolerance: float, output_dir: str, is_rank0: bo
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     value = float(worst)
     ok = value <= tolerance
-    if is_rank0:
-        with open(os.path.join(output_dir, GUARD_FILE), "w") as f:
-            json.dump({"ok": ok, "max_token_drift": value, "tolerance": tolerance, "cache_entry": entry}, f)
+    if is_rank0 and relay is not None:
+        import ray
+
+        ray.get(relay.set_guard.remote({"ok": ok, "max_token_drift": value, "tolerance": tolerance, "cache_entry": entry}))
     if not ok:
         raise GuardError(failure_message(value, tolerance, entry))
     return value
@@ -73,16 +72,13 @@ def failure_message(value: float, tolerance: float, entry: str) -> str:
         f"exactness guard: the cached reference log-probs differ from the policy's own at step 0 by up to "
         f"{value:.3g} per completion token (tolerance {tolerance:.3g}), so the rewards would be wrong. "
         f"The cache entry {entry} does not match this reference model, tokenizer or dtype. Remove it "
-        f"(`raydpo cache prune --key {os.path.basename(entry)}`) and run again, or, if the reference is "
-        "deliberately not the policy's starting point, set reference.guard=false."
+        f"(`raydpo cache prune --key {entry.rstrip('/').rsplit('/', 1)[-1]} --min-age-minutes 0`) and run again, or, "
+        "if the reference is deliberately not the policy's starting point, set reference.guard=false."
     )
 
 
-def read_failure(output_dir: str) -> str | None:
-    """The guard's failure message if the last run in ``output_dir`` stopped on it, else None."""
-    path = os.path.join(output_dir, GUARD_FILE)
-    if not os.path.exists(path):
+def verdict_failure(verdict: dict | None) -> str | None:
+    """The guard's failure message for a verdict the relay holds, else None."""
+    if not verdict or verdict["ok"]:
         return None
-    with open(path) as f:
-        result = json.load(f)
-    return None if result["ok"] else failure_message(result["max_token_drift"], result["tolerance"], result["cache_entry"])
+    return failure_message(verdict["max_token_drift"], verdict["tolerance"], verdict["cache_entry"])

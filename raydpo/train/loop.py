@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 import time
 
@@ -121,21 +120,45 @@ def _say(line: str) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl and the experiment trackers, written by rank 0 only.
+    """metrics.jsonl, the experiment trackers and the driver's relay, fed by rank 0 only.
 
-    The console shows these rows from the driver (:mod:`raydpo.observability.watch`), which prints
-    no matter where rank 0 runs and without Ray's per-worker line prefixes."""
+    The driver shows these rows on the console from the relay (:mod:`raydpo.train.relay`), wherever
+    rank 0 runs. The file is for later readers: appended in place on a filesystem; on an object
+    store (no appends) the whole object is rewritten at most every ``flush_s`` seconds, at every
+    checkpoint (:meth:`flush`) and at the end. ``rows``: what the file already holds."""
 
-    def __init__(self, path: str, active: bool, trackers=None):
-        self.path, self.active, self.trackers = path, active, trackers
+    def __init__(self, path: str | None, active: bool, trackers=None, relay=None, rows: list[dict] | None = None,
+                 flush_s: float = 10.0):
+        from raydpo import storage
+
+        self.path, self.active, self.trackers, self.relay = path, active, trackers, relay
+        self.remote = path is not None and storage.is_uri(path)
+        self.rows, self.flush_s, self.flushed, self.dirty = list(rows or []), flush_s, time.monotonic(), False
 
     def write(self, row: dict) -> None:
         if not self.active:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        from raydpo import storage
+
+        if self.relay is not None:
+            self.relay.log.remote(row)  # calls from one process arrive in order; nothing to wait for
+        if self.path is not None and not self.remote:
+            storage.append_text(self.path, json.dumps(row) + "\n")
+        elif self.path is not None:
+            self.rows.append(row)
+            self.dirty = True
+            if time.monotonic() - self.flushed > self.flush_s:
+                self.flush()
         if self.trackers is not None:
             self.trackers.log(row)
+
+    def flush(self) -> None:
+        """Write out what an object store has not seen yet (a no-op on a filesystem)."""
+        if self.active and self.remote and self.dirty:
+            from raydpo import storage
+
+            storage.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            self.flushed, self.dirty = time.monotonic(), False
 
 
 def _epoch_source(config: dict, rank: int, t):
@@ -156,9 +179,12 @@ def _epoch_source(config: dict, rank: int, t):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config``: the resolved run config plus driver-computed sizes."""
+    """Ray Train entry point. ``config``: the resolved run config plus driver-computed sizes and the
+    driver's ``relay`` (:mod:`raydpo.train.relay`)."""
+    import ray
     import ray.train
 
+    from raydpo import storage
     from raydpo.config import from_dict
     from raydpo.data.collate import collate_rows
     from raydpo.objectives import mean_metrics
@@ -198,7 +224,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and cfg.logging.console != "quiet":
         _say(f"[raydpo] policy: {params['trainable_params']:,} of {params['total_params']:,} parameters trainable")
     eval_rows = load_rows(config["eval_splits"][rank]) if config.get("eval_splits") else None
-    metrics_path = os.path.join(config["output_dir"], "metrics.jsonl")
+    metrics_path = storage.join(config["output_dir"], "metrics.jsonl")
+    relay = config.get("relay")
     epoch_batches = _epoch_source(config, rank // t.sequence_parallel_size, t)
     per_epoch = config["steps_per_epoch"] * t.gradient_accumulation_steps
 
@@ -211,12 +238,13 @@ def train_loop_per_worker(config: dict) -> None:
         return row
 
     position = restore(engine, rank)
-    record(os.path.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_step=position.step if position else 0)
-    if rank == 0:
-        trim_metrics(metrics_path, position)
+    record(storage.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_step=position.step if position else 0)
+    kept = trim_metrics(metrics_path, position) if rank == 0 else []
+    if rank == 0 and relay is not None:
+        ray.get(relay.start.remote(kept, position.step if position else 0))
     trackers = Trackers(config.get("trackers") if rank == 0 else None, config.get("tracker_params", {}),
                         position.step if position else None)
-    log = MetricsLog(metrics_path, rank == 0, trackers)
+    log = MetricsLog(metrics_path, rank == 0, trackers, relay, kept)
     try:
         if position is None:
             step, epoch, micro, last_eval = 0, 0, 0, run_eval(0)
@@ -238,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if guard_pending:  # before the first update the policy is the reference
                     cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
                     drift = token_drift(logps, cached, batch["completion_tokens"])
-                    check(drift, config["guard"]["tolerance"], config["output_dir"], rank == 0, config["guard"]["entry"])
+                    check(drift, config["guard"]["tolerance"], relay, rank == 0, config["guard"]["entry"])
                     guard_pending = False
                 engine.backward(loss)
                 lr = scheduler.get_last_lr()[0]
@@ -267,16 +295,18 @@ def train_loop_per_worker(config: dict) -> None:
                 if t.eval_every and step % t.eval_every == 0 and step != config["total_steps"]:
                     last_eval = run_eval(step)
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step != config["total_steps"]:
+                    log.flush()  # the file holds every row up to the checkpoint a restart trims back to
                     at = Position(step, epoch + 1, 0) if micro >= per_epoch else Position(step, epoch, micro)
                     save(engine, at, rank, {"step": step})
                 sums, step_start = {}, time.perf_counter()
             epoch, micro = epoch + 1, 0
         last_eval = run_eval(step)
-        export_model(engine.module, os.path.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
+        export_model(engine.module, storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
                      cfg.output.save_adapter_only)
-        if rank == 0:
-            with open(os.path.join(config["output_dir"], "train_result.json"), "w") as f:
-                json.dump({"steps": step, "epochs_started": epoch, "params": params, "final": last_train, "final_eval": last_eval}, f)
+        log.flush()
+        if rank == 0 and relay is not None:
+            ray.get(relay.finish.remote({"steps": step, "epochs_started": epoch, "params": params, "final": last_train,
+                                         "final_eval": last_eval}))
     except BaseException:
         trackers.close(ok=False)
         raise

@@ -8,24 +8,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import uuid
 
+from raydpo import storage
 from raydpo.config import Config
 
 GB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def check_writable(out_dir: str) -> None:
-    """``output.dir`` exists (or can be made) and takes a file."""
+def check_writable(where: str, key: str = "output.dir") -> None:
+    """The directory ``where`` (a local path or URI; config key ``key``) exists or can be made, and
+    takes a file: a missing bucket, denied access or a read-only disk stops here, naming both."""
+    probe = storage.join(where, f".raydpo-write-probe-{uuid.uuid4().hex[:8]}")
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".raydpo-write-probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        storage.write_text(probe, "ok")
+        storage.delete_file(probe)
     except OSError as e:
-        raise OSError(f"output.dir {out_dir!r} is not writable: {e.strerror or e}") from None
+        raise OSError(f"{key} {where!r} is not writable: {e.strerror or e}") from None
+
+
+def check_storage(cfg: Config) -> None:
+    """Every directory the run writes is writable (output, caches, Ray Train's storage), and every
+    URI names a filesystem this machine can open, before any stage starts."""
+    from raydpo.storage.probe import written_dirs
+
+    for key, where in written_dirs(cfg).items():
+        check_writable(where, key)
 
 
 def count_params(model_path: str, trust_remote_code: bool = False) -> int:
@@ -149,13 +158,14 @@ def check_family(cfg: Config, model_path: str) -> None:
 
 def preflight(cfg: Config, model_path: str) -> None:
     """All the checks, in the order a user would fix them."""
-    from raydpo.models import load_tokenizer
+    from raydpo.models import load_tokenizer, resolve_local
 
-    out = os.path.abspath(cfg.output.dir)
+    model_path = resolve_local(model_path)  # a pinned hub id: the driver's snapshot of it
+    out = storage.normalize(cfg.output.dir)
     check_writable(out)
     load_tokenizer(model_path, cfg.model.trust_remote_code)  # a missing pad and EOS token fails here, not in an actor
     check_family(cfg, model_path)
     check_router_aux(cfg, model_path)
     n = count_params(model_path, cfg.model.trust_remote_code)
     check_memory(n, cfg, *budgets(cfg))
-    check_disk(disk_need(n, cfg), shutil.disk_usage(out).free, out)
+    check_disk(disk_need(n, cfg), storage.free_bytes(out), out)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import yaml
+
+from raydpo import storage
 
 #: Keys that may change between an interrupted run and its resumption: where and how wide things
 #: run, and how often it logs and checkpoints, but nothing that changes the numbers.
@@ -27,8 +25,7 @@ class FinishedRun(Exception):
 
 def is_finished(summary_path: str) -> bool:
     try:
-        with open(summary_path) as f:
-            return bool(json.load(f).get("finished"))
+        return bool(storage.read_json(summary_path).get("finished"))
     except (OSError, ValueError):
         return False
 
@@ -45,70 +42,53 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def has_checkpoint(storage_path: str) -> bool:
-    """Whether Ray Train's storage for this run holds a checkpoint (local or remote)."""
-    import pyarrow.fs as pafs
-
+def has_checkpoint(run_storage: str) -> bool:
+    """Whether this run's Ray Train storage (``<storage path>/<run name>``, local or a URI) holds a
+    checkpoint."""
     try:
-        fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
-        infos = fs.get_file_info(pafs.FileSelector(f"{root}/train", allow_not_found=True))
+        found = storage.listing(run_storage)
     except OSError:
         return False
-    return any(i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("step_") for i in infos)
+    return any(e.is_dir and e.relative.startswith("step_") for e in found)
 
 
-def latest_registered(storage_path: str) -> str | None:
+def latest_registered(run_storage: str) -> str | None:
     """The directory name of the latest checkpoint Ray Train's controller has registered for the run
     (the one a re-run resumes from), or None. Read from its snapshot file, local or remote."""
-    import pyarrow.fs as pafs
-
     try:
-        fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
-        with fs.open_input_stream(f"{root}/train/checkpoint_manager_snapshot.json") as f:
-            snapshot = json.loads(f.read())
+        snapshot = storage.read_json(storage.join(run_storage, "checkpoint_manager_snapshot.json"))
     except (OSError, ValueError):
         return None
     return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
 
 
-def remove_storage(storage_path: str) -> None:
-    import pyarrow.fs as pafs
-
-    if "://" in storage_path:
-        fs, root = pafs.FileSystem.from_uri(storage_path)
-        try:
-            fs.delete_dir(root)
-        except FileNotFoundError:
-            pass
-    else:
-        shutil.rmtree(storage_path, ignore_errors=True)
-
-
-def prepare_run_dir(paths: dict, config_dict: dict, storage_path: str, force: bool) -> str:
+def prepare_run_dir(paths: dict, config_dict: dict, run_storage: str, force: bool) -> str:
     """Decide what this run does with ``output.dir``: 'fresh', 'resume' or (with ``force``) 'restart'.
 
-    Raises FinishedRun for a finished run without ``force``, and ValueError when an unfinished run's
-    checkpoint was made under a config that differs in keys that change the numbers."""
+    ``run_storage``: this run's own checkpoint directory (:func:`raydpo.train.stage.run_storage`);
+    ``force`` removes it and nothing else of a shared ``train.storage_path``. Raises FinishedRun for
+    a finished run without ``force``, and ValueError when an unfinished run's checkpoint was made
+    under a config that differs in keys that change the numbers."""
     if is_finished(paths["summary"]) and not force:
         raise FinishedRun(paths["dir"])
     if force:
-        remove_storage(storage_path)
+        storage.delete_dir(run_storage)
         for name in ("metrics", "train_result", "summary", "guard"):
-            if os.path.exists(paths[name]):
-                os.remove(paths[name])
-        shutil.rmtree(paths["model"], ignore_errors=True)
+            storage.delete_file(paths[name])
+        storage.delete_dir(paths["model"])
         return "restart"
-    if os.path.exists(paths["train_result"]):
-        os.remove(paths["train_result"])
-    if not has_checkpoint(storage_path):
+    storage.delete_file(paths["train_result"])
+    if not has_checkpoint(run_storage):
         return "fresh"
-    if os.path.exists(paths["config"]):
-        with open(paths["config"]) as f:
-            changed = config_changes(yaml.safe_load(f) or {}, config_dict)
-        if changed:
-            raise ValueError(
-                f"{paths['dir']} holds an unfinished run whose checkpoints were made with other values of "
-                f"{', '.join(changed)}; re-run with the same config to resume it, with --force to start over, "
-                "or choose another output.dir"
-            )
+    try:
+        old = yaml.safe_load(storage.read_text(paths["config"])) or {}
+    except FileNotFoundError:
+        return "resume"
+    changed = config_changes(old, config_dict)
+    if changed:
+        raise ValueError(
+            f"{paths['dir']} holds an unfinished run whose checkpoints were made with other values of "
+            f"{', '.join(changed)}; re-run with the same config to resume it, with --force to start over, "
+            "or choose another output.dir"
+        )
     return "resume"

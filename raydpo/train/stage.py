@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
 from dataclasses import dataclass
 
+from raydpo import storage
 from raydpo.config import Config, to_dict
 
 
@@ -51,18 +52,31 @@ def guard_config(cfg: Config, model_path: str, entry: str) -> dict | None:
     """What the workers' exactness guard needs, or None when it does not apply (switched off, or the
     reference is other weights than the policy starts from, or no loss reads a reference)."""
     from raydpo.config import reference_dtype, reference_path, uses_reference
-    from raydpo.models import resolve_local
+    from raydpo.models import pin
     from raydpo.train.guard import guard_tolerance
 
-    if not cfg.reference.guard or not uses_reference(cfg) or resolve_local(reference_path(cfg)) != model_path:
+    if not cfg.reference.guard or not uses_reference(cfg) or pin(reference_path(cfg)) != model_path:
         return None
     tolerance = guard_tolerance(cfg.model.dtype, reference_dtype(cfg), cfg.reference.guard_tolerance, cfg.reference.quantization)
     return {"tolerance": tolerance, "entry": entry}
 
 
 def storage_path(cfg: Config) -> str:
-    """Ray Train's storage for this run: ``train.storage_path`` or ``<output.dir>/ray_train``."""
-    return cfg.train.storage_path or os.path.join(os.path.abspath(cfg.output.dir), "ray_train")
+    """Ray Train's storage for this run: ``train.storage_path`` or ``<output.dir>/ray_train`` (local
+    paths or URIs)."""
+    return storage.normalize(cfg.train.storage_path) if cfg.train.storage_path else storage.join(cfg.output.dir, "ray_train")
+
+
+def run_name(cfg: Config) -> str:
+    """Ray Train's run name, from the run's ``output.dir``: runs that share ``train.storage_path`` keep
+    their checkpoints apart, and a run resumes only its own."""
+    out = storage.normalize(cfg.output.dir)
+    return f"raydpo-{storage.basename(out)[:40]}-{hashlib.sha256(out.encode()).hexdigest()[:12]}"
+
+
+def run_storage(cfg: Config) -> str:
+    """Where this run's checkpoints are: ``<storage path>/<run name>``."""
+    return storage.join(storage_path(cfg), run_name(cfg))
 
 
 def train_logging(cfg: Config):
@@ -85,25 +99,32 @@ def ingest_options():
 
 def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,
                  guard: dict | None = None, streaming: bool = False):
-    """Fit the policy; returns the ``ray.train.Result``. Writes metrics.jsonl and model/ under output.dir.
+    """Fit the policy; returns (what rank 0 reported through the relay: ``result``, ``guard``,
+    ``rows``; the TrainPlan). The workers write metrics.jsonl and model/ under output.dir.
 
-    ``guard``: from :func:`guard_config` (None: no exactness guard). ``streaming``: ``train_ds`` is
-    the reference pool's lazy output (read once, in scoring order). Raises GuardError with its
-    message when the guard stopped the run."""
+    ``model_path``: :func:`raydpo.models.pin` of the policy. ``guard``: from :func:`guard_config`
+    (None: no exactness guard). ``streaming``: ``train_ds`` is the reference pool's lazy output (read
+    once, in scoring order). Raises GuardError with its message when the guard stopped the run."""
+    import ray
     import ray.train
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydpo.observability import console, trackers
     from raydpo.cluster import resolve_train_cpus
-    from raydpo.train.loop import train_loop_per_worker
     from raydpo.observability.watch import MetricsWatcher
+    from raydpo.train.loop import train_loop_per_worker
+    from raydpo.train.relay import follow, start_relay
 
     trackers.check_installed(cfg.logging.backends)
     tracking = trackers.resolve(cfg)
     plan = plan_steps(cfg, n_train)
     check_eval(cfg, n_eval)
-    out = os.path.abspath(cfg.output.dir)
+    from raydpo.train.guard import GUARD_FILE
+
+    out = storage.normalize(cfg.output.dir)
+    storage.delete_file(storage.join(out, GUARD_FILE))  # an earlier attempt's verdict
+    relay = start_relay()
     # Materialized pairs (input order) are split into equal contiguous parts, one per worker, held in
     # memory there so that every epoch's order is a pure function of the seed (exact replay after a
     # restart). Streaming output goes through Ray Data's streaming split instead.
@@ -125,6 +146,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "steps_per_epoch": plan.steps_per_epoch,
             "total_steps": plan.total_steps,
             "output_dir": out,
+            "relay": relay,
             "guard": guard,
             "train_splits": splits,
             "eval_splits": eval_splits,
@@ -141,27 +163,47 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest_options()),
         run_config=RunConfig(
-            name="train",
+            name=run_name(cfg),
             storage_path=storage_path(cfg),
             logging_config=train_logging(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
-    from raydpo.train.guard import GUARD_FILE, GuardError, read_failure
-
-    if os.path.exists(os.path.join(out, GUARD_FILE)):
-        os.remove(os.path.join(out, GUARD_FILE))
     t = cfg.train
     sp = f" in sequence-parallel groups of {t.sequence_parallel_size}" if t.sequence_parallel_size > 1 else ""
     console.get().say(f"train: {t.num_workers} worker(s){sp}, DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
                       f"({plan.steps_per_epoch:,} per epoch) of {data_parallel_size(cfg) * t.micro_batch_size * t.gradient_accumulation_steps} "
                       f"pairs; starting the workers" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
     try:
-        with MetricsWatcher(os.path.join(out, "metrics.jsonl"), plan.total_steps):
-            return trainer.fit(), plan
+        with MetricsWatcher(follow(relay), plan.total_steps):
+            trainer.fit()
+        return collect_outcome(relay, out), plan
     except Exception:
-        message = read_failure(out)
-        if message:
-            raise GuardError(message) from None
+        from raydpo.train.guard import GuardError
+
+        try:
+            collect_outcome(relay, out)  # raises GuardError when the guard stopped the run
+        except GuardError:
+            raise
+        except Exception:  # noqa: BLE001 - the training error below says more
+            pass
         raise
+    finally:
+        ray.kill(relay)
+
+
+def collect_outcome(relay, out: str) -> dict:
+    """What rank 0 reported; records the guard's verdict as ``<output.dir>/guard.json`` and raises
+    GuardError with its message when the guard failed."""
+    import ray
+
+    from raydpo.train.guard import GUARD_FILE, GuardError, verdict_failure
+
+    outcome = ray.get(relay.outcome.remote())
+    if outcome["guard"] is not None:
+        storage.write_json(storage.join(out, GUARD_FILE), outcome["guard"])
+    message = verdict_failure(outcome["guard"])
+    if message:
+        raise GuardError(message) from None
+    return outcome

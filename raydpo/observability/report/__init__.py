@@ -14,11 +14,13 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
 
     Reads only the run directories' files (config.yaml, summary.json, metrics.jsonl), so it works
     for a finished run, one still training, and on a machine without Ray or the model."""
+    from raydpo import storage
+
     runs = [load_run(d) for d in run_dirs]
     label_runs(runs)
-    os.makedirs(out_dir, exist_ok=True)
-    plots = write_plots(runs, out_dir)
-    path = os.path.join(os.path.abspath(out_dir), "report.html")
-    with open(path, "w") as f:
-        f.write(render(runs, plots))
-    return path
+    # Run directories and ``out_dir`` may be URIs: the plots are drawn locally, then uploaded.
+    with storage.local_dir_for_writing(out_dir) as local:
+        plots = write_plots(runs, local)
+        with open(os.path.join(local, "report.html"), "w") as f:
+            f.write(render(runs, plots))
+    return storage.join(out_dir, "report.html")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from raydpo import storage
 from raydpo.schema import flatten
 from raydpo.train.resume import RESUMABLE_CHANGES
 
@@ -43,39 +44,44 @@ class Run:
     """Short name in legends and table headers (set by :func:`label_runs`)."""
 
 
-def _read_jsonl(path: str, notes: list[str]) -> list[dict]:
+def _read_jsonl(text: str, notes: list[str]) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                notes.append(f"metrics.jsonl line {i} is not JSON (a run killed mid-write?); skipped")
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            notes.append(f"metrics.jsonl line {i} is not JSON (a run killed mid-write?); skipped")
     return rows
 
 
+def _read(path: str) -> str | None:
+    try:
+        return storage.read_text(path)
+    except FileNotFoundError:
+        return None
+
+
 def load_run(path: str) -> Run:
-    """Read a run directory. Raises FileNotFoundError when it holds none of raydpo's run files."""
-    path = os.path.abspath(path)
+    """Read a run directory (a local path or URI). Raises FileNotFoundError when it holds none of
+    raydpo's run files."""
+    path = storage.normalize(path)
     names = {"config": "config.yaml", "summary": "summary.json", "metrics": "metrics.jsonl"}
-    files = {k: os.path.join(path, v) for k, v in names.items()}
-    if not os.path.isdir(path) or not any(os.path.exists(f) for f in files.values()):
+    texts = {k: _read(storage.join(path, v)) for k, v in names.items()}
+    if all(t is None for t in texts.values()):
         raise FileNotFoundError(f"{path} is not a raydpo run directory: it has none of {', '.join(names.values())}")
     run = Run(path)
-    if os.path.exists(files["config"]):
-        with open(files["config"]) as f:
-            run.config = yaml.safe_load(f) or {}
-    if os.path.exists(files["summary"]):
-        with open(files["summary"]) as f:
-            run.summary = json.load(f)
+    if texts["config"] is not None:
+        run.config = yaml.safe_load(texts["config"]) or {}
+    if texts["summary"] is not None:
+        run.summary = json.loads(texts["summary"])
         if not run.summary.get("finished") and "steps" not in run.summary:
             run.notes.append("summary.json is from a data or reference stage only (validate-data / precompute), or the run has not finished")
     else:
         run.notes.append("no summary.json: the run has not finished (or failed); plots show what metrics.jsonl holds so far")
-    if os.path.exists(files["metrics"]):
-        rows = _read_jsonl(files["metrics"], run.notes)
+    if texts["metrics"] is not None:
+        rows = _read_jsonl(texts["metrics"], run.notes)
         run.train = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
         run.eval = sorted((r for r in rows if "eval/loss" in r), key=lambda r: r["step"])
         run.rounds = sorted((r for r in rows if r.get("kind") in ("round", "final")), key=lambda r: r["round"])

@@ -180,3 +180,31 @@ def test_cluster_manifests_are_complete_and_consistent():
     assert os.access(os.path.join(ROOT, "cluster", "submit.sh"), os.X_OK)
     out = subprocess.run(["bash", "-n", os.path.join(ROOT, "cluster", "submit.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_object_storage_manifests_share_no_disk():
+    """The object-storage manifests mount no volume, give every pod HF_TOKEN from a secret, run the
+    config whose every path is a URI; the AWS launcher bind-mounts no host directory (not shared)."""
+    from raydpo import storage
+    from raydpo.config import load
+    from raydpo.storage.probe import written_dirs
+
+    def pods(spec):
+        yield spec["headGroupSpec"]["template"]["spec"]
+        yield from (g["template"]["spec"] for g in spec["workerGroupSpecs"])
+
+    job = yaml.safe_load(open(os.path.join(ROOT, "cluster", "rayjob-s3.yaml")))
+    standing = yaml.safe_load(open(os.path.join(ROOT, "cluster", "raycluster-s3.yaml")))
+    assert standing["spec"] == job["spec"]["rayClusterSpec"]
+    for manifest in ("rayjob-s3.yaml", "raycluster-s3.yaml", "rayjob.yaml", "raycluster.yaml"):
+        m = yaml.safe_load(open(os.path.join(ROOT, "cluster", manifest)))
+        for pod in pods(m["spec"].get("rayClusterSpec", m["spec"])):
+            env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+            assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token", manifest
+            if manifest.endswith("-s3.yaml"):
+                assert "volumes" not in pod and not any("volumeMounts" in c for c in pod["containers"]), manifest
+    cfg = load(os.path.join(ROOT, job["spec"]["entrypoint"].split()[2]))
+    paths = [*written_dirs(cfg).values(), *cfg.data.train, *cfg.data.eval]
+    assert paths and all(storage.is_uri(p) for p in paths), paths
+    launcher = open(os.path.join(ROOT, "cluster", "aws.yaml")).read()
+    assert "-v /" not in launcher and "multinode-s3.yaml" in launcher

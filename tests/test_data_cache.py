@@ -1,6 +1,7 @@
 """The tokenized-data cache: a second run on the same inputs reads the data stage's result instead
 of tokenizing; other inputs miss; a damaged entry is rebuilt; `raydpo cache` lists and prunes it."""
 
+import glob
 import json
 import os
 import shutil
@@ -76,7 +77,7 @@ def test_hit_reads_the_same_pairs_and_accounting_without_a_tokenizer(ray_cluster
 def test_damaged_entry_is_detected_and_rebuilt(ray_cluster, tiny_model_dir, data_file, tmp_path, damage, capsys):
     cfg = make_config(tiny_model_dir, [data_file], tmp_path, data={"max_bad_fraction": 0.5})
     first, _ = prepared(cfg, tmp_path, "first")
-    shard = os.path.join(first.cache["entry"], "data", "shard-000000.parquet")
+    shard = glob.glob(os.path.join(first.cache["entry"], "w-*", "shard-000000.parquet"))[0]
     if damage == "altered":
         table = pq.read_table(shard)
         pq.write_table(table.slice(1), shard)  # a readable file with a row fewer
@@ -103,7 +104,9 @@ def test_dataset_inputs_are_not_cached(ray_cluster, tiny_model_dir, data_file, t
 def test_cache_cli_lists_and_prunes_tokenized_entries(ray_cluster, tiny_model_dir, data_file, tmp_path, capsys):
     cfg = make_config(tiny_model_dir, [data_file], tmp_path, data={"max_bad_fraction": 0.5})
     key = prepared(cfg, tmp_path, "first")[0].cache["key"]
-    os.makedirs(tmp_path / "tokenized" / f"{key}.partial-0000", exist_ok=True)  # an interrupted write
+    interrupted = tmp_path / "tokenized" / "0123abcd" / "w-1-aaaaaaaaaaaa"  # a write that never published
+    os.makedirs(interrupted)
+    (interrupted / "shard-000000.parquet").write_bytes(b"PAR1")
     ref_root = str(tmp_path / "cache")
     capsys.readouterr()  # the data stage's lines
     assert main(["cache", "list", "--cache-dir", ref_root, "--json"]) == 0
@@ -113,8 +116,11 @@ def test_cache_cli_lists_and_prunes_tokenized_entries(ray_cluster, tiny_model_di
     assert any(e["status"] == "partial" and e["kind"] == "tokenized" for e in listed)
     assert main(["cache", "list", "--cache-dir", ref_root]) == 0
     assert f"{key}" in capsys.readouterr().out
-    assert main(["cache", "prune", "--cache-dir", ref_root]) == 0  # no rule: the unfinished directory only
+    assert main(["cache", "prune", "--cache-dir", ref_root]) == 0  # written in the last hour: left alone
+    assert sorted(os.listdir(tmp_path / "tokenized")) == sorted([key, "0123abcd"])
+    assert main(["cache", "prune", "--cache-dir", ref_root, "--min-age-minutes", "0"]) == 0  # no rule: the unfinished one
     assert os.listdir(tmp_path / "tokenized") == [key]
-    assert main(["cache", "prune", "--cache-dir", ref_root, "--data-cache-dir", str(tmp_path / "tokenized"), "--key", key]) == 0
+    assert main(["cache", "prune", "--cache-dir", ref_root, "--data-cache-dir", str(tmp_path / "tokenized"), "--key", key,
+                 "--min-age-minutes", "0"]) == 0
     assert os.listdir(tmp_path / "tokenized") == []
     shutil.rmtree(tmp_path / "tokenized")

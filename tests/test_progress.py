@@ -1,8 +1,6 @@
 """Console progress: levels, terminal vs pipe behaviour, and the trainer watcher over metrics.jsonl."""
 
 import io
-import json
-import os
 import re
 import time
 
@@ -10,6 +8,7 @@ import pytest
 
 from raydpo.observability import console
 from raydpo.observability.watch import MetricsWatcher
+from raydpo.train.relay import RunRelay
 
 CONTROL = re.compile(r"[\r\x1b\x07\x08]")
 
@@ -71,37 +70,35 @@ def _row(step, t, **extra):
             "time": t, **extra}
 
 
-def test_watcher_shows_new_rows_with_eta_and_skips_an_earlier_attempts_rows(tmp_path):
-    path = tmp_path / "metrics.jsonl"
+def _watching(total: int, level: str = "normal"):
+    """A relay (rank 0's side, as a plain object) and a watcher following it (the driver's side)."""
+    relay, out = RunRelay(), io.StringIO()
+    return relay, out, MetricsWatcher(relay.since, total_steps=total, out=console.Console(level, every_s=0, stream=out))
+
+
+def test_watcher_shows_new_rows_with_eta_and_a_resumed_runs_rows_once():
     now = time.time()
-    path.write_text(json.dumps(_row(1, now - 100)) + "\n")  # an earlier attempt of a resumed run
-    out = io.StringIO()
-    w = MetricsWatcher(str(path), total_steps=10, out=console.Console("normal", every_s=0, stream=out))
-    path.write_text("")  # rank 0 trims the file on resume: it shrinks
-    w.poll()
-    with open(path, "a") as f:
-        f.write(json.dumps(_row(2, now + 2)) + "\n")
-        f.write(json.dumps({"step": 2, "eval/loss": 0.6, "eval/rewards/accuracies": 0.75, "eval/rewards/margins": 0.1,
-                            "eval/pairs": 64, "time": now + 3}) + "\n")
-        f.write(json.dumps(_row(4, now + 6))[:20])  # a row still being written
+    relay, out, w = _watching(10)
+    relay.start([_row(1, now - 100)], step=1)  # a resumed run: step 1 is in the file already, not shown again
+    relay.log(_row(2, now + 2))
+    relay.log({"step": 2, "eval/loss": 0.6, "eval/rewards/accuracies": 0.75, "eval/rewards/margins": 0.1,
+               "eval/pairs": 64, "time": now + 3})
     w.poll()
     lines = out.getvalue().splitlines()
     # Step 2 took 2 s (step_time_s): 8 steps left -> 16 s.
     assert lines == ["[raydpo] train: step 2/10 loss 0.6700 acc 0.500 8.0 pairs/s ETA 16s",
                      "[raydpo] eval @ step 2: loss 0.6000 acc 0.750 margin +0.1000 (64 pairs)"]
-    with open(path, "a") as f:
-        f.write(json.dumps(_row(4, now + 6))[20:] + "\n")
+    relay.log(_row(4, now + 6))
     w.poll()
     w.poll()  # nothing new: nothing printed twice
     # Steps 2-4 from step 2's start (now) to now + 6: 2 s per step, 6 left -> 12 s.
     assert out.getvalue().splitlines()[2:] == ["[raydpo] train: step 4/10 loss 0.6500 acc 0.500 8.0 pairs/s ETA 12s"]
+    assert [r["step"] for r in relay.outcome()["rows"]] == [1, 2, 2, 4]  # the file's rows, for the run's result
 
 
-def test_watcher_verbose_line_has_every_metric(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    out = io.StringIO()
-    w = MetricsWatcher(str(path), total_steps=1, out=console.Console("verbose", stream=out))
-    path.write_text(json.dumps(_row(1, time.time())) + "\n")
+def test_watcher_verbose_line_has_every_metric():
+    relay, out, w = _watching(1, "verbose")
+    relay.log(_row(1, time.time()))
     w.poll()
     line = out.getvalue()
     for part in ("step 1/1", "margin +0.0100", "chosen +0.0200", "rejected +0.0100", "logps -10.00/-11.00", "lr 1.00e-03",
@@ -109,22 +106,21 @@ def test_watcher_verbose_line_has_every_metric(tmp_path):
         assert part in line, part
 
 
-def test_watcher_shows_the_steps_a_restarted_worker_group_logs_again(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    out = io.StringIO()
-    w = MetricsWatcher(str(path), total_steps=4, out=console.Console("normal", every_s=0, stream=out))
+def test_watcher_shows_the_steps_a_restarted_worker_group_logs_again():
+    relay, out, w = _watching(4)
     t0 = time.time()
-    path.write_text("".join(json.dumps(_row(s, t0 + s / 10)) + "\n" for s in (1, 2, 3)))
+    relay.start([], step=0)
+    for s in (1, 2, 3):
+        relay.log(_row(s, t0 + s / 10))
     w.poll()
     # The attempt dies; Ray Train restarts the group from the checkpoint at step 2.
-    tmp = tmp_path / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(_row(s, t0 + s / 10)) + "\n" for s in (1, 2)))
-    os.replace(tmp, path)  # rank 0 trims the file back to the checkpoint
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(_row(s, t0 + 1 + s / 10)) + "\n" for s in (3, 4)))
+    relay.start([_row(s, t0 + s / 10) for s in (1, 2)], step=2)
+    for s in (3, 4):
+        relay.log(_row(s, t0 + 1 + s / 10))
     w.poll()
     steps = [int(re.search(r"step (\d)/4", line).group(1)) for line in out.getvalue().splitlines()]
     assert steps == [1, 2, 3, 3, 4]
+    assert [r["step"] for r in relay.outcome()["rows"]] == [1, 2, 3, 4]
 
 
 def test_rate_counts_from_the_first_update():

@@ -135,15 +135,19 @@ def test_resuming_with_other_numbers_is_refused(tmp_path):
     new = {"train": {"learning_rate": 2e-3, "max_failures": 3}, "ray": {"num_cpus": 8}, "loss": {"beta": 0.1}}
     assert config_changes(old, new) == ["train.learning_rate"]
     out = tmp_path / "run"
-    (out / "ray_train" / "train" / "step_00000004").mkdir(parents=True)
+    # Two runs' checkpoints in one train.storage_path, each under its own run name.
+    mine, theirs = out / "ray_train" / "raydpo-run-aaaa", out / "ray_train" / "raydpo-other-bbbb"
+    (mine / "step_00000004").mkdir(parents=True)
+    (theirs / "step_00000002").mkdir(parents=True)
     (out / "config.yaml").write_text(yaml.safe_dump(old))
     paths = {k: str(out / v) for k, v in {"dir": "", "config": "config.yaml", "summary": "summary.json", "metrics": "metrics.jsonl",
                                            "train_result": "train_result.json", "guard": "guard.json", "model": "model"}.items()}
     with pytest.raises(ValueError, match=r"other values of train.learning_rate; .* --force"):
-        prepare_run_dir(paths, new, str(out / "ray_train"), force=False)
-    assert prepare_run_dir(paths, old, str(out / "ray_train"), force=False) == "resume"
-    assert prepare_run_dir(paths, new, str(out / "ray_train"), force=True) == "restart"
-    assert not (out / "ray_train").exists()
+        prepare_run_dir(paths, new, str(mine), force=False)
+    assert prepare_run_dir(paths, old, str(mine), force=False) == "resume"
+    assert prepare_run_dir(paths, old, str(theirs.parent / "raydpo-new-cccc"), force=False) == "fresh"  # not another run's
+    assert prepare_run_dir(paths, new, str(mine), force=True) == "restart"
+    assert not mine.exists() and (theirs / "step_00000002").is_dir()  # --force removed its own checkpoints only
 
 
 def _fails(capsys, cfg_path, *overrides) -> str:

@@ -190,40 +190,44 @@ def test_a_dead_actor_is_restarted_and_its_batch_retried(base, tmp_path):
 
 
 def test_interrupted_run_resumes_with_only_the_missing_pairs(base, tmp_path):
+    import glob
     import os
 
     cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 32})
     full = precompute(cfg)[1]["train"]
-    shards = sorted(os.listdir(f"{full.entry}/data"))
+    shards = sorted(glob.glob(f"{full.entry}/w-*/shard-*.parquet"))
     assert len(shards) == 8
-    # What a run killed after three batches leaves: an unsealed entry holding three shards.
-    part = full.entry + ".partial"
-    os.rename(full.entry, part)
-    os.remove(f"{part}/manifest.json")
-    for name in shards[3:]:
-        os.remove(f"{part}/data/{name}")
+    # What a run killed after three batches leaves: no manifest, three shards under its writer prefix.
+    os.remove(f"{full.entry}/manifest.json")
+    for path in shards[3:]:
+        os.remove(path)
     resumed = precompute(cfg)[1]["train"]
-    assert resumed.pairs_scored == 256 - 3 * 32 and not resumed.cache_hit
-    assert not os.path.exists(part) and resumed.entry == full.entry
+    assert resumed.pairs_scored == 256 - 3 * 32 and not resumed.cache_hit and resumed.entry == full.entry
+    assert len(glob.glob(f"{full.entry}/w-*/shard-*.parquet")) == 8  # three adopted, five new
     _same_pairs(_scored_rows(resumed), _scored_rows(full))
 
 
-def test_corrupt_shard_is_detected_and_redone(base, tmp_path):
-    import os
+def test_damaged_shards_in_s3_are_detected_and_rebuilt(base, s3_server):
+    """A bit-rotted and a truncated shard of an entry on S3: the next run finds both (sha256, size),
+    scores only their pairs into a new writer prefix, publishes a manifest that replaces the damaged
+    one, and deletes nothing; the run after that is a hit."""
+    from raydpo import storage
+    from raydpo.storage import entries
 
-    import pyarrow.parquet as pq
-
-    cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 48})
+    bucket = s3_server.bucket("reference-damage")
+    cfg = base(reference={"cache_dir": f"{bucket}/cache", "batch_size": 48})
     full = precompute(cfg)[1]["train"]
     before = _scored_rows(full)
-    victim = os.path.join(full.entry, "data", sorted(os.listdir(f"{full.entry}/data"))[0])
-    rows = pq.read_metadata(victim).num_rows
-    size = os.path.getsize(victim)
-    with open(victim, "r+b") as f:  # bit rot: same size, other bytes in the middle
-        f.seek(size // 2)
-        f.write(b"\xff" * 16)
+    root, key = f"{bucket}/cache", full.key
+    shards = entries.read_manifest(root, key)["shards"]
+    rot, cut = (storage.join(root, key, s["file"]) for s in shards[:2])
+    data = storage.read_bytes(rot)  # bit rot: same size, other bytes in the middle
+    storage.write_bytes(rot, data[: len(data) // 2] + b"\xff" * 16 + data[len(data) // 2 + 16:])
+    storage.write_bytes(cut, storage.read_bytes(cut)[:100])
+    objects = s3_server.keys("reference-damage")
     again = precompute(cfg)[1]["train"]
-    assert again.pairs_scored == rows and not again.cache_hit
+    assert again.pairs_scored == shards[0]["rows"] + shards[1]["rows"] and not again.cache_hit
+    assert set(objects) <= set(s3_server.keys("reference-damage"))  # nothing removed, the new shards added
     _same_pairs(_scored_rows(again), before)
     third = precompute(cfg)[1]["train"]
     assert third.cache_hit and third.pairs_scored == 0
@@ -253,6 +257,7 @@ def test_quantized_reference_stays_within_its_documented_drift(base, tmp_path, b
 
 
 def store_inputs(result) -> dict:
-    from raydpo.reference.store import read_manifest
+    from raydpo import storage
+    from raydpo.storage import entries
 
-    return read_manifest(result.entry)["inputs"]
+    return entries.read_manifest(storage.parent(result.entry), result.key)["inputs"]

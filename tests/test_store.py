@@ -219,3 +219,6 @@ def test_uris_and_bad_locations(tmp_path, s3_server):
     assert pq.read_table(pa.BufferReader(store.table_bytes(scored(range(2))))).num_rows == 2
     assert collections.Counter(digests(scored(range(2), dup=1)))[(1).to_bytes(16, "little")] == 2
     assert os.path.isabs(storage.normalize("~/x")) and storage.join("s3://b/p/", "q") == "s3://b/p/q"
+    with pytest.raises(ValueError, match=r"s3://\*\*\*@bucket/\.\.\.: credentials in a URI") as e:
+        storage.normalize("s3://AKIA:hunter2@bucket/x")
+    assert "hunter2" not in str(e.value)

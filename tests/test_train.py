@@ -76,16 +76,14 @@ def test_streaming_then_repeated_runs_read_the_cache_and_train_identically(ray_c
     precompute run that missed its own cache, step for step. A cache entry that is sound on disk
     but holds wrong log-probs stops the run at the exactness guard. (ZeRO-0, one worker; one test,
     so that each run serves two checks.)"""
-    import collections
-    import glob
     import os
 
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from raydpo.config import from_dict
     from raydpo.pipeline import run
     from raydpo.reference import store
+    from raydpo.storage import entries
     from raydpo.train.guard import GuardError
 
     def raw(name, cache, mode="precompute"):
@@ -116,16 +114,15 @@ def test_streaming_then_repeated_runs_read_the_cache_and_train_identically(ray_c
     # A cache entry that is sound on disk but holds wrong log-probs (a buggy backend, a cache copied
     # from another model): the exactness guard stops the run before the first update.
     entry = missed.summary["reference"]["train"]["entry"]
-    inputs = store.read_manifest(entry)["inputs"]
-    os.rename(entry, entry + ".partial")
-    os.remove(entry + ".partial/manifest.json")
-    digests = collections.Counter()
-    for path in glob.glob(entry + ".partial/data/*.parquet"):
-        table = pq.read_table(path)
+    root, key = os.path.dirname(entry), os.path.basename(entry)
+    manifest, writer, digests = entries.read_manifest(root, key), entries.new_writer(), []
+    for shard in manifest["shards"]:  # the same pairs, every chosen log-prob off by 0.5, checksums sound
+        table = store.read_table(entries.read_shard(root, key, shard))
         i = table.schema.get_field_index("ref_chosen_logps")
-        pq.write_table(table.set_column(i, "ref_chosen_logps", pc.add(table["ref_chosen_logps"], 0.5)), path)
-        digests.update(table["digest"].to_pylist())
-    store.finalize(os.path.dirname(entry), os.path.basename(entry), inputs, digests)
+        store.write_shard(entries.writer_path(root, key, writer),
+                          table.set_column(i, "ref_chosen_logps", pc.add(table["ref_chosen_logps"], 0.5)))
+        digests += table["digest"].to_pylist()
+    store.finalize(root, key, writer, [], manifest["inputs"], digests, replacing=manifest)
     with pytest.raises(GuardError, match="exactness guard: the cached reference log-probs differ"):
         run(from_dict(raw("guarded", "cache")))
     guard = json.load(open(tmp_path / "guarded" / "guard.json"))

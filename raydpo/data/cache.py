@@ -25,8 +25,6 @@ import json
 import os
 import time
 
-import pyarrow as pa
-
 from raydpo import storage
 from raydpo.storage import entries
 
@@ -133,8 +131,8 @@ def load(root: str, key: str):
     try:
         *refs, metadata = on_cluster(read_shards, root, key, manifest["shards"], num_returns=n + 1)
         metadata = ray.get(metadata)
-    except ValueError as e:  # a shard that does not match its manifest
-        return None, manifest, [str(e)]
+    except (ValueError, FileNotFoundError) as e:  # a shard missing or not matching its manifest (not a read error)
+        return None, manifest, [str(getattr(e, "cause", None) or e).strip().splitlines()[-1]]
     if sum(m.num_rows for m in metadata) != manifest["rows"]:
         return None, manifest, [f"{sum(m.num_rows for m in metadata)} rows, the manifest says {manifest['rows']}"]
     return materialized(refs, metadata), manifest, []

@@ -97,28 +97,21 @@ def _paths(cfg: Config) -> dict[str, str]:
 
 
 def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
-    import ray.train
-    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydpo.cluster import resolve_train_cpus
     from raydpo.online.worker import online_loop_per_worker
-    from raydpo.train.stage import run_name, storage_path, train_logging
+    from raydpo.train.stage import run_config, scaling_config
 
     resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
-    t, o = cfg.train, cfg.online
+    o = cfg.online
     # constant schedules ignore the total; a decaying one needs steps_per_round (online_checks).
     total = o.rounds * (o.steps_per_round or 1)
     return TorchTrainer(
         online_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "queue": queue, "model_path": model_path, "pad_id": pad_id, "total_steps": total,
                            "output_dir": storage.normalize(cfg.output.dir)},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
-                                     resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}) | dict(t.resources)),
-        run_config=RunConfig(name=run_name(cfg), storage_path=storage_path(cfg), logging_config=train_logging(cfg),
-                             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
-    )
+        scaling_config=scaling_config(cfg), run_config=run_config(cfg))
 
 
 def _keep_rows(path: str, keep) -> list[dict]:

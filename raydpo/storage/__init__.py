@@ -7,3 +7,8 @@ from raydpo.storage.uri import (  # noqa: F401  (the API other modules use)
     free_bytes, is_uri, join, kind, listing, local_copy, local_dir_for_writing, makedirs, normalize, parent,
     read_bytes, read_json, read_text, resolve, retried, scheme, upload_dir, write_bytes, write_json, write_text,
 )
+
+__all__ = ["MissingFilesystem", "append_text", "basename", "create_exclusive", "delete_dir", "delete_file", "download_dir",
+           "exists", "free_bytes", "is_uri", "join", "kind", "listing", "local_copy", "local_dir_for_writing", "makedirs",
+           "normalize", "parent", "read_bytes", "read_json", "read_text", "resolve", "retried", "scheme", "upload_dir",
+           "write_bytes", "write_json", "write_text"]

@@ -48,6 +48,12 @@ def normalize(path: str | os.PathLike) -> str:
     if path.startswith("file://"):
         path = path[len("file://"):]
     if is_uri(path):
+        head, _, rest = path.partition("://")
+        user, at, host = rest.partition("/")[0].rpartition("@")
+        if at and ":" in user:  # never echo the secret itself
+            raise ValueError(f"{head}://***@{host}/...: credentials in a URI would be written to config.yaml, logs and "
+                             "summary.json; give them through each node's environment (AWS_ACCESS_KEY_ID / "
+                             "AWS_SECRET_ACCESS_KEY, an IAM role, GOOGLE_APPLICATION_CREDENTIALS)")
         return path.rstrip("/")
     return os.path.abspath(os.path.expanduser(path))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from raydpo import storage
 
 import itertools
-import os
 import re
 
 from raydpo.config import Config, ConfigError, apply_overrides, from_dict

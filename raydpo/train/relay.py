@@ -50,10 +50,13 @@ class RunRelay:
 
 
 def start_relay():
-    """A new relay actor for one run (on any node: it holds a few KB per logged step)."""
+    """A new relay actor for one run, on the driver's node where it can be (it lives and dies with
+    the driver, not with a worker node; it holds a few KB per logged step)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(RunRelay).options(num_cpus=0, name=None).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(RunRelay).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 def follow(relay):

@@ -97,6 +97,25 @@ def ingest_options():
                             verbose_progress=current.verbose_progress)
 
 
+def scaling_config(cfg: Config):
+    """Ray Train's workers for this config: count, GPU, CPUs and custom resources per worker."""
+    from ray.train import ScalingConfig
+
+    t = cfg.train
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
+                         resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}) | dict(t.resources))
+
+
+def run_config(cfg: Config):
+    """Ray Train's run: this run's own name in ``train.storage_path``, failures, checkpoints kept."""
+    import ray.train
+
+    t = cfg.train
+    return ray.train.RunConfig(name=run_name(cfg), storage_path=storage_path(cfg), logging_config=train_logging(cfg),
+                               failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints))
+
+
 def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,
                  guard: dict | None = None, streaming: bool = False):
     """Fit the policy; returns (what rank 0 reported through the relay: ``result``, ``guard``,
@@ -106,8 +125,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     (None: no exactness guard). ``streaming``: ``train_ds`` is the reference pool's lazy output (read
     once, in scoring order). Raises GuardError with its message when the guard stopped the run."""
     import ray
-    import ray.train
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     from raydpo.observability import console, trackers
@@ -153,22 +171,10 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
             "trackers": tracking,
             "tracker_params": {**to_dict(cfg), "pairs": {"train": n_train, "eval": n_eval}},
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
-            | dict(cfg.train.resources),
-            accelerator_type=cfg.train.accelerator_type,
-        ),
+        scaling_config=scaling_config(cfg),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest_options()),
-        run_config=RunConfig(
-            name=run_name(cfg),
-            storage_path=storage_path(cfg),
-            logging_config=train_logging(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        ),
+        run_config=run_config(cfg),
     )
     t = cfg.train
     sp = f" in sequence-parallel groups of {t.sequence_parallel_size}" if t.sequence_parallel_size > 1 else ""

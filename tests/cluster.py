@@ -103,9 +103,10 @@ class RayNodes:
                 pass
         for p in self.procs:
             try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # `ray start --block` may take its time: nothing here needs a clean exit
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
         left = [p for p in psutil.process_iter(["cmdline"]) if any(self.temp_dir in a for a in (p.info["cmdline"] or []))]
         for p in left:
             try:

@@ -10,7 +10,6 @@ temp dir) and is stopped at the end.
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,21 +17,10 @@ import time
 import pytest
 import yaml
 
+from cluster import RayNodes, free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _agent_ports() -> list[str]:
-    """Ports of a node's agents, free ones: the defaults (52365, ...) may be held by another Ray on
-    this machine (the test session's own cluster, a CI job), and then no job can be submitted."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
 
 
 def _ray(*args, env, check=True, timeout=180):
@@ -41,52 +29,23 @@ def _ray(*args, env, check=True, timeout=180):
 
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
-    """A head node offering ``policy_node`` and a second node offering ``reference_node``."""
+    """A head node offering ``policy_node`` (with the dashboard, for jobs) and a second node offering
+    ``reference_node``, on one disk (tests/cluster.py)."""
     tmp = tmp_path_factory.mktemp("cluster")
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    temp_dir = f"/tmp/raydpo-two-node-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
-    _ray("start", "--head", f"--port={port}", "--num-cpus=6", '--resources={"policy_node": 2}', "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         *_agent_ports(), env=env)
+    dash = free_port()
+    nodes = RayNodes(f"/tmp/raydpo-two-node-{os.getpid()}", str(tmp))  # short: Ray's socket paths must fit 107 bytes
     try:
-        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=4", '--resources={"reference_node": 1}', *_agent_ports(), env=env)
+        nodes.head(6, {"policy_node": 2}, dashboard_port=dash).node(4, {"reference_node": 1})
+        ids = nodes.wait(2)
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
         while time.time() < deadline:  # the job server answers once the dashboard is up
-            if _ray("job", "list", f"--address={address}", env=env, check=False).returncode == 0:
+            if _ray("job", "list", f"--address={address}", env=nodes.env, check=False).returncode == 0:
                 break
             time.sleep(2)
-        yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "tmp": tmp}
+        yield {"address": address, "gcs": nodes.gcs, "env": nodes.env, "tmp": tmp, "ids": ids}
     finally:
-        _stop(temp_dir)
-
-
-def _stop(temp_dir: str) -> None:
-    """Stop this cluster only: ``ray stop`` would also stop the test session's cluster. Its processes
-    name its temp dir on their command lines; their workers exit when their raylet does."""
-    import shutil
-
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in (p.info["cmdline"] or []))]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _node_ids(cluster) -> dict[str, str]:
-    """Custom resource name -> node id, read from the cluster itself."""
-    code = ("import json, ray; ray.init(address='%s'); "
-            "print(json.dumps({r: n['NodeID'] for n in ray.nodes() if n['Alive'] for r in n['Resources'] "
-            "if r in ('policy_node', 'reference_node')}))" % cluster["gcs"])
-    out = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True, text=True, check=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        nodes.stop()
 
 
 def _submit(cluster, workdir, config_path, submission_id: str) -> subprocess.CompletedProcess:
@@ -121,7 +80,7 @@ def test_job_runs_each_stage_on_its_pinned_node(two_node_cluster, tiny_model_dir
     job = _submit(cluster, workdir, "cfg.yaml", f"raydpo-smoke-{os.getpid()}")
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "[raydpo] done: 4 steps" in job.stdout  # progress lands in the job log
-    nodes = _node_ids(cluster)
+    nodes = cluster["ids"]
     trainers = [json.load(open(p)) for p in glob.glob(str(tmp / "run" / "workers" / "rank*.json"))]
     actors = [json.load(open(p)) for p in glob.glob(str(tmp / "run" / "workers" / "reference-*.json"))]
     assert len(trainers) == 2 and {w["node_id"] for w in trainers} == {nodes["policy_node"]}

@@ -125,8 +125,9 @@ def load(root: str, key: str):
     manifest = entries.read_manifest(root, key)
     if manifest is None:
         return None, {}, []
-    if manifest.get("format") != FORMAT or not manifest.get("writer"):
-        return None, manifest, [f"format {manifest.get('format')}, this raydpo writes {FORMAT}"]
+    if manifest.get("format") != FORMAT or not manifest.get("writer") or not manifest.get("shards"):
+        return None, manifest, [f"format {manifest.get('format')} with {len(manifest.get('shards') or [])} shards, "
+                                f"this raydpo writes {FORMAT}"]
     n = len(manifest["shards"])
     try:
         *refs, metadata = on_cluster(read_shards, root, key, manifest["shards"], num_returns=n + 1)

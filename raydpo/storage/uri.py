@@ -199,15 +199,21 @@ def read_json(path: str):
     return json.loads(read_bytes(path))
 
 
+def _temp_beside(p: str, data: bytes) -> str:
+    """A finished temporary file holding ``data`` in ``p``'s directory (made if needed): renamed or
+    linked into place, it makes the write atomic."""
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write the whole file atomically (see the module docstring); parent directories are made."""
     fs, p = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
+        os.replace(_temp_beside(p, data), p)
         return
     with fs.open_output_stream(p) as f:  # one PUT: the object appears whole when the stream closes
         f.write(data)
@@ -229,10 +235,7 @@ def create_exclusive(path: str, data: bytes) -> bool:
     the same instant overwrites the first with its own (equally complete) file."""
     fs, p = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = _temp_beside(p, data)
         try:
             os.link(tmp, p)
             return True

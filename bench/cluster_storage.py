@@ -33,26 +33,49 @@ from cluster import RayNodes, unshare_works  # noqa: E402
 from s3 import S3Server, aws_environment, free_port  # noqa: E402
 
 
+def _io(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f.read().split("\n") if line)}
+
+
 def driver_run(args: list[str], env: dict) -> dict:
-    """``raydpo`` as its own process; wall seconds, its I/O bytes and peak RSS, sampled until it exits."""
+    """``raydpo`` as its own process; wall seconds, peak RSS and its bytes through read/write system
+    calls, in all and from the data stage's first line on (after start-up's imports and Ray's start)."""
+    import threading
+
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "raydpo", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tempfile.gettempdir())
+    lines, marks = [], {}
+
+    def follow() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "data: reading" in line and "stages" not in marks:
+                try:
+                    marks["stages"] = _io(proc.pid)
+                except OSError:
+                    pass
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
     io, rss = {}, 0
     while proc.poll() is None:
         try:
-            with open(f"/proc/{proc.pid}/io") as f:
-                io = dict(line.split(": ") for line in f.read().split("\n") if line)
+            io = _io(proc.pid)
             with open(f"/proc/{proc.pid}/status") as f:
                 rss = max(rss, next(int(line.split()[1]) for line in f if line.startswith("VmHWM")))
         except (OSError, StopIteration):
             pass
-        time.sleep(0.2)
-    out = proc.stdout.read()
+        time.sleep(0.1)
+    reader.join()
     if proc.returncode:
-        raise RuntimeError(out[-3000:])
-    return {"wall_s": round(time.perf_counter() - start, 1), "driver_read_mb": round(int(io.get("rchar", 0)) / 1e6, 1),
-            "driver_written_mb": round(int(io.get("wchar", 0)) / 1e6, 1), "driver_peak_rss_mb": round(rss / 1024, 1)}
+        raise RuntimeError("".join(lines)[-3000:])
+    base = marks.get("stages", {"rchar": 0, "wchar": 0})
+    mb = lambda n: round(n / 1e6, 2)  # noqa: E731
+    return {"wall_s": round(time.perf_counter() - start, 1), "driver_read_mb": mb(io.get("rchar", 0)),
+            "driver_written_mb": mb(io.get("wchar", 0)), "driver_read_during_stages_mb": mb(io.get("rchar", 0) - base["rchar"]),
+            "driver_written_during_stages_mb": mb(io.get("wchar", 0) - base["wchar"]), "driver_peak_rss_mb": round(rss / 1024, 1)}
 
 
 def config(model: str, data: str, cache: str, out: str, gcs: str, steps: int, pin: bool) -> dict:
@@ -113,7 +136,31 @@ def main() -> None:
     finally:
         s3.stop()
     summary = {label: {k: sorted(run[k] for run in runs) for k in runs[0]} for label, runs in results.items()}
-    print(json.dumps({"steps": args.steps, "pairs": 2000, "runs": summary}, indent=1))
+    print(json.dumps({"steps": args.steps, "pairs": 2000, "runs": summary, "pair_bytes": pair_bytes(os.path.join(work, "data"))},
+                     indent=1))
+
+
+def pair_bytes(data_dir: str) -> dict:
+    """What the driver still fetches per run (issue 35 removes it): the data stage's tokenized
+    blocks (every row's token ids, Arrow bytes) and the reference log-prob columns (digest + two
+    float32 per distinct pair), measured on this run's data, in MB."""
+    import ray
+
+    from raydpo.config import from_dict
+    from raydpo.data.stage import prepare
+
+    ray.init(address="local", num_cpus=4, log_to_driver=False)
+    try:
+        cfg = from_dict({"model": {"name_or_path": os.path.join(os.path.dirname(data_dir), "model")},
+                         "data": {"train": f"{data_dir}/train.jsonl", "eval": f"{data_dir}/eval.jsonl", "max_length": 64,
+                                  "num_workers": 1, "cache": False},
+                         "output": {"dir": os.path.join(os.path.dirname(data_dir), "sizes")}})
+        data = prepare(cfg, os.path.join(os.path.dirname(data_dir), "sizes-quarantine.jsonl"))
+        tokenized = sum(ray.get(ref).nbytes for ref in data.processed.to_arrow_refs())
+        pairs = data.n_train + data.n_eval
+    finally:
+        ray.shutdown()
+    return {"tokenized_blocks_mb": round(tokenized / 1e6, 3), "logp_columns_mb": round(pairs * (32 + 8) / 1e6, 3)}
 
 
 if __name__ == "__main__":

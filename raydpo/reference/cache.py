@@ -1,10 +1,11 @@
 """Keys of the content-addressed cache of reference log-probs (what an entry depends on).
 
-An entry is a directory ``<cache_dir>/<key>/`` holding ``manifest.json`` (every key input spelled
-out) and ``data/*.parquet`` (the scored pairs: token ids plus ``ref_chosen_logps`` /
-``ref_rejected_logps``). The key is a hash of the manifest's inputs: reference weights, tokenizer
-files (chat template included), tokenization settings, the exact token ids scored, dtype and
-backend. How entries are written, resumed, verified and pruned: :mod:`raydpo.reference.store`.
+An entry ``<cache_dir>/<key>/`` (a local directory or a URI) holds ``manifest.json`` (every key input
+spelled out) and its writers' ``w-<time>-<id>/shard-*.parquet`` (the scored pairs: token ids plus
+``ref_chosen_logps`` / ``ref_rejected_logps``). The key is a hash of the manifest's inputs: reference
+weights, tokenizer files (chat template included), tokenization settings, the exact token ids
+scored, dtype and backend. How entries are written, resumed, shared by concurrent writers and
+verified: :mod:`raydpo.reference.store` and :mod:`raydpo.storage.entries`.
 """
 
 from __future__ import annotations

@@ -177,11 +177,11 @@ def test_runs_sharing_a_storage_path_stay_apart(ray_cluster, tiny_model_dir, syn
                                  train={"num_workers": 1, "max_steps": 4, "checkpoint_every": 2, "storage_path": str(shared)},
                                  output={"dir": str(tmp_path / name)})
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(cfgs[name])))
-    assert main(["train", str(tmp_path / "a.yaml"), "--quiet"]) == 0
+    assert main(["train", str(tmp_path / "a.yaml")]) == 0  # (not --quiet: that would stay set for later tests in this process)
     mine = lambda name: sorted(glob.glob(str(shared / f"raydpo-{name}-*" / "**"), recursive=True))  # noqa: E731
     a_files = mine("a")
     assert any(f.endswith("step_00000002") for f in a_files)
-    assert main(["train", str(tmp_path / "b.yaml"), "--quiet"]) == 0
+    assert main(["train", str(tmp_path / "b.yaml")]) == 0
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl") if '"loss"' in line]
     assert steps == [1, 2, 3, 4]  # from the start: A's checkpoint was not resumed
     assert any(f.endswith("step_00000002") for f in mine("b"))

@@ -121,3 +121,21 @@ def test_default_cores_rule(ray_cluster):
     assert resolve_train_cpus(cfg) == 3.0
     cfg.train.cpus_per_worker, cfg.train.use_gpu = None, True
     assert resolve_train_cpus(cfg) == 1.0
+
+
+def test_trials_get_absolute_local_paths(tiny_model_dir, tmp_path, monkeypatch):
+    """A Tune trial runs in its own working directory: relative local paths are anchored on the
+    driver (the README's `raydpo sweep examples/tiny.yaml` names runs/tiny-model); hub ids and URIs stay."""
+    import shutil
+
+    from raydpo.config import from_dict
+    from raydpo.sweep.run import anchored
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    cfg = anchored(from_dict({"model": {"name_or_path": "model"}, "reference": {"cache_dir": "cache"},
+                              "data": {"train": ["data/*.jsonl", "org/set:train"], "eval": ["s3://bucket/eval.jsonl"]},
+                              "train": {"storage_path": "s3://bucket/ckpt"}}))
+    assert cfg.model.name_or_path == str(tmp_path / "model") and cfg.reference.cache_dir == str(tmp_path / "cache")
+    assert cfg.data.train == [str(tmp_path / "data" / "*.jsonl"), "org/set:train"] and cfg.data.eval == ["s3://bucket/eval.jsonl"]
+    assert cfg.train.storage_path == "s3://bucket/ckpt" and cfg.reference.name_or_path is None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from raydpo import storage
-
 import itertools
 import re
 
+from raydpo import storage
 from raydpo.config import Config, ConfigError, apply_overrides, from_dict
 
 

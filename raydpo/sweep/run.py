@@ -39,6 +39,27 @@ def shared_stages(runs: list[tuple[str, dict, Config]], sweep_dir: str) -> list[
     return rows
 
 
+def anchored(cfg: Config) -> Config:
+    """``cfg`` with its relative local paths made absolute here: a Tune trial runs in its own working
+    directory, where ``runs/tiny-model`` would name nothing (hub ids and URIs are left as they are)."""
+    from raydpo.data.sources import _is_hub_id
+
+    def local(p: str | None, must_exist: bool = False) -> str | None:
+        if not p or storage.is_uri(p) or (must_exist and not os.path.exists(os.path.expanduser(p))):
+            return p
+        return os.path.abspath(os.path.expanduser(p))
+
+    cfg.model.name_or_path = local(cfg.model.name_or_path, must_exist=True)
+    cfg.reference.name_or_path = local(cfg.reference.name_or_path, must_exist=True)
+    cfg.reference.cache_dir, cfg.data.cache_dir = local(cfg.reference.cache_dir), local(cfg.data.cache_dir)
+    cfg.train.storage_path, cfg.logging.tensorboard_dir = local(cfg.train.storage_path), local(cfg.logging.tensorboard_dir)
+    cfg.data.train = [p if _is_hub_id(p) else local(p) for p in cfg.data.train]
+    cfg.data.eval = [p if _is_hub_id(p) else local(p) for p in cfg.data.eval]
+    if cfg.data.chat_template and cfg.data.chat_template.endswith(".jinja"):
+        cfg.data.chat_template = local(cfg.data.chat_template)
+    return cfg
+
+
 def describe_sharing(rows: list[dict], grid: dict[str, list[str]], runs) -> list[str]:
     """Console lines: how many tokenizations and reference entries the runs share, and which grid
     keys gave runs their own entry."""
@@ -132,7 +153,7 @@ def sweep(raw: dict, grid_specs: list[str], concurrent: int = 1) -> dict:
     for line in describe_sharing(sharing, grid, runs):
         console.get().say(line)
     shared_s = time.perf_counter() - t0
-    configs = {name: to_dict(cfg) for name, _, cfg in runs}
+    configs = {name: to_dict(anchored(cfg)) for name, _, cfg in runs}
     for cfg in configs.values():  # trials report through the sweep's table; their console says the gist
         cfg["logging"]["console"] = "quiet" if base.logging.console != "verbose" else "verbose"
     console.get().say(f"sweep: training {len(runs)} runs, {concurrent} at a time, as Ray Tune trials")

@@ -155,3 +155,46 @@ def resolve_train_cpus(cfg: Config) -> float:
                       f"{t.num_workers} worker(s){', a streaming reference pool' if concurrent else ''}; "
                       "train.cpus_per_worker overrides)")
     return t.cpus_per_worker
+
+
+def room_for(need: dict[str, float]) -> int:
+    """How many actors needing ``need`` (``{"CPU": 1, "GPU": 0, "reference_node": 1}``) the alive
+    nodes can hold at once, by their total resources (what is busy now frees up later)."""
+    import ray
+
+    need = {k: v for k, v in need.items() if v}
+    if not need:
+        return 1 << 30
+    return sum(min(int(n["Resources"].get(k, 0.0) / v + 1e-9) for k, v in need.items())
+               for n in ray.nodes() if n.get("Alive"))
+
+
+def tokenizer_pool(num_workers: int) -> tuple[int, float, float | None]:
+    """(actors, CPUs per actor, CPUs per read task, None for Ray Data's default) of the data stage.
+
+    The tokenizer actors hold their CPUs for the whole stage while the read tasks that feed them
+    need CPUs too: with every CPU held by an actor no read could run and the stage would wait
+    forever. So the pool leaves one CPU for the reads; on a one-CPU cluster the actor and the reads
+    share it."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cpus >= num_workers + 1:
+        return num_workers, 1.0, None
+    if cpus >= 2:
+        return int(cpus) - 1, 1.0, None
+    share = max(cpus, 0.02) / 2
+    return 1, share, share
+
+
+def say_if_waiting(what: str, count: int, need: dict[str, float]) -> None:
+    """Say at once when the cluster has room for fewer than ``count`` of ``what`` (each needing
+    ``need``): Ray then waits, for busy resources to free up or an autoscaler to add nodes, and the
+    user should know what it waits for rather than watch a silent stage."""
+    from raydpo.observability import console
+
+    room = room_for(need)
+    if room < count:
+        wants = ", ".join(f"{k}: {v:g}" for k, v in need.items() if v)
+        console.get().say(f"{what}: waiting for {count} actor(s) of {{{wants}}}; the cluster's nodes have room for {room} "
+                          "(an autoscaler may add nodes; otherwise lower the count or the resources each one asks for)")

@@ -188,12 +188,13 @@ def _raw_rows(source: str):
     return fn
 
 
-def from_hf(ds, source: str):
-    """A ``datasets.Dataset`` as ``{source, index, raw}`` rows, positions kept."""
+def from_hf(ds, source: str, remote_args: dict | None = None):
+    """A ``datasets.Dataset`` as ``{source, index, raw}`` rows, positions kept (``remote_args``: of the
+    conversion tasks, e.g. their CPUs)."""
     import ray.data
 
     ds = ds.add_column("__index", list(range(len(ds))))
-    return ray.data.from_huggingface(ds).map_batches(_raw_rows(source), batch_format="pyarrow")
+    return ray.data.from_huggingface(ds).map_batches(_raw_rows(source), batch_format="pyarrow", **(remote_args or {}))
 
 
 def from_ray(ds, source: str = "<ray.data.Dataset>"):
@@ -216,7 +217,7 @@ def from_ray(ds, source: str = "<ray.data.Dataset>"):
     return ray.data.from_arrow(tables or [_table_positions(source, [])])
 
 
-def _hub_or_saved(spec: str, default_split: str):
+def _hub_or_saved(spec: str, default_split: str, remote_args: dict | None = None):
     import importlib.util
 
     if importlib.util.find_spec("datasets") is None:
@@ -227,13 +228,13 @@ def _hub_or_saved(spec: str, default_split: str):
         if os.path.isfile(os.path.join(spec, "dataset_dict.json")):
             splits = sorted(d for d in os.listdir(spec) if is_saved_dataset(os.path.join(spec, d)))
             raise ValueError(f"{spec} holds a DatasetDict; name one split directory: {', '.join(splits)}")
-        return from_hf(datasets.load_from_disk(spec), os.path.abspath(spec))
+        return from_hf(datasets.load_from_disk(spec), os.path.abspath(spec), remote_args)
     name, _, split = spec.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or default_split)
     except Exception as e:  # offline, unknown id, missing split: say which and why
         raise FileNotFoundError(f"{spec!r} is neither a local path nor a loadable hub data set: {e}") from e
-    return from_hf(ds, f"hub:{name}:{split or default_split}")
+    return from_hf(ds, f"hub:{name}:{split or default_split}", remote_args)
 
 
 def _is_hub_id(spec: str) -> bool:
@@ -261,18 +262,20 @@ def source_names(specs: list[str], default_split: str = "train") -> list[str]:
     return [name for spec in specs for name in _resolve(spec, default_split)[1]]
 
 
-def read_preferences(specs: list[str], default_split: str = "train"):
+def read_preferences(specs: list[str], default_split: str = "train", read_cpus: float | None = None):
     """A ``ray.data.Dataset`` of ``{source, index, raw}`` rows from files, saved or hub data sets.
+    ``read_cpus``: CPUs per read task (None: Ray Data's default of 1).
 
     Returns (dataset, resolved source names in input order).
     """
     import ray.data
 
     parts, names, files = [], [], []
+    remote_args = {"num_cpus": read_cpus} if read_cpus is not None else {}
 
     def flush():
         if files:
-            parts.append(ray.data.read_datasource(PreferenceFiles(list(files))))
+            parts.append(ray.data.read_datasource(PreferenceFiles(list(files)), num_cpus=read_cpus))
             names.extend(files)
             files.clear()
 
@@ -280,7 +283,7 @@ def read_preferences(specs: list[str], default_split: str = "train"):
         hf, resolved = _resolve(spec, default_split)
         if hf is not None:
             flush()
-            parts.append(_hub_or_saved(hf, default_split))
+            parts.append(_hub_or_saved(hf, default_split, remote_args))
             names.extend(resolved)
         else:
             for name in resolved:  # one datasource per run of files on the same filesystem

@@ -63,9 +63,12 @@ def eval_bucket(pid: str, eval_fraction: float) -> bool:
 
 
 class Preprocess:
-    """Ray Data callable: raw rows -> validated, tokenized rows with a status (one tokenizer per actor)."""
+    """Ray Data callable: raw rows -> validated, tokenized rows with a status (one tokenizer per actor).
 
-    def __init__(self, tokenizer: TokenizerSpec, settings: TokenizeSettings, split: str, eval_fraction: float = 0.0,
+    One pool serves both splits: a row whose ``source`` is in ``eval_sources`` is an eval row; the
+    others are train rows, ``eval_fraction`` of which (by content) are held out for eval."""
+
+    def __init__(self, tokenizer: TokenizerSpec, settings: TokenizeSettings, eval_sources: list[str] = (), eval_fraction: float = 0.0,
                  columns: dict | None = None, fmt: str = "auto", marker: str = "\n\nAssistant:",
                  shared_prompt: bool = True, unpaired: bool = False, unpair_pairs: bool = True):
         # One thread per actor: the pool is the parallelism. The Rust tokenizer would otherwise
@@ -78,7 +81,7 @@ class Preprocess:
         self.tokenizer = load_spec(tokenizer)
         self.cut_prefix = special_prefix(self.tokenizer)[0] if shared_prompt else None
         self.settings = settings
-        self.split = split
+        self.eval_sources = frozenset(eval_sources)
         self.eval_fraction = eval_fraction
         self.unpaired = unpaired
         self.parse = (lambda raw: parse_examples(raw, columns, fmt, marker, unpair_pairs)) if unpaired else \
@@ -102,10 +105,10 @@ class Preprocess:
                 pid = example_key(pair, desirable) if self.unpaired else pair_key(pair)
                 status, reason = ("filtered", tok["filtered"]) if tok["filtered"] else ("ok", "")
             ok = status == "ok"
-            split = self.split
+            split = "eval" if rows["source"][i] in self.eval_sources else "train"
             # An unpaired example is split by its prompt, so a prompt's examples (a split pair's two) stay together.
             bucket = pair_id(pair.prompt, None, None) if ok and self.unpaired else pid
-            if ok and self.split == "train" and self.eval_fraction > 0 and eval_bucket(bucket, self.eval_fraction):
+            if ok and split == "train" and self.eval_fraction > 0 and eval_bucket(bucket, self.eval_fraction):
                 split = "eval"
             ids = (tok["prompt_ids"], tok["chosen_ids"], tok["rejected_ids"]) if ok else ([], [], [])
             values = {
@@ -292,7 +295,9 @@ def add_kl_sequences(processed, files: list[str], group: int, settings: Tokenize
     return from_tables(out)
 
 
-def _process(raw_rows, split: str, cfg, eval_fraction: float):
+def _process(raw_rows, eval_sources: list[str], cfg, eval_fraction: float, pool: tuple[int, float]):
+    """The tokenizer pool over ``raw_rows`` (both splits: one pool, so the reads that feed it keep
+    their CPUs); ``pool``: (actors, CPUs each), :func:`raydpo.cluster.tokenizer_pool`."""
     import ray.data
 
     return raw_rows.map_batches(
@@ -300,7 +305,7 @@ def _process(raw_rows, split: str, cfg, eval_fraction: float):
         fn_constructor_kwargs={
             "tokenizer": driver_tokenizer_spec(cfg),
             "settings": tokenize_settings(cfg),
-            "split": split,
+            "eval_sources": eval_sources,
             "eval_fraction": eval_fraction,
             "columns": cfg.data.columns,
             "fmt": cfg.data.format,
@@ -309,7 +314,8 @@ def _process(raw_rows, split: str, cfg, eval_fraction: float):
             "unpaired": unpaired(cfg.loss),
             "unpair_pairs": cfg.data.unpair_pairs,
         },
-        compute=ray.data.ActorPoolStrategy(size=cfg.data.num_workers),
+        compute=ray.data.ActorPoolStrategy(size=pool[0]),
+        num_cpus=pool[1],
         batch_size=cfg.data.tokenize_batch_size,
         batch_format="pyarrow",
     )
@@ -318,20 +324,25 @@ def _process(raw_rows, split: str, cfg, eval_fraction: float):
 def read_and_tokenize(cfg, train, eval) -> tuple[object, list[str]]:
     """The Ray Data pipeline: read, validate and tokenize on the actor pool, then de-duplicate and
     pair KL sequences. Returns (every row with its status, the resolved source names)."""
+    from raydpo.cluster import tokenizer_pool
     from raydpo.data.sources import from_ray, read_preferences
+
+    actors, actor_cpus, read_cpus = tokenizer_pool(cfg.data.num_workers)
 
     def source(given, specs, split):
         if given is not None:
             return from_ray(given, f"<ray.data.Dataset:{split}>"), [f"<ray.data.Dataset:{split}>"]
-        return read_preferences(specs, default_split="train" if split == "train" else "test") if specs else (None, [])
+        default = "train" if split == "train" else "test"
+        return read_preferences(specs, default_split=default, read_cpus=read_cpus) if specs else (None, [])
 
     train_raw, train_files = source(train, cfg.data.train, "train")
     eval_raw, eval_files = source(eval, cfg.data.eval, "eval")
-    ds = _process(train_raw, "train", cfg, cfg.data.eval_fraction if eval_raw is None else 0.0)
-    if eval_raw is not None:
-        ds = ds.union(_process(eval_raw, "eval", cfg, 0.0))
+    raw = train_raw if eval_raw is None else train_raw.union(eval_raw)
+    ds = _process(raw, eval_files, cfg, cfg.data.eval_fraction if eval_raw is None else 0.0, (actors, actor_cpus))
     inputs = train_files + eval_files
-    console.get().say(f"data: reading {len(inputs)} source(s), tokenizing on {cfg.data.num_workers} actor(s)"
+    fewer = (f" (data.num_workers={cfg.data.num_workers} would hold every CPU of this cluster and leave none for "
+             "the read tasks)") if actors < cfg.data.num_workers else ""
+    console.get().say(f"data: reading {len(inputs)} source(s), tokenizing on {actors} actor(s){fewer}"
                       + (f": {', '.join(inputs)}" if len(inputs) <= 3 else ""))
     processed = collect(ds, _LiveCounts())
     if cfg.data.deduplicate:

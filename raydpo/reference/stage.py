@@ -244,6 +244,7 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
     the dataset (the consumer, the trainer, drives the scoring) and ``seal`` to call when it has
     read everything. ``label``: the split, for the console.
     """
+    from raydpo.cluster import say_if_waiting
     from raydpo.storage import entries
     from raydpo.storage.remote import on_cluster
 
@@ -272,6 +273,9 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
 
     scored_ds = score_pairs(from_tables(todo), cfg, pad_id, entries.writer_path(root, key, writer), scorer) if todo else None
     low, high = pool_size(cfg.reference.num_actors)
+    if scored_ds is not None:
+        r = cfg.reference
+        say_if_waiting(f"reference {label}", low, {"CPU": r.num_cpus_per_actor, "GPU": r.num_gpus_per_actor, **r.resources})
     pool = f"{low}" if low == high else f"{low}-{high}"
     already = f"; {len(digests) - scored:,} already in shards other writers left" if resumed else ""
     if stream and scored_ds is not None and not resumed:

@@ -129,7 +129,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
     from ray.train.torch import TorchTrainer
 
     from raydpo.observability import console, trackers
-    from raydpo.cluster import resolve_train_cpus
+    from raydpo.cluster import resolve_train_cpus, say_if_waiting
     from raydpo.observability.watch import MetricsWatcher
     from raydpo.train.loop import train_loop_per_worker
     from raydpo.train.relay import follow, start_relay
@@ -177,6 +177,7 @@ def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_
         run_config=run_config(cfg),
     )
     t = cfg.train
+    say_if_waiting("train", t.num_workers, {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0, **t.resources})
     sp = f" in sequence-parallel groups of {t.sequence_parallel_size}" if t.sequence_parallel_size > 1 else ""
     console.get().say(f"train: {t.num_workers} worker(s){sp}, DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
                       f"({plan.steps_per_epoch:,} per epoch) of {data_parallel_size(cfg) * t.micro_batch_size * t.gradient_accumulation_steps} "

@@ -77,9 +77,10 @@ def test_a_run_adopts_what_an_interrupted_writer_left(root):
     manifest = fill(root, key, todo, batch=10, adopted=adopted, everything=everything)
     assert manifest["rows"] == 11 and len(manifest["shards"]) == 2
     assert {s["file"].split("/")[0] for s in manifest["shards"]} == {dead, manifest["writer"]}
-    assert store.lookup(root, key) == (manifest, [], (), None)
+    hit, logps, *rest = store.lookup(root, key)
+    assert hit == manifest and rest == [[], (), None]
     assert storage.exists(cut)
-    logps = store.load_logps(root, key, manifest)
+    assert logps.equals(store.load_logps(root, key, manifest))
     assert logps.num_rows == 10 and sorted(logps["ref_chosen_logps"].to_pylist()) == sorted(-float(i) for i in range(10))
 
 
@@ -107,14 +108,14 @@ def test_a_damaged_entry_is_rebuilt_and_nothing_is_deleted(root, damage):
     else:
         storage.delete_file(victim)
     before = {e.relative for e in storage.listing(storage.join(root, key), recursive=True)}
-    manifest, problems, bad, damaged = store.lookup(root, key)
+    manifest, _, problems, bad, damaged = store.lookup(root, key)
     assert manifest is None and len(problems) == 1 and bad == (first["shards"][1]["file"],) and damaged == first
     assert {e.relative for e in storage.listing(storage.join(root, key), recursive=True)} == before  # nothing removed
     adopted, done, _ = store.scan_and_adopt(root, key, digests(everything), bad)
     left = store.remaining(everything, done)
     assert left["pair_id"].to_pylist() == ["p4", "p5", "p6", "p7"]  # only the damaged shard's pairs
     rebuilt = fill(root, key, left, adopted=adopted, replacing=damaged, everything=everything)
-    assert store.lookup(root, key) == (rebuilt, [], (), None) and rebuilt["writer"] != first["writer"]
+    assert store.lookup(root, key)[0] == rebuilt and rebuilt["writer"] != first["writer"]
     if damage != "deleted":
         assert storage.exists(victim)  # unlisted now, for `raydpo cache prune`; never deleted by a reader
 
@@ -167,7 +168,7 @@ def test_a_transient_network_error_is_retried_then_reported_and_deletes_nothing(
     monkeypatch.delenv("RAYDPO_STORAGE_READ_ATTEMPTS")
     s3_server.proxy.down()
     threading.Timer(0.4, s3_server.proxy.up).start()
-    assert store.lookup(root, "k5") == (manifest, [], (), None)
+    assert store.lookup(root, "k5")[0] == manifest
     assert s3_server.proxy.refused > 0 and s3_server.keys("flaky") == keys
 
 

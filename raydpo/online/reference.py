@@ -14,7 +14,7 @@ from raydpo import storage
 from raydpo.config import Config, pool_size
 from raydpo.online.pool import RestartingPool, actor_options
 from raydpo.reference import cache, store
-from raydpo.reference.stage import cache_inputs, find, logps_for, scorer_kwargs
+from raydpo.reference.stage import cache_inputs, find, logps_for, scorer_kwargs, with_logps
 
 
 class RoundReference:
@@ -42,7 +42,7 @@ class RoundReference:
         root = storage.normalize(self.cfg.reference.cache_dir)
         found = find(root, key, digests, storage.join(root, key))
         if found.manifest is not None:
-            return logps_for([pairs], root, key, found.manifest)[0], True, 0.0
+            return with_logps([pairs], found.logps)[0], True, 0.0
         todo = store.remaining(pairs, found.done)
         writer = entries.new_writer()
         b = self.cfg.reference.batch_size

@@ -161,6 +161,8 @@ class Found:
 
     manifest: Optional[dict]
     """The published entry's manifest when it is sound (a hit), else None."""
+    logps: object
+    """On a hit: the entry's log-prob columns (``digest`` plus the columns, one row per digest)."""
     adopted: list
     """On a miss: shards other writers left that this run takes over."""
     done: object
@@ -174,16 +176,17 @@ def find(root: str, key: str, digests: list, where: str) -> Found:
     the cluster. Damage and unreadable leftovers are said on stderr (``where`` names the entry)."""
     from raydpo.storage.remote import on_cluster
 
-    manifest, damaged, bad_files, damaged_manifest = on_cluster(store.lookup, root, key)
+    # One read of each shard on a hit: checked against its sha256 and its log-prob columns kept.
+    manifest, logps, damaged, bad_files, damaged_manifest = on_cluster(store.lookup, root, key)
     if damaged:
         sys.stderr.write(f"[raydpo] reference cache entry {where} is damaged and is completed again: {'; '.join(damaged[:5])}\n")
     if manifest is not None:
-        return Found(manifest, [], None, None)
+        return Found(manifest, logps, [], None, None)
     adopted, done, unreadable = on_cluster(store.scan_and_adopt, root, key, digests, bad_files)
     if unreadable:
         sys.stderr.write(f"[raydpo] reference cache {where}: {len(unreadable)} shard(s) left by other writers are unreadable "
                          f"and not used (left in place): {'; '.join(unreadable[:3])}\n")
-    return Found(None, adopted, done, damaged_manifest)
+    return Found(None, None, adopted, done, damaged_manifest)
 
 
 def logps_for(tables: list, root: str, key: str, manifest: dict) -> list:
@@ -194,12 +197,12 @@ def logps_for(tables: list, root: str, key: str, manifest: dict) -> list:
     return with_logps(tables, on_cluster(store.load_logps, root, key, manifest))
 
 
-def in_input_order(tables: list, root: str, key: str, manifest: dict):
-    """The pairs of ``tables`` (input order) with their log-probs from the published entry, as a
-    materialized dataset: training sees pairs in input order whatever order the shards were written
-    in (the same order as a streaming run), and one cache serves data sets listing the same pairs
-    in another order. Pairs with equal token digests have equal log-probs."""
-    return from_tables(logps_for(tables, root, key, manifest))
+def in_input_order(tables: list, logps):
+    """The pairs of ``tables`` (input order) with their log-probs (``logps``: an entry's log-prob
+    columns), as a materialized dataset: training sees pairs in input order whatever order the shards
+    were written in (the same order as a streaming run), and one cache serves data sets listing the
+    same pairs in another order. Pairs with equal token digests have equal log-probs."""
+    return from_tables(with_logps(tables, logps))
 
 
 def with_logps(tables: list, logps) -> list:
@@ -259,7 +262,7 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
     found = find(root, key, digests, entry)
     if found.manifest is not None:
         console.get().say(f"reference {label}: cache hit, {len(digests):,} pairs' log-probs read from {entry} (no model loaded)")
-        return ReferenceResult(in_input_order(tables, root, key, found.manifest), entry, key, True, 0, time.perf_counter() - start)
+        return ReferenceResult(in_input_order(tables, found.logps), entry, key, True, 0, time.perf_counter() - start)
     resumed = sum(found.done.values()) > 0
     todo = [t for t in (store.remaining(t, found.done) for t in tables) if t.num_rows]
     scored = sum(t.num_rows for t in todo)
@@ -286,5 +289,5 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
         console.get().say(f"reference {label}: cache miss, scoring {scored:,} pairs on {pool} actor(s){already}")
         drive(scored_ds, label, scored)
     seal()
-    return ReferenceResult(in_input_order(tables, root, key, seal.manifest), entry, key, scored == 0, scored,
-                           time.perf_counter() - start)
+    logps = on_cluster(store.load_logps, root, key, seal.manifest)  # read on the cluster: only the log-prob columns come back
+    return ReferenceResult(in_input_order(tables, logps), entry, key, scored == 0, scored, time.perf_counter() - start)

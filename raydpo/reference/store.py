@@ -141,25 +141,50 @@ def finalize(root: str, key: str, writer: str, adopted: list[str], inputs: dict,
     return published
 
 
-def lookup(root: str, key: str) -> tuple[dict | None, list[str], tuple, dict | None]:
-    """(manifest, [], (), None) for a sound published entry; otherwise (None, its problems, the
-    damaged shard files, the damaged manifest) -- (None, [], (), None) when there is none. Nothing
-    is removed: a rebuild adopts the sound shards and publishes a manifest that replaces this one."""
+def lookup(root: str, key: str) -> tuple[dict | None, pa.Table | None, list[str], tuple, dict | None]:
+    """(manifest, its log-prob columns (:func:`load_logps`), [], (), None) for a sound published entry;
+    otherwise (None, None, its problems, the damaged shard files, the damaged manifest) -- all empty
+    when there is none. Sizes are checked from one listing, then each shard is read once, checked
+    against its sha256 as it is read. Nothing is removed: a rebuild adopts the sound shards and
+    publishes a manifest that replaces this one."""
     manifest = entries.read_manifest(root, key)
     if manifest is None:
-        return None, [], (), None
+        return None, None, [], (), None
     if manifest.get("format") != FORMAT_VERSION or not manifest.get("writer"):
-        return None, [f"format {manifest.get('format')}, this raydpo writes {FORMAT_VERSION}"], (), manifest
-    bad = entries.problems(root, key, manifest)
+        return None, None, [f"format {manifest.get('format')}, this raydpo writes {FORMAT_VERSION}"], (), manifest
+    bad = entries.problems(root, key, manifest, checksums=False)
+    # Every shard of the right size is still read and checked: a rebuild adopts only sound ones.
+    sized = {b.split(":", 1)[0] for b in bad}
+    logps, altered = _read_logps(root, key, {**manifest, "shards": [s for s in manifest["shards"] if s["file"] not in sized]})
+    bad += altered
     if not bad:
-        return manifest, [], (), None
-    return None, bad, tuple(b.split(":", 1)[0] for b in bad), manifest
+        return manifest, logps, [], (), None
+    return None, None, bad, tuple(b.split(":", 1)[0] for b in bad), manifest
+
+
+def _read_logps(root: str, key: str, manifest: dict) -> tuple[pa.Table, list[str]]:
+    """(:func:`load_logps`'s table, the shards that do not match the manifest)."""
+    tables, bad = [], []
+    for s in manifest["shards"]:
+        try:
+            tables.append(read_table(entries.read_shard(root, key, s), ["digest", *LOGP_COLUMNS]))
+        except FileNotFoundError:
+            bad.append(f"{s['file']}: missing")
+        except ValueError:
+            bad.append(f"{s['file']}: contents changed (sha256 mismatch)")
+    return _distinct(tables), bad
 
 
 def load_logps(root: str, key: str, manifest: dict) -> pa.Table:
     """``digest`` and the log-prob columns of every pair of a published entry, one row per distinct
     digest (pairs with equal token ids have equal log-probs); each shard checked as it is read."""
-    tables = [read_table(entries.read_shard(root, key, s), ["digest", *LOGP_COLUMNS]) for s in manifest["shards"]]
+    table, bad = _read_logps(root, key, manifest)
+    if bad:
+        raise ValueError(f"reference cache {uri.join(root, key)}: {'; '.join(bad[:3])}; run again to rebuild it")
+    return table
+
+
+def _distinct(tables: list) -> pa.Table:
     if not tables:
         return pa.table({"digest": pa.array([], pa.binary()), **{c: pa.array([], pa.float32()) for c in LOGP_COLUMNS}})
     table = pa.concat_tables(tables)

@@ -120,6 +120,21 @@ def test_a_damaged_entry_is_rebuilt_and_nothing_is_deleted(root, damage):
         assert storage.exists(victim)  # unlisted now, for `raydpo cache prune`; never deleted by a reader
 
 
+def test_an_altered_shard_beside_a_truncated_one_is_not_adopted(root):
+    """The size check finds the truncated shard; the altered one (same size) must still be found by
+    its sha256, or a rebuild would adopt it and publish wrong log-probs as sound."""
+    key, everything = "k6", scored(range(12))
+    first = fill(root, key, everything)
+    cut, rot = (storage.join(root, key, s["file"]) for s in first["shards"][:2])
+    storage.write_bytes(cut, storage.read_bytes(cut)[:50])
+    data = storage.read_bytes(rot)
+    storage.write_bytes(rot, data[: len(data) // 2] + b"\xff" * 8 + data[len(data) // 2 + 8:])
+    manifest, _, problems, bad, _ = store.lookup(root, key)
+    assert manifest is None and set(bad) == {first["shards"][0]["file"], first["shards"][1]["file"]}, problems
+    adopted, done, _ = store.scan_and_adopt(root, key, digests(everything), bad)
+    assert adopted == [first["shards"][2]["file"]] and sum(done.values()) == 4
+
+
 def _race(root: str, key: str, n: int, start_at: float, out) -> None:
     """One of several processes filling the same key at once (after scanning what is there)."""
     everything = scored(range(n))

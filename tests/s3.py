@@ -90,8 +90,10 @@ class FlakyProxy:
             sel.close()
             with self._lock:
                 self._conns -= {a, b}
+            # One side closed: a plain close passes that on after the data already sent (a reset
+            # here would make the client's kernel drop a response it has not read yet).
             for s in (a, b):
-                _reset(s)
+                (_reset if self.is_down.is_set() else socket.socket.close)(s)
 
 
 def _reset(s: socket.socket) -> None:

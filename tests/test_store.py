@@ -165,6 +165,25 @@ def test_concurrent_writers_publish_one_entry(root):
     assert files == listed | {entries.MANIFEST}  # the losers removed their own unlisted shards
 
 
+def test_create_exclusive_has_one_winner_under_a_race(root):
+    """Eight writers create one manifest at the same instant, many times over: exactly one wins each
+    time and the file holds its bytes (a check-then-PUT on S3 lets several "win" here)."""
+    for trial in range(5):
+        path, won, gate = storage.join(root, f"race{trial}", "manifest.json"), [], threading.Barrier(8)
+
+        def create(i):
+            gate.wait()
+            if storage.create_exclusive(path, f"writer {i}".encode()):
+                won.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and storage.read_bytes(path) == f"writer {won[0]}".encode()
+
+
 def test_a_transient_network_error_is_retried_then_reported_and_deletes_nothing(s3_server, monkeypatch):
     root = f"{s3_server.bucket('flaky')}/cache"
     manifest = fill(root, "k5", scored(range(8)))

@@ -26,6 +26,8 @@ from typing import Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
 
+from raydpo.storage import conditional
+
 T = TypeVar("T")
 #: Read attempts on a transient error (a dropped connection, a throttled request; each one already
 #: retried inside the object store's own client), and the first pause. ``RAYDPO_STORAGE_READ_ATTEMPTS``
@@ -231,8 +233,10 @@ def create_exclusive(path: str, data: bytes) -> bool:
     """Write ``path`` only if it does not exist yet; True if this call created it.
 
     On a filesystem the check and the creation are one step (a hard link of a finished temp file:
-    atomic on local disks and NFS). Object stores have no such step: a second writer racing within
-    the same instant overwrites the first with its own (equally complete) file."""
+    atomic on local disks and NFS); on S3 one conditional PUT (``If-None-Match: *``, see
+    :mod:`raydpo.storage.conditional`). A store with neither gets check-then-PUT, then a read-back:
+    a second writer racing within the same instant can still overwrite the first with its own
+    (equally complete) file, and the first then learns it lost only if the overwrite came first."""
     fs, p = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = _temp_beside(p, data)
@@ -243,10 +247,13 @@ def create_exclusive(path: str, data: bytes) -> bool:
             return False
         finally:
             os.remove(tmp)
+    created = conditional.put_if_absent(fs, p, data)
+    if created is not None:
+        return created
     if exists(path):
         return False
     write_bytes(path, data)
-    return True
+    return read_bytes(path) == data
 
 
 def append_text(path: str, text: str) -> None:

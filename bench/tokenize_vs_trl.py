@@ -41,7 +41,7 @@ def bench_raydpo(jsonl: str, model_dir: str, out: str, max_length: int, workers:
 
     from raydpo.cluster import configure_data
     from raydpo.config import from_dict
-    from raydpo.data.local import blocks
+    from raydpo.data.blocks import blocks
     from raydpo.pipeline import prepare_data
 
     t0 = time.perf_counter()

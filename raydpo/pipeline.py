@@ -157,7 +157,7 @@ def _lengths(data, cfg: Config) -> dict:
     """Token-length statistics and histograms of every kept pair (train and eval) for summary.json."""
     from raydpo.data.stats import token_length_summary
 
-    return token_length_summary(data.train if data.eval is None else data.train.union(data.eval), cfg.data.max_length)
+    return token_length_summary([data.train] + ([data.eval] if data.eval is not None else []), cfg.data.max_length)
 
 
 def validate_data(cfg: Config) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_config
 from ray_actors import actors_created
 from raydpo.cli import main
-from raydpo.data.local import blocks
+from raydpo.data.blocks import blocks
 from raydpo.data.stage import prepare
 
 BAD_ROWS = ['{"prompt": "p", "chosen": 3, "rejected": "r"}', "not json at all"]

@@ -106,7 +106,7 @@ def read_shards(root: str, key: str, shards: list[dict]):
     """On the cluster: every shard of an entry, each checked against the manifest, then each
     table's block metadata. Returned as ``len(shards) + 1`` values (:func:`load` asks Ray for as many
     refs), so the tables stay in the object store, owned by the driver, never fetched by it."""
-    from raydpo.data.local import block_metadata
+    from raydpo.data.blocks import block_metadata
     from raydpo.reference.store import read_table
 
     tables = [read_table(entries.read_shard(root, key, s)) for s in shards]
@@ -119,7 +119,7 @@ def load(root: str, key: str):
     whose manifest replaces the damaged one's."""
     import ray
 
-    from raydpo.data.local import materialized
+    from raydpo.data.blocks import materialized
     from raydpo.storage.remote import on_cluster
 
     manifest = entries.read_manifest(root, key)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydpo.observability import console
-from raydpo.data.local import blocks, collect, from_tables
+from raydpo.data.blocks import block_metadata, collect, map_blocks, materialized, reduce_blocks
 from raydpo.data.summary import DataSummary, describe, reason_kind, summarize
 from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec
 from raydpo.data.tokenize import TokenizeSettings, pair_id, pair_key, token_digest, tokenize_normalized
@@ -141,21 +141,20 @@ def _pick_block(t: pa.Table, status: str, split: str | None = None, columns: lis
 
 
 def pick(processed, status: str, split: str | None = None, columns: list[str] | None = None):
-    """The rows of a materialized dataset with ``status`` (and ``split``), as a materialized dataset.
-
-    Filtered block by block on the driver (see :mod:`raydpo.data.local`: a map_batches task per
-    block took 7 s for 50k rows on 2 cores, this takes a fraction of a second).
-    """
-    return from_tables([_pick_block(b, status, split, columns) for b in blocks(processed)])
+    """The rows of a materialized dataset with ``status`` (and ``split``), as a materialized dataset
+    (filtered by a task per block, where the block is: :mod:`raydpo.data.blocks`)."""
+    return map_blocks(_pick_block, processed, status, split, columns)
 
 
-def input_order(processed, files: list[str]) -> list[tuple[str, str, int, bytes, int]]:
-    """(pair_id, source, index, digest, part) of kept pairs or examples sorted by input source order,
-    then position (a split pair's halves as :func:`raydpo.data.unpaired.example_order` orders them)."""
+def input_order(tables, files: list[str]) -> list[tuple[str, str, int, bytes, int]]:
+    """(pair_id, source, index, digest, part) of the kept pairs or examples of ``tables`` (blocks of
+    every row read) sorted by input source order, then position (a split pair's halves as
+    :func:`raydpo.data.unpaired.example_order` orders them). Runs in a task (O(pairs))."""
     rank = {f: i for i, f in enumerate(files)}
     rows = []
     names = ("pair_id", "source", "index", "digest", "part")
-    for batch in pick(processed, "ok", columns=list(names)).iter_batches(batch_format="pyarrow"):
+    for table in tables:
+        batch = _pick_block(table, "ok", columns=list(names))
         rows.extend(zip(*(batch[c].to_pylist() for c in names)))
     return sorted(rows, key=lambda r: example_order(rank.get(r[1], len(rank)), r[1], r[2], r[4]))
 
@@ -163,44 +162,52 @@ def input_order(processed, files: list[str]) -> list[tuple[str, str, int, bytes,
 DUPLICATE = "duplicate"
 
 
-def mark_duplicates(processed, files: list[str]):
-    """Re-label every kept pair whose content appeared earlier in input order as filtered 'duplicate'."""
+def duplicates(tables, files: list[str]) -> set[tuple[str, int, int]]:
+    """(source, index, part) of every kept pair whose content appeared earlier in input order."""
     seen, dups = set(), set()
-    for pid, src, idx, _, part in input_order(processed, files):
+    for pid, src, idx, _, part in input_order(tables, files):
         if pid in seen:
             dups.add((src, idx, part))
         seen.add(pid)
-    if not dups:
-        return processed
-
-    def relabel(t: pa.Table) -> pa.Table:
-        keys = zip(t["status"].to_pylist(), t["source"].to_pylist(), t["index"].to_pylist(), t["part"].to_pylist())
-        hit = [st == "ok" and (s, i, part) in dups for st, s, i, part in keys]
-        mask = pa.array(hit, pa.bool_())
-        status = pc.if_else(mask, pa.scalar("filtered"), t["status"])
-        reason = pc.if_else(mask, pa.scalar(DUPLICATE), t["reason"])
-        return t.set_column(t.schema.get_field_index("status"), "status", status).set_column(
-            t.schema.get_field_index("reason"), "reason", reason)
-
-    return from_tables([relabel(b) for b in blocks(processed)])
+    return dups
 
 
-def first_reason(processed, kind: str) -> str:
-    """The full text of the first quarantine reason of ``kind`` (e.g. the whole ``paired_row: ...`` advice)."""
-    for block in blocks(processed):
+def _relabel(t: pa.Table, dups: set) -> pa.Table:
+    keys = zip(t["status"].to_pylist(), t["source"].to_pylist(), t["index"].to_pylist(), t["part"].to_pylist())
+    mask = pa.array([st == "ok" and (s, i, part) in dups for st, s, i, part in keys], pa.bool_())
+    status = pc.if_else(mask, pa.scalar("filtered"), t["status"])
+    reason = pc.if_else(mask, pa.scalar(DUPLICATE), t["reason"])
+    return t.set_column(t.schema.get_field_index("status"), "status", status).set_column(
+        t.schema.get_field_index("reason"), "reason", reason)
+
+
+def mark_duplicates(processed, files: list[str]):
+    """Re-label every kept pair whose content appeared earlier in input order as filtered 'duplicate'
+    (found by one task reading the blocks in turn, re-labelled by a task per block)."""
+    import ray
+
+    dups = reduce_blocks(duplicates, processed, files)
+    return map_blocks(_relabel, processed, ray.put(dups)) if dups else processed
+
+
+def _first_reason(tables, kind: str) -> str:
+    for block in tables:
         for reason in _pick_block(block, "quarantined", columns=["reason"])["reason"].to_pylist():
             if reason_kind(reason) == kind:
                 return reason
     return kind
 
 
-def write_quarantine(processed, path: str) -> int:
-    """Write every quarantined row (source, position, reason, the row itself) to ``path`` (a local
-    path or URI, written whole in one step)."""
+def first_reason(processed, kind: str) -> str:
+    """The full text of the first quarantine reason of ``kind`` (e.g. the whole ``paired_row: ...`` advice)."""
+    return reduce_blocks(_first_reason, processed, kind)
+
+
+def _write_quarantine(tables, path: str) -> int:
     from raydpo import storage
 
     lines = []
-    for block in blocks(processed):
+    for block in tables:
         for row in _pick_block(block, "quarantined", columns=["source", "index", "reason", "raw"]).to_pylist():
             row["row"] = row.pop("raw").decode("utf-8", errors="backslashreplace")
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
@@ -208,17 +215,42 @@ def write_quarantine(processed, path: str) -> int:
     return len(lines)
 
 
+def write_quarantine(processed, path: str) -> int:
+    """Write every quarantined row (source, position, reason, the row itself) to ``path`` (a local
+    path or URI, written whole in one step), from a task on the driver's node (a local path is the
+    driver's disk); returns the rows written."""
+    return reduce_blocks(_write_quarantine, processed, path, on_driver_node=True)
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    found = pc.value_counts(table["status"])
+    return dict(zip(found.field("values").to_pylist(), found.field("counts").to_pylist()))
+
+
 class _LiveCounts:
-    """Counts of the rows leaving the tokenizer pool, shown on the console as they stream."""
+    """Counts of the rows leaving the tokenizer pool, shown on the console as they stream: each
+    block's statuses are counted by a task where the block is (the driver fetches three numbers)."""
 
     def __init__(self):
         self.by_status: collections.Counter = collections.Counter()
-        self.start = time.perf_counter()
         self.rate = console.Rate("rows")
+        self.pending: list = []
 
-    def __call__(self, table: pa.Table) -> None:
-        found = pc.value_counts(table["status"])
-        self.by_status.update(dict(zip(found.field("values").to_pylist(), found.field("counts").to_pylist())))
+    def __call__(self, ref, metadata) -> None:
+        from raydpo.storage.remote import on_cluster
+
+        self.pending.append(on_cluster(status_counts, ref, fetch=False))
+        self.take(wait=False)
+
+    def take(self, wait: bool) -> None:
+        import ray
+
+        done = []
+        if self.pending:
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending),
+                                          timeout=None if wait else 0, fetch_local=True)
+        for counts in ray.get(done):
+            self.by_status.update(counts)
         read = sum(self.by_status.values())
         tokenized = self.by_status["ok"] + self.by_status["filtered"]
         console.get().update("data", f"data: {read:,} rows read, {tokenized:,} tokenized, "
@@ -274,13 +306,19 @@ def driver_tokenizer_spec(cfg) -> TokenizerSpec:
 def add_kl_sequences(processed, files: list[str], group: int, settings: TokenizeSettings, kl: bool = True):
     """Every kept unpaired example with its KL sequence (:func:`raydpo.data.unpaired.with_kl_sequences`),
     per split in input order; the other rows unchanged. Group ids are unique across splits."""
-    import pyarrow as pa
-
-    rank = {f: i for i, f in enumerate(files)}
-    tables = list(blocks(processed))
-    if not tables:
+    if not processed.num_blocks():
         return processed
-    everything = pa.concat_tables(tables)
+    *tables, metadata = reduce_blocks(_with_kl, processed, files, group, settings, kl, num_returns=4)
+    import ray
+
+    return materialized(tables, ray.get(metadata))
+
+
+def _with_kl(tables, files: list[str], group: int, settings: TokenizeSettings, kl: bool):
+    """:func:`add_kl_sequences` in a task: (the other rows, train examples, eval examples, their
+    block metadata)."""
+    rank = {f: i for i, f in enumerate(files)}
+    everything = pa.concat_tables(list(tables))
     out, first = [everything.filter(pc.invert(pc.equal(everything["status"], "ok")))], 0
     for split in ("train", "eval"):
         kept = _pick_block(everything, "ok", split)
@@ -292,7 +330,8 @@ def add_kl_sequences(processed, files: list[str], group: int, settings: Tokenize
         paired = with_kl_sequences(kept, order, group, settings, first, kl)
         first = int(pc.max(paired["kl_group"]).as_py()) + 1
         out.append(paired)
-    return from_tables(out)
+    out += [out[0].slice(0, 0)] * (3 - len(out))
+    return (*out, [block_metadata(t) for t in out])
 
 
 def _process(raw_rows, eval_sources: list[str], cfg, eval_fraction: float, pool: tuple[int, float]):
@@ -344,7 +383,9 @@ def read_and_tokenize(cfg, train, eval) -> tuple[object, list[str]]:
              "the read tasks)") if actors < cfg.data.num_workers else ""
     console.get().say(f"data: reading {len(inputs)} source(s), tokenizing on {actors} actor(s){fewer}"
                       + (f": {', '.join(inputs)}" if len(inputs) <= 3 else ""))
-    processed = collect(ds, _LiveCounts())
+    live = _LiveCounts()
+    processed = collect(ds, live)
+    live.take(wait=True)
     if cfg.data.deduplicate:
         processed = mark_duplicates(processed, inputs)
     if unpaired(cfg.loss):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raydpo.observability import console
-from raydpo.data.local import blocks
+from raydpo.data.blocks import reduce_blocks
 from raydpo.data.unpaired import REJECTED_HALF
 
 
@@ -57,10 +57,16 @@ def _bump(counts: dict, key: str, n: int) -> None:
 
 
 def summarize(processed, unpaired: bool = False) -> DataSummary:
-    """Count rows by status, split and reason kind (and unpaired examples by label)."""
+    """Count rows by status, split and reason kind (and unpaired examples by label), in a task that
+    reads the blocks where they are (:mod:`raydpo.data.blocks`)."""
+    return reduce_blocks(count_rows, processed, unpaired)
+
+
+def count_rows(tables, unpaired: bool = False) -> DataSummary:
+    """:func:`summarize` over an iterable of blocks."""
     summary = DataSummary(unpaired=unpaired)
     names = ["status", "reason", "split", "part", "label"]
-    for block in blocks(processed):
+    for block in tables:
         counts = block.select(names).group_by(names).aggregate([([], "count_all")])
         for status, reason, split, part, label, n in zip(*(counts[c].to_pylist() for c in names + ["count_all"])):
             if part == REJECTED_HALF:

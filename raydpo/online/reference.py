@@ -42,7 +42,9 @@ class RoundReference:
         root = storage.normalize(self.cfg.reference.cache_dir)
         found = find(root, key, digests, storage.join(root, key))
         if found.manifest is not None:
-            return with_logps([pairs], found.logps)[0], True, 0.0
+            import ray
+
+            return with_logps([pairs], ray.get(found.logps))[0], True, 0.0
         todo = store.remaining(pairs, found.done)
         writer = entries.new_writer()
         b = self.cfg.reference.batch_size

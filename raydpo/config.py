@@ -119,6 +119,11 @@ class ReferenceConfig:
     batch_size: int = 8
     """Pairs per reference forward pass (chosen and rejected are scored together: 2x sequences).
     With ``max_tokens_per_batch`` set: pairs per length-sorted bucket instead (use a few hundred)."""
+    shard_rows: int = 4096
+    """Most pairs per cache shard (one parquet file): an actor is handed up to this many pairs at a
+    time, scores them ``batch_size`` at a time and writes them as one shard, so a million pairs make a
+    few hundred files, not one per batch. Fewer when a split is small (every actor gets a few
+    shards); an actor that dies rescores at most one shard."""
     mode: ReferenceMode = "precompute"
     """``precompute``: every pair is scored (or read from the cache) before training starts.
     ``streaming``: on a cache miss training starts on the first scored batches while the pool keeps

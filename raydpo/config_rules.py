@@ -100,6 +100,7 @@ def validate(cfg: "Config") -> None:
         (all(v is None or v >= -1 for v in (cfg.reference.max_restarts, cfg.reference.max_task_retries)),
          "reference.max_restarts and reference.max_task_retries must be >= -1 (-1: no limit)"),
         (cfg.reference.batch_size >= 1, "reference.batch_size must be >= 1"),
+        (cfg.reference.shard_rows >= cfg.reference.batch_size, "reference.shard_rows must be >= reference.batch_size"),
         (cfg.reference.mode != "streaming" or cfg.train.num_epochs == 1,
          "reference.mode=streaming scores pairs while the first epoch reads them; with train.num_epochs > 1 "
          "use reference.mode=precompute (every epoch then reads the cache)"),

@@ -193,10 +193,10 @@ def test_interrupted_run_resumes_with_only_the_missing_pairs(base, tmp_path):
     import glob
     import os
 
-    cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 32})
+    cfg = base(reference={"cache_dir": str(tmp_path / "cache"), "batch_size": 16, "shard_rows": 32})
     full = precompute(cfg)[1]["train"]
     shards = sorted(glob.glob(f"{full.entry}/w-*/shard-*.parquet"))
-    assert len(shards) == 8
+    assert len(shards) == 8  # shards of shard_rows pairs, each scored in two batches
     # What a run killed after three batches leaves: no manifest, three shards under its writer prefix.
     os.remove(f"{full.entry}/manifest.json")
     for path in shards[3:]:
@@ -261,3 +261,17 @@ def store_inputs(result) -> dict:
     from raydpo.storage import entries
 
     return entries.read_manifest(storage.parent(result.entry), result.key)["inputs"]
+
+
+def test_shards_are_bounded_and_spread_over_the_pool():
+    """A million pairs make a few hundred shards (not one per forward batch); a small split still
+    gives every actor of the pool a few; a shard is a whole number of forward batches."""
+    from raydpo.config import ReferenceConfig
+    from raydpo.reference.stage import shard_batch
+
+    r = ReferenceConfig(batch_size=8, num_actors=[1, 4])
+    assert shard_batch(1_000_000, r) == 4096 and -(-1_000_000 // 4096) == 245
+    assert shard_batch(256, r) == 16  # 16 shards: four for each of the four actors
+    assert shard_batch(10, r) == 8
+    odd = ReferenceConfig(batch_size=24, shard_rows=100)
+    assert shard_batch(1_000_000, odd) == 96

@@ -42,23 +42,24 @@ def _apply(fn: Callable, table: pa.Table, *args):
     return out, block_metadata(out)
 
 
-def map_blocks(fn: Callable[..., pa.Table], dataset_or_refs, *args):
+def map_blocks(fn: Callable[..., pa.Table], dataset_or_refs, *args, per_block: list | None = None):
     """``fn(block, *args)`` for every block, each as a Ray task; returns the results as a materialized
     dataset in block order. ``args`` may hold object refs (resolved in the task): a table the driver
-    put once, shared by every task without a copy per task."""
+    put once, shared by every task without a copy per task. ``per_block``: one more argument per
+    block, passed right after it (``fn(block, per_block[i], *args)``)."""
     import ray
 
     refs = dataset_or_refs if isinstance(dataset_or_refs, list) else refs_of(dataset_or_refs)
+    extra = [(x,) for x in per_block] if per_block is not None else [()] * len(refs)
     if not ray.is_initialized():
-        tables = [fn(t, *args) for t in blocks(refs)]
-        return from_tables(tables)
+        return from_tables([fn(t, *more, *args) for t, more in zip(blocks(refs), extra)])
     task = ray.remote(num_cpus=0, num_returns=2, max_retries=3)(_apply).options(name=f"raydpo.{fn.__name__}")
     out, meta, pending = [], [], []
-    for ref in refs:
+    for ref, more in zip(refs, extra):
         if len(pending) >= IN_FLIGHT:
             ray.wait(pending, num_returns=len(pending) - IN_FLIGHT + 1, fetch_local=False)
             pending = [p for p in pending if not _ready(p)]
-        table_ref, meta_ref = task.remote(fn, ref, *args)
+        table_ref, meta_ref = task.remote(fn, ref, *more, *args)
         out.append(table_ref)
         meta.append(meta_ref)
         pending.append(meta_ref)

@@ -201,20 +201,26 @@ def from_ray(ds, source: str = "<ray.data.Dataset>"):
     """An existing ``ray.data.Dataset`` of preference rows as ``{source, index, raw}``.
 
     ``index`` is the 0-based row position in the dataset's order: the dataset is materialized and
-    its blocks numbered in order, so quarantine entries and duplicates point at real rows.
+    its blocks numbered in order (from their metadata), so quarantine entries and duplicates point at
+    real rows. Each block is converted by a task where it is (:mod:`raydpo.data.blocks`).
     """
-    import ray
-    import ray.data
+    from raydpo.data.blocks import from_tables, map_blocks
 
-    tables, start = [], 0
-    for ref in ds.materialize().to_arrow_refs():
-        block = ray.get(ref)
-        if not isinstance(block, pa.Table):
-            block = pa.Table.from_pandas(block, preserve_index=False)
-        rows = block.to_pylist()
-        tables.append(_table_positions(source, [(start + i, json.dumps(r, default=str).encode()) for i, r in enumerate(rows)]))
-        start += len(rows)
-    return ray.data.from_arrow(tables or [_table_positions(source, [])])
+    refs, starts, start = [], [], 0
+    for bundle in ds.materialize().iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            refs.append(entry.ref)
+            starts.append(start)
+            start += entry.metadata.num_rows
+    if not refs:
+        return from_tables([_table_positions(source, [])])
+    return map_blocks(_positions, refs, source, per_block=starts)
+
+
+def _positions(block, start: int, source: str) -> pa.Table:
+    if not isinstance(block, pa.Table):
+        block = pa.Table.from_pandas(block, preserve_index=False)
+    return _table_positions(source, [(start + i, json.dumps(r, default=str).encode()) for i, r in enumerate(block.to_pylist())])
 
 
 def _hub_or_saved(spec: str, default_split: str, remote_args: dict | None = None):

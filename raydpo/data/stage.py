@@ -235,10 +235,12 @@ class _LiveCounts:
         self.by_status: collections.Counter = collections.Counter()
         self.rate = console.Rate("rows")
         self.pending: list = []
+        self.read = 0  # from the blocks' metadata, at once; the statuses follow from the tasks
 
     def __call__(self, ref, metadata) -> None:
         from raydpo.storage.remote import on_cluster
 
+        self.read += metadata.num_rows if metadata is not None else 0
         self.pending.append(on_cluster(status_counts, ref, fetch=False))
         self.take(wait=False)
 
@@ -251,7 +253,7 @@ class _LiveCounts:
                                           timeout=None if wait else 0, fetch_local=True)
         for counts in ray.get(done):
             self.by_status.update(counts)
-        read = sum(self.by_status.values())
+        read = max(self.read, sum(self.by_status.values()))
         tokenized = self.by_status["ok"] + self.by_status["filtered"]
         console.get().update("data", f"data: {read:,} rows read, {tokenized:,} tokenized, "
                                      f"{self.by_status['quarantined']:,} quarantined{self.rate.suffix(read)}")

@@ -49,14 +49,17 @@ class RoundReference:
         writer = entries.new_writer()
         b = self.cfg.reference.batch_size
         batches = [todo.slice(i, b) for i in range(0, todo.num_rows, b)]
-        seconds = 0.0
+        seconds, scored = 0.0, []
         for batch, out in zip(batches, self.pool.map("timed_score", [tuple(batch[c].to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
                                                                      for batch in batches])):
             chosen, rejected, s = out
             seconds += s
             batch = batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float32()))
-            store.write_shard(entries.writer_path(root, key, writer),
-                              batch.append_column("ref_rejected_logps", pa.array(rejected, pa.float32())))
+            scored.append(batch.append_column("ref_rejected_logps", pa.array(rejected, pa.float32())))
+        # A round's pairs in shards of reference.shard_rows (a round is usually one shard).
+        scored = pa.concat_tables(scored) if scored else todo
+        for i in range(0, scored.num_rows, self.cfg.reference.shard_rows):
+            store.write_shard(entries.writer_path(root, key, writer), scored.slice(i, self.cfg.reference.shard_rows))
         manifest = on_cluster(store.finalize, root, key, writer, found.adopted, inputs, digests,
                               {"reference": self.cfg.reference.name_or_path or self.cfg.model.name_or_path}, found.damaged)
         return logps_for([pairs], root, key, manifest)[0], False, seconds

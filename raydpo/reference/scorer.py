@@ -104,8 +104,9 @@ class ReferenceScorer:
 
     Each actor loads the reference once, with ``backend`` ``hf`` (:class:`HfBackend`) or ``vllm``
     (:class:`raydpo.reference.vllm_backend.VllmBackend`, ``backend_options`` its settings), and adds
-    ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch. With ``shard_dir``
-    each scored batch is also written there as a cache shard; with ``workers_dir`` the actor records
+    ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch, scoring it
+    ``batch_size`` pairs at a time. With ``shard_dir`` each scored batch is also written there as one
+    cache shard; with ``workers_dir`` the actor records
     its process and node there (:mod:`raydpo.workers`); ``ld_alpha`` and ``pad_to_multiple_of``: see
     :class:`HfBackend` (the vllm backend sums unweighted: the config refuses it with ``ld_alpha``).
     """
@@ -115,7 +116,7 @@ class ReferenceScorer:
                  backend: str = "hf", backend_options: dict | None = None, share_prompt: bool = True,
                  attn_implementation: str | None = None, workers_dir: str | None = None,
                  logits_chunk_tokens: int | None = None, ld_alpha: float | None = None,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, batch_size: int | None = None):
         if workers_dir:
             from raydpo.workers import record
 
@@ -127,7 +128,7 @@ class ReferenceScorer:
         else:
             self.backend = HfBackend(model_path, dtype, pad_id, trust_remote_code, max_tokens, quantization, share_prompt,
                                      attn_implementation, logits_chunk_tokens, ld_alpha, pad_to_multiple_of)
-        self.shard_dir = shard_dir
+        self.shard_dir, self.batch_size = shard_dir, batch_size
 
     def score(self, prompt_ids: list, chosen_ids: list, rejected_ids: list):
         """(chosen, rejected) reference log-probs, each a [B] float32 numpy array in input order."""
@@ -144,7 +145,13 @@ class ReferenceScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Arrow in and out keeps the id columns list<int32>; a numpy round trip would turn them
         # into Ray's tensor extension type.
-        chosen, rejected = self.score(*(batch[name].to_pylist() for name in IDS))
+        import numpy as np
+
+        cols = [batch[name].to_pylist() for name in IDS]
+        step = self.batch_size or max(len(cols[0]), 1)  # a shard's pairs, scored batch_size at a time
+        parts = [self.score(*(col[i:i + step] for col in cols)) for i in range(0, len(cols[0]), step)]
+        chosen = np.concatenate([c for c, _ in parts]) if parts else np.empty(0, np.float32)
+        rejected = np.concatenate([r for _, r in parts]) if parts else np.empty(0, np.float32)
         batch = batch.append_column("ref_chosen_logps", pa.array(chosen, pa.float32()))
         batch = batch.append_column("ref_rejected_logps", pa.array(rejected, pa.float32()))
         if self.shard_dir:

@@ -129,6 +129,7 @@ def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dic
         "attn_implementation": r.attn_implementation,
         "shard_dir": shard_dir,
         "max_tokens": r.max_tokens_per_batch,
+        "batch_size": r.batch_size,
         "logits_chunk_tokens": cfg.model.logits_chunk_tokens,
         "ld_alpha": cfg.loss.ld_alpha,
         "pad_to_multiple_of": cfg.train.pad_to_multiple_of,
@@ -141,18 +142,28 @@ def scorer_kwargs(cfg: Config, pad_id: int, shard_dir: str | None = None) -> dic
     }
 
 
-def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, scorer=None):
-    """Lazily add reference log-probs to ``pairs`` on the reference actor pool.
+def shard_batch(n: int, r) -> int:
+    """Pairs per actor call, and so per cache shard, for ``n`` pairs (``r``: ReferenceConfig):
+    ``shard_rows``, or fewer so that each actor of the largest pool gets about four; a multiple of
+    ``batch_size`` (the forward passes inside stay ``batch_size`` pairs, as they were)."""
+    high = pool_size(r.num_actors)[1]
+    rows = min(r.shard_rows, max(r.batch_size, -(-n // (4 * high))))
+    return max(r.batch_size, rows // r.batch_size * r.batch_size)
 
-    ``shard_dir``: also write each scored batch there as a cache shard. ``scorer``: the actor class
-    (default :class:`raydpo.reference.scorer.ReferenceScorer`; tests substitute a failing one).
+
+def score_pairs(pairs, cfg: Config, pad_id: int, shard_dir: str | None = None, scorer=None):
+    """Lazily add reference log-probs to ``pairs`` (materialized) on the reference actor pool.
+
+    ``shard_dir``: also write each actor call's pairs there as one cache shard. ``scorer``: the
+    actor class (default :class:`raydpo.reference.scorer.ReferenceScorer`; tests substitute a
+    failing one).
     """
     from raydpo.reference.scorer import ReferenceScorer
 
     return pairs.map_batches(
         scorer or ReferenceScorer,
         fn_constructor_kwargs=scorer_kwargs(cfg, pad_id, shard_dir),
-        batch_size=cfg.reference.batch_size,
+        batch_size=shard_batch(pairs.count(), cfg.reference),
         batch_format="pyarrow",
         **pool_options(cfg.reference),
     )

@@ -140,10 +140,16 @@ def _pick_block(t: pa.Table, status: str, split: str | None = None, columns: lis
     return t.select(columns) if columns else t
 
 
+#: Kept pairs per block of the datasets the reference and train stages get (the tokenizer's blocks
+#: are ``data.tokenize_batch_size`` rows: a million pairs would be ~4,000 blocks to track per stage).
+PICKED_BLOCK_ROWS = 8192
+
+
 def pick(processed, status: str, split: str | None = None, columns: list[str] | None = None):
     """The rows of a materialized dataset with ``status`` (and ``split``), as a materialized dataset
-    (filtered by a task per block, where the block is: :mod:`raydpo.data.blocks`)."""
-    return map_blocks(_pick_block, processed, status, split, columns)
+    (filtered by tasks where the blocks are, :mod:`raydpo.data.blocks`, in blocks of about
+    ``PICKED_BLOCK_ROWS`` input rows)."""
+    return map_blocks(_pick_block, processed, status, split, columns, group_rows=PICKED_BLOCK_ROWS)
 
 
 def input_order(tables, files: list[str]) -> list[tuple[str, str, int, bytes, int]]:

@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-#: Block tasks in flight at once (each holds one block and its output).
-IN_FLIGHT = 4
+#: Block tasks in flight at once (each holds one block and its output, and may need a worker process
+#: of its own: more would start workers faster than Ray expects on a small node).
+IN_FLIGHT = 2
 
 
 def refs_of(dataset) -> list:
@@ -42,52 +43,24 @@ def _apply(fn: Callable, table: pa.Table, *args):
     return out, block_metadata(out)
 
 
-def _apply_group(fn: Callable, n: int, *tables_and_args):
-    """``fn`` over the first ``n`` arguments (blocks), its results concatenated into one block."""
-    tables, args = tables_and_args[:n], tables_and_args[n:]
-    outs = [fn(t, *args) for t in tables]
-    out = pa.concat_tables(outs) if len(outs) > 1 else outs[0]
-    return out, block_metadata(out)
-
-
-def _groups(dataset_or_refs, group_rows: int | None) -> list[list]:
-    """Consecutive block refs in groups of at least ``group_rows`` rows (by their metadata), or one
-    block per group."""
-    if not group_rows or isinstance(dataset_or_refs, list):
-        refs = dataset_or_refs if isinstance(dataset_or_refs, list) else refs_of(dataset_or_refs)
-        return [[ref] for ref in refs]
-    groups, rows = [[]], 0
-    for bundle in dataset_or_refs.iter_internal_ref_bundles():
-        for entry in bundle.blocks:
-            if rows >= group_rows:
-                groups.append([])
-                rows = 0
-            groups[-1].append(entry.ref)
-            rows += entry.metadata.num_rows or 0
-    return [g for g in groups if g]
-
-
-def map_blocks(fn: Callable[..., pa.Table], dataset_or_refs, *args, per_block: list | None = None,
-               group_rows: int | None = None):
-    """``fn(block, *args)`` for every block, as Ray tasks; returns the results as a materialized
+def map_blocks(fn: Callable[..., pa.Table], dataset_or_refs, *args, per_block: list | None = None):
+    """``fn(block, *args)`` for every block, each as a Ray task; returns the results as a materialized
     dataset in block order. ``args`` may hold object refs (resolved in the task): a table the driver
     put once, shared by every task without a copy per task. ``per_block``: one more argument per
-    block, passed right after it (``fn(block, per_block[i], *args)``). ``group_rows`` (a dataset's
-    blocks only): consecutive blocks of at least that many rows together make one output block, so
-    the stages after it track fewer blocks (the driver's bookkeeping is per block)."""
+    block, passed right after it (``fn(block, per_block[i], *args)``)."""
     import ray
 
-    groups = _groups(dataset_or_refs, None if per_block is not None else group_rows)
-    extra = [(x,) for x in per_block] if per_block is not None else [()] * len(groups)
+    refs = dataset_or_refs if isinstance(dataset_or_refs, list) else refs_of(dataset_or_refs)
+    extra = [(x,) for x in per_block] if per_block is not None else [()] * len(refs)
     if not ray.is_initialized():
-        return from_tables([_apply_group(fn, len(g), *(ray.get(r) for r in g), *more, *args)[0] for g, more in zip(groups, extra)])
-    task = ray.remote(num_cpus=0, num_returns=2, max_retries=3)(_apply_group).options(name=f"raydpo.{fn.__name__}")
+        return from_tables([fn(t, *more, *args) for t, more in zip(blocks(refs), extra)])
+    task = ray.remote(num_cpus=0, num_returns=2, max_retries=3)(_apply).options(name=f"raydpo.{fn.__name__}")
     out, meta, pending = [], [], []
-    for group, more in zip(groups, extra):
+    for ref, more in zip(refs, extra):
         if len(pending) >= IN_FLIGHT:
             ray.wait(pending, num_returns=len(pending) - IN_FLIGHT + 1, fetch_local=False)
             pending = [p for p in pending if not _ready(p)]
-        table_ref, meta_ref = task.remote(fn, len(group), *group, *more, *args)
+        table_ref, meta_ref = task.remote(fn, ref, *more, *args)
         out.append(table_ref)
         meta.append(meta_ref)
         pending.append(meta_ref)

@@ -140,16 +140,10 @@ def _pick_block(t: pa.Table, status: str, split: str | None = None, columns: lis
     return t.select(columns) if columns else t
 
 
-#: Kept pairs per block of the datasets the reference and train stages get (the tokenizer's blocks
-#: are ``data.tokenize_batch_size`` rows: a million pairs would be ~4,000 blocks to track per stage).
-PICKED_BLOCK_ROWS = 8192
-
-
 def pick(processed, status: str, split: str | None = None, columns: list[str] | None = None):
     """The rows of a materialized dataset with ``status`` (and ``split``), as a materialized dataset
-    (filtered by tasks where the blocks are, :mod:`raydpo.data.blocks`, in blocks of about
-    ``PICKED_BLOCK_ROWS`` input rows)."""
-    return map_blocks(_pick_block, processed, status, split, columns, group_rows=PICKED_BLOCK_ROWS)
+    (filtered by a task per block, where the block is: :mod:`raydpo.data.blocks`)."""
+    return map_blocks(_pick_block, processed, status, split, columns)
 
 
 def input_order(tables, files: list[str]) -> list[tuple[str, str, int, bytes, int]]:
@@ -246,7 +240,13 @@ class _LiveCounts:
     def __call__(self, ref, metadata) -> None:
         from raydpo.storage.remote import on_cluster
 
+        import ray
+
+        from raydpo.data.blocks import IN_FLIGHT
+
         self.read += metadata.num_rows if metadata is not None else 0
+        if len(self.pending) >= IN_FLIGHT:  # a bounded number of count tasks (each may need a worker process)
+            ray.wait(self.pending, num_returns=len(self.pending) - IN_FLIGHT + 1, fetch_local=False)
         self.pending.append(on_cluster(status_counts, ref, fetch=False))
         self.take(wait=False)
 

@@ -135,6 +135,28 @@ def test_an_altered_shard_beside_a_truncated_one_is_not_adopted(root):
     assert adopted == [first["shards"][2]["file"]] and sum(done.values()) == 4
 
 
+def test_an_entry_of_an_older_format_is_rebuilt_never_read(root):
+    """A format-3 entry (``data/`` shards, no writer prefixes) under the same key: not a hit, none of
+    its shards adopted (their log-probs may mean something else), rebuilt in full, nothing deleted."""
+    key, everything = "k7", scored(range(6))
+    old = scored(range(6)).set_column(2, "ref_chosen_logps", pa.array([0.5] * 6, pa.float32()))
+    old_shard = storage.join(root, key, "data", store.shard_name(old))
+    storage.write_bytes(old_shard, store.table_bytes(old))
+    data = storage.read_bytes(old_shard)
+    stale = {"key": key, "format": 3, "created": time.time(), "inputs": {"x": 1}, "rows": 6,
+             "shards": [{"file": "data/" + storage.basename(old_shard), "rows": 6, "bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()}]}
+    storage.write_json(storage.join(root, key, "manifest.json"), stale)
+    manifest, logps, problems, _, damaged = store.lookup(root, key)
+    assert manifest is None and logps is None and problems == ["format 3, this raydpo writes 4"] and damaged == stale
+    adopted, done, unreadable = store.scan_and_adopt(root, key, digests(everything))
+    assert adopted == [] and not done and unreadable == []
+    rebuilt = fill(root, key, everything, replacing=damaged)
+    hit, logps, *_ = store.lookup(root, key)
+    assert hit == rebuilt and sorted(logps["ref_chosen_logps"].to_pylist()) == sorted(-float(i) for i in range(6))
+    assert storage.exists(old_shard)  # left for `raydpo cache prune`
+
+
 def _race(root: str, key: str, n: int, start_at: float, out) -> None:
     """One of several processes filling the same key at once (after scanning what is there)."""
     everything = scored(range(n))

@@ -176,5 +176,10 @@ class Column:
         self.refs, self.name = refs, name
 
     def __iter__(self):
+        for array in self.arrays():
+            yield from array.to_pylist()
+
+    def arrays(self) -> Iterator[pa.ChunkedArray]:
+        """The column of each block in turn, as arrow arrays (for vectorized passes)."""
         for table in blocks(self.refs):
-            yield from table[self.name].to_pylist()
+            yield table[self.name]

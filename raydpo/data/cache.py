@@ -39,18 +39,14 @@ def cache_root(cfg) -> str:
     return storage.join(storage.parent(storage.normalize(cfg.reference.cache_dir)), "tokenized")
 
 
-def _sha256(path: str) -> str:
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
-
-
 def _source_digest(name: str) -> str:
     """sha256 of a source file (local or URI), or of every file under a ``save_to_disk`` directory."""
     if storage.kind(name) != "dir":
-        return _sha256(name)
+        return storage.sha256_of(name)
     h = hashlib.sha256()
     for e in storage.listing(name, recursive=True):
         if not e.is_dir:
-            h.update(e.relative.encode() + b"\0" + _sha256(e.path).encode())
+            h.update(e.relative.encode() + b"\0" + storage.sha256_of(e.path).encode())
     return h.hexdigest()
 
 

@@ -60,13 +60,22 @@ def fingerprint_tokenizer(model_dir: str) -> str:
 
 
 def data_digest(digests) -> str:
-    """Order-independent hash of the per-pair token digests (a multiset: duplicates count)."""
+    """Order-independent hash of the per-pair token digests (a multiset: duplicates count): sha256 of
+    the digests' bytes in sorted order. ``digests``: a list of bytes, or a
+    :class:`raydpo.data.blocks.Column` (sorted and hashed as arrow arrays, no Python object per pair)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = [c.cast(pa.binary()) for c in digests.arrays()] if hasattr(digests, "arrays") else [pa.chunked_array([list(digests)], pa.binary())]
+    chunks = [chunk for part in parts for chunk in part.chunks]
+    values = pa.concat_arrays(chunks) if chunks else pa.array([], pa.binary())
+    values = values.take(pc.sort_indices(values))
     h = hashlib.sha256()
-    n = 0
-    for d in sorted(digests):
-        h.update(d)
-        n += 1
-    return f"{n}:{h.hexdigest()}"
+    if len(values):  # the values' bytes back to back are what hashing each digest in turn feeds in
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + len(values) + 1]
+        h.update(memoryview(values.buffers()[2])[offsets[0] : offsets[-1]])
+    return f"{len(values)}:{h.hexdigest()}"
 
 
 def cache_key(inputs: dict) -> str:

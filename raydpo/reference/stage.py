@@ -256,15 +256,15 @@ def to_score(refs: list, done) -> object:
 
 def with_logps(tables: list, logps) -> list:
     """``tables`` (pyarrow, ``CACHED_COLUMNS[:5]`` and any extra columns) with the log-prob columns of
-    ``logps`` (``digest`` plus the columns, one row per digest) appended, rows in their order."""
+    ``logps`` (``digest`` plus the columns, one row per digest, sorted by digest: :func:`store.load_logps`)
+    appended, rows in their order."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     out = []
     for t in tables:
-        at = pc.index_in(t["digest"], value_set=logps["digest"])
-        if t.num_rows and at.null_count:
-            raise ValueError(f"{at.null_count} pairs have no log-probs in the reference cache entry")
+        at, missing = store.positions_of(t["digest"], logps)
+        if t.num_rows and missing:
+            raise ValueError(f"{missing} pairs have no log-probs in the reference cache entry")
         for name in CACHED_COLUMNS[5:]:
             t = t.append_column(name, logps[name].take(at) if t.num_rows else pa.array([], pa.float32()))
         out.append(t)

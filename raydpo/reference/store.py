@@ -20,6 +20,7 @@ import collections
 import hashlib
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -56,12 +57,14 @@ def read_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
 
 
 def scan(root: str, key: str, exclude: tuple = ()) -> tuple[list[tuple[str, list[bytes]]], list[str]]:
-    """Every readable shard any writer left under ``key`` with its digests, and the unreadable ones
-    (named, left in place). ``exclude``: shard files known to be damaged."""
+    """Every readable shard any writer left under ``key`` (in its ``w-*`` prefix) with its digests, and
+    the unreadable ones (named, left in place). ``exclude``: shard files known to be damaged."""
     found, unreadable = [], []
     for e in uri.listing(entries.entry_path(root, key), recursive=True):
-        name = e.relative.rsplit("/", 1)[-1]
-        if e.is_dir or e.relative in exclude or not (name.startswith("shard-") and name.endswith(".parquet")):
+        writer, _, name = e.relative.rpartition("/")
+        # Only writers' prefixes hold this format's shards: an older format's files are never adopted.
+        if (e.is_dir or e.relative in exclude or not writer.startswith("w-")
+                or not (name.startswith("shard-") and name.endswith(".parquet"))):
             continue
         try:
             found.append((e.relative, read_table(uri.read_bytes(e.path), ["digest"])["digest"].to_pylist()))
@@ -177,19 +180,44 @@ def _read_logps(root: str, key: str, manifest: dict) -> tuple[pa.Table, list[str
 
 def load_logps(root: str, key: str, manifest: dict) -> pa.Table:
     """``digest`` and the log-prob columns of every pair of a published entry, one row per distinct
-    digest (pairs with equal token ids have equal log-probs); each shard checked as it is read."""
+    digest (pairs with equal token ids have equal log-probs), sorted by digest; each shard checked
+    as it is read."""
     table, bad = _read_logps(root, key, manifest)
     if bad:
         raise ValueError(f"reference cache {uri.join(root, key)}: {'; '.join(bad[:3])}; run again to rebuild it")
     return table
 
 
+#: Token digests are 16 bytes (:func:`raydpo.data.tokenize.token_digest`).
+DIGEST = pa.binary(16)
+
+
 def _distinct(tables: list) -> pa.Table:
+    """One row per distinct digest, sorted by digest (fixed-width ``binary(16)``): a join then finds
+    each pair's row by binary search (:func:`positions_of`) instead of hashing the whole table again
+    for every block it serves."""
     if not tables:
-        return pa.table({"digest": pa.array([], pa.binary()), **{c: pa.array([], pa.float32()) for c in LOGP_COLUMNS}})
+        return pa.table({"digest": pa.array([], DIGEST), **{c: pa.array([], pa.float32()) for c in LOGP_COLUMNS}})
     table = pa.concat_tables(tables)
     grouped = table.group_by("digest", use_threads=False).aggregate([(c, "first") for c in LOGP_COLUMNS])
-    return pa.table({"digest": grouped["digest"], **{c: grouped[f"{c}_first"] for c in LOGP_COLUMNS}})
+    out = pa.table({"digest": grouped["digest"].cast(DIGEST), **{c: grouped[f"{c}_first"] for c in LOGP_COLUMNS}})
+    return out.sort_by("digest")
+
+
+def _fixed(column) -> np.ndarray:
+    """A digest column as a numpy ``S16`` array (one copy at most; none for an unchunked fixed-width one)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.cast(DIGEST)
+    return np.frombuffer(arr.buffers()[1], dtype="S16", count=len(arr), offset=arr.offset * 16)
+
+
+def positions_of(digests, logps: pa.Table) -> tuple[np.ndarray, int]:
+    """(each digest's row in ``logps`` (sorted by digest, :func:`load_logps`), how many are absent).
+    ``digests``: a (chunked) binary array, shape (n,); O(n log m) with no table built per call."""
+    keys, wanted = _fixed(logps["digest"]), _fixed(digests)
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    missing = len(wanted) if not len(keys) else int((keys[at] != wanted).sum())
+    return at, missing
 
 
 def list_entries(root: str) -> list[dict]:

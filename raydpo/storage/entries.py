@@ -109,7 +109,7 @@ def problems(root: str, key: str, manifest: dict, checksums: bool = True) -> lis
             out.append(f"{shard['file']}: missing")
         elif e.size != shard["bytes"]:
             out.append(f"{shard['file']}: {e.size} bytes, expected {shard['bytes']}")
-        elif checksums and hashlib.sha256(uri.read_bytes(e.path)).hexdigest() != shard["sha256"]:
+        elif checksums and uri.sha256_of(e.path) != shard["sha256"]:
             out.append(f"{shard['file']}: contents changed (sha256 mismatch)")
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -175,14 +176,15 @@ def listing(path: str, recursive: bool = False) -> list[Entry]:
     return sorted(out, key=lambda e: e.relative)
 
 
-def read_bytes(path: str) -> bytes:
-    """The whole file (retried on transient errors; ``FileNotFoundError`` if it does not exist)."""
+def _read(path: str, consume: Callable[[object], T]) -> T:
+    """``consume`` of the file's input stream (retried on transient errors; ``FileNotFoundError`` if
+    the file does not exist)."""
     fs, p = resolve(path)
 
-    def read() -> bytes:
+    def read() -> T:
         try:
             with fs.open_input_stream(p) as f:
-                return f.read()
+                return consume(f)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -191,6 +193,23 @@ def read_bytes(path: str) -> bytes:
             raise
 
     return retried(f"reading {path}", read)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file (retried on transient errors; ``FileNotFoundError`` if it does not exist)."""
+    return _read(path, lambda f: f.read())
+
+
+def sha256_of(path: str, chunk_bytes: int = 1 << 22) -> str:
+    """The file's sha256, read in chunks: memory stays ``chunk_bytes`` whatever the file's size (a
+    whole-file read would keep a data file's size in the reader's heap for the rest of the run)."""
+    def digest(f) -> str:
+        h = hashlib.sha256()
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+        return h.hexdigest()
+
+    return _read(path, digest)
 
 
 def read_text(path: str) -> str:

@@ -1,7 +1,7 @@
 """What the driver holds as the data grows: ``raydpo train`` (2 steps) joining a ``ray start``
 cluster, at several pair counts, cold caches; then the same command again (both caches hit).
 
-    .venv/bin/python bench/data_scale.py [--pairs 100000 1000000] [--kind synthetic|hh]
+    .venv/bin/python bench/data_scale.py [--pairs 100000 1000000] [--kind synthetic|hh] [--loss simpo]
 
 ``synthetic``: short unique pairs (a prompt, two one-line answers). ``hh``: the hh-rlhf rows of
 ``../shared/data`` repeated with a counter appended to every text, so each pair is unique and the
@@ -65,8 +65,8 @@ def shm_used() -> int:
     return shutil.disk_usage("/dev/shm").used
 
 
-def config(model: str, data: str, work: str, gcs: str) -> dict:
-    return {"model": {"name_or_path": model},
+def config(model: str, data: str, work: str, gcs: str, loss: str | None = None) -> dict:
+    return {"model": {"name_or_path": model}, **({"loss": {"type": loss}} if loss else {}),
             "reference": {"cache_dir": f"{work}/ref-cache", "batch_size": 64},
             "data": {"train": data, "max_length": 128, "num_workers": 1, "cache_dir": f"{work}/data-cache"},
             "train": {"num_workers": 1, "micro_batch_size": 8, "cpus_per_worker": 1, "max_steps": 2,
@@ -97,7 +97,7 @@ def measured_run(cfg_path: str, env: dict, out_dir: str) -> dict:
                      "cache_hits": {k: v.get("cache_hit") for k, v in summary.get("reference", {}).items() if isinstance(v, dict)}}
 
 
-def one_size(n: int, kind: str, model: str, work: str) -> dict:
+def one_size(n: int, kind: str, model: str, work: str, loss: str | None = None) -> dict:
     import yaml
 
     data = os.path.join(work, f"pairs-{n}.jsonl")
@@ -108,7 +108,7 @@ def one_size(n: int, kind: str, model: str, work: str) -> dict:
         nodes.wait(1)
         results = {}
         for label in ("cold", "hit"):  # the same caches, a fresh run directory each
-            cfg = config(model, data, os.path.join(work, f"run-{n}"), nodes.gcs)
+            cfg = config(model, data, os.path.join(work, f"run-{n}"), nodes.gcs, loss)
             cfg["output"]["dir"] += f"-{label}"
             path = os.path.join(work, f"cfg-{n}-{label}.yaml")
             with open(path, "w") as f:
@@ -121,13 +121,13 @@ def one_size(n: int, kind: str, model: str, work: str) -> dict:
         os.remove(data)
     t = cold["timings_s"]
     return {"pairs": n, "driver_peak_rss_mb": cold["driver_peak_rss_mb"], "object_store_peak_mb": cold["object_store_peak_mb"],
-            "data_s_per_kpair": round(1000 * t["data"] / n, 4), "reference_s_per_kpair": round(1000 * t["reference"] / n, 4),
+            "data_s_per_kpair": round(1000 * t["data"] / n, 4), "reference_s_per_kpair": round(1000 * t.get("reference", 0.0) / n, 4),
             "wall_s": cold["wall_s"], "hit_driver_peak_rss_mb": hit["driver_peak_rss_mb"],
             "hit_to_train_s": round(hit["timings_s"].get("first_step", float("nan")) - hit["timings_s"]["data"], 2),
-            "hit_reference_s": hit["timings_s"]["reference"],
+            "hit_reference_s": hit["timings_s"].get("reference", 0.0),
             # what starting the trainers costs whatever the data size (worker processes, model, DeepSpeed)
             "hit_train_start_s": round(hit["timings_s"].get("first_step", float("nan")) - hit["timings_s"]["data"]
-                                       - hit["timings_s"]["reference"], 2),
+                                       - hit["timings_s"].get("reference", 0.0), 2),
             "hit_cache_hits": hit["cache_hits"]}
 
 
@@ -135,13 +135,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--kind", choices=["synthetic", "hh"], default="synthetic")
+    p.add_argument("--loss", default=None, help="loss.type (default sigmoid DPO); a reference-free one (simpo) "
+                                                  "measures the data stage and training at sizes whose scoring would not fit")
     args = p.parse_args()
     from raydpo.tiny import write_tiny_model
 
     work = tempfile.mkdtemp(prefix="raydpo-bench-scale-")
     model = write_tiny_model(os.path.join(work, "model"))
-    rows = [one_size(n, args.kind, model, work) for n in args.pairs]
-    out = {"date": time.strftime("%Y-%m-%d"), "kind": args.kind, "cpus": os.cpu_count(), "sizes": rows}
+    rows = [one_size(n, args.kind, model, work, args.loss) for n in args.pairs]
+    out = {"date": time.strftime("%Y-%m-%d"), "kind": args.kind, "loss": args.loss or "sigmoid", "cpus": os.cpu_count(), "sizes": rows}
     if len(rows) > 1:
         small, big = rows[0], rows[-1]
         out["ratios_largest_vs_smallest"] = {

@@ -133,3 +133,32 @@ def test_strict_warnings_fail_raydpos_deprecated_calls_only(monkeypatch):
                 caller.call(category)
             with pytest.warns(category):
                 library.call(category)
+
+
+def test_the_placement_group_cleaners_state_api_warning_is_said_once_per_process(monkeypatch):
+    """Ray Train's cleaner warns at every failed State API ask (each second, on a cluster without a
+    dashboard); the first warning passes, repeats and verbose mode as before."""
+    import logging
+
+    from raydpo.observability import quiet
+
+    monkeypatch.setenv(quiet.LEVEL_ENV, "normal")
+    cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    cleaner.addHandler(handler)
+    notice = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor."
+    try:
+        quiet.setup_process("normal")
+        for _ in range(3):
+            cleaner.warning(notice)
+        cleaner.warning("Failed to clean up placement group: gone")
+        assert seen == [notice, "Failed to clean up placement group: gone"]
+        quiet.setup_process("verbose")
+        cleaner.warning(notice)
+        cleaner.warning(notice)
+        assert seen[-2:] == [notice, notice]
+    finally:
+        cleaner.removeHandler(handler)
+        quiet.setup_process("normal")

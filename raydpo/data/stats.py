@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from raydpo.data.stage import input_order
+from raydpo.data.passes import input_order
 
 
 FIELDS = {"prompt": "prompt_ids", "chosen": "chosen_ids", "rejected": "rejected_ids"}

@@ -41,6 +41,12 @@ _DEEPSPEED_PRINTS = re.compile(r"^DeepSpeed \S+ built successfully")
 _BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_NOTICES = re.compile(r"^Failed to load CPU gemm_4bit_forward from kernels-community")
 
+#: Ray Train 2.60's placement-group cleaner asks the State API (the dashboard's) every second whether
+#: the controller lives, and warns at each failed ask: on a cluster started without a dashboard that
+#: is a line a second for the whole run. The first one is news (the cleaner cannot watch); it stays.
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PG_CLEANER_NOTICES = re.compile(r"^Failed to query Ray Train Controller actor state")
+
 
 def level() -> str:
     """This process's console level (``normal`` unless set by :func:`setup_process`)."""
@@ -60,12 +66,25 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-def _drop_on(target: logging.Logger | logging.Handler, pattern: re.Pattern, drop: bool) -> None:
+class _DropRepeats(_DropMessages):
+    """Lets the first matching message through, drops the ones after it."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.pattern.search(record.getMessage()):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _drop_on(target: logging.Logger | logging.Handler, pattern: re.Pattern, drop: bool,
+             kind: type[_DropMessages] = _DropMessages) -> None:
     """Replace raydpo's message filter on ``target`` (idempotent); ``drop=False`` just removes it."""
     for f in [f for f in target.filters if isinstance(f, _DropMessages)]:
         target.removeFilter(f)
     if drop:
-        target.addFilter(_DropMessages(pattern))
+        target.addFilter(kind(pattern))
 
 
 def quiet_ray_data(is_verbose: bool) -> None:
@@ -97,7 +116,9 @@ _RAY_TRAIN_REPORTS = "ray.train.v2._internal.execution.context"
 
 def quiet_ray_train(is_verbose: bool) -> None:
     """Ray Train's per-report INFO line only in verbose mode (its other routine lines follow
-    :func:`raydpo.train.stage.train_logging`). Only where Ray Train is loaded already (a train worker)."""
+    :func:`raydpo.train.stage.train_logging`), where Ray Train is loaded already (a train worker);
+    its placement-group cleaner's State API warning once per process unless verbose."""
+    _drop_on(logging.getLogger(_PG_CLEANER_LOGGER), _PG_CLEANER_NOTICES, not is_verbose, _DropRepeats)
     module = sys.modules.get(_RAY_TRAIN_REPORTS)
     if module is not None:
         logging.getLogger(module.__file__).setLevel(logging.INFO if is_verbose else logging.WARNING)

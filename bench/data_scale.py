@@ -96,8 +96,9 @@ def measured_run(cfg_path: str, env: dict, out_dir: str) -> dict:
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     t = summary["timings_s"]
+    reference = summary.get("reference") if isinstance(summary.get("reference"), dict) else {}  # a string when unused
     return result | {"object_store_peak_mb": round(peak[0] / 1e6, 1), "timings_s": t,
-                     "cache_hits": {k: v.get("cache_hit") for k, v in summary.get("reference", {}).items() if isinstance(v, dict)}}
+                     "cache_hits": {k: v.get("cache_hit") for k, v in reference.items() if isinstance(v, dict)}}
 
 
 def one_size(n: int, kind: str, model: str, work: str, loss: str | None = None) -> dict:

@@ -212,6 +212,8 @@ def _fixed(column) -> np.ndarray:
     """A digest column as a numpy ``S16`` array (one copy at most; none for an unchunked fixed-width one)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     arr = arr.cast(DIGEST)
+    if not len(arr):  # an empty array may have no data buffer at all
+        return np.empty(0, "S16")
     return np.frombuffer(arr.buffers()[1], dtype="S16", count=len(arr), offset=arr.offset * 16)
 
 

@@ -279,3 +279,13 @@ def test_uris_and_bad_locations(tmp_path, s3_server):
     with pytest.raises(ValueError, match=r"s3://\*\*\*@bucket/\.\.\.: credentials in a URI") as e:
         storage.normalize("s3://AKIA:hunter2@bucket/x")
     assert "hunter2" not in str(e.value)
+
+
+def test_sha256_of_reads_in_chunks_and_equals_a_whole_read(root):
+    """The chunked hash (input files for the tokenized cache's key, shard checks) is the whole file's."""
+    path = storage.join(root, "big.bin")
+    data = os.urandom(10_000) + b"\x00" * 5
+    storage.write_bytes(path, data)
+    assert storage.sha256_of(path, chunk_bytes=4096) == storage.sha256_of(path) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        storage.sha256_of(storage.join(root, "missing.bin"))

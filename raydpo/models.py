@@ -118,8 +118,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     """``AutoModelForCausalLM`` in ``dtype``, dropout off unless ``disable_dropout`` is False (DPO
     compares log-probs of two passes; TRL disables it too).
 
-    ``quantization``: ``8bit`` / ``4bit`` loads bitsandbytes-quantized weights straight onto
-    ``device`` (bitsandbytes 0.50 runs both on CPU too); such a model cannot be moved afterwards.
+    ``device``: where the weights are read to, tensor by tensor (``device_map``: no whole copy in
+    host memory first; None and ``cpu``: host memory). ``quantization``: ``8bit`` / ``4bit`` loads
+    bitsandbytes-quantized weights onto ``device`` (bitsandbytes 0.50 runs both on CPU too); such a
+    model cannot be moved afterwards.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -129,7 +131,9 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
     hf_logging.disable_progress_bar()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantization is not None:
-        extra |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device or "cpu"}}
+        extra["quantization_config"] = quantization_config(quantization, dtype)
+    if quantization is not None or (device is not None and str(device) != "cpu"):
+        extra["device_map"] = {"": str(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(
         resolve_local(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )

@@ -43,7 +43,7 @@ def main(rank: int, world: int, sp: int, model_dir: str, out: str, zero: int, la
     m = ModelConfig(name_or_path=model_dir, gradient_checkpointing=True, lora=LoraConfig(r=lora, target_modules=["all-linear"]))
     t = TrainConfig(num_workers=world, sequence_parallel_size=sp, zero_stage=zero, micro_batch_size=2,
                     max_grad_norm=0.0)
-    model = build_policy(m, model_dir, "cpu", sequence_parallel=sp > 1)
+    model = build_policy(m, model_dir, "cpu", sequence_parallel=sp > 1, ds_config=deepspeed_config(t, "float32"))
     if lora:  # start the adapters away from zero so their gradients are not all zero-shaped
         with torch.no_grad():
             for name, p in model.named_parameters():

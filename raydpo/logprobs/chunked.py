@@ -93,9 +93,10 @@ def chunk_count(n: int, chunk: int, collective: bool) -> int:
         return count
     import torch.distributed as dist
 
-    total = torch.tensor([count], dtype=torch.long)
-    dist.all_reduce(total, op=dist.ReduceOp.MAX)
-    return int(total.item())
+    from raydpo.train.devices import all_reduce
+
+    # On the collective's device: NCCL (GPU workers) has no CPU backend.
+    return int(all_reduce(torch.tensor([count], dtype=torch.long), dist.ReduceOp.MAX).item())
 
 
 def recomputable(head: torch.nn.Module) -> bool:

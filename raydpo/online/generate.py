@@ -45,7 +45,7 @@ class HfEngine:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True).to(self.device).eval()
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True, device=self.device)
 
     def generate(self, prompts: list[list[int]], n: int, params: dict, seed: int, pad_id: int) -> list[list[list[int]]]:
         """[P prompts] -> [P][n] raw continuations (token ids, possibly padded)."""

@@ -74,9 +74,12 @@ class RewardModel:
             torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        # device_map: read straight onto the device, no whole copy in host memory first.
+        placed = {"device_map": {"": self.device}} if self.device != "cpu" else {}
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                                        **placed)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
+        self.model.eval()
         self.max_length = max_length
 
     def text(self, prompt, completion: str) -> str:

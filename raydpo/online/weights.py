@@ -8,7 +8,7 @@ written and nothing is re-loaded from disk.
 
 from __future__ import annotations
 
-PEFT_PREFIX = "base_model.model."
+from raydpo.train.export import PEFT_PREFIX, lora_merged
 
 
 def merge_lora_state(state: dict, scaling: float, fan_in_fan_out: set[str] = frozenset()) -> dict:
@@ -27,8 +27,7 @@ def merge_lora_state(state: dict, scaling: float, fan_in_fan_out: set[str] = fro
             if leaf == "weight":
                 stem = name.replace(".base_layer.weight", "")
                 a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
-                delta = (b.float() @ a.float()) * scaling
-                value = (value.float() + (delta.T if module in fan_in_fan_out else delta)).to(value.dtype)
+                value = lora_merged(value, a, b, scaling, module in fan_in_fan_out)
         out[plain] = value
     return out
 

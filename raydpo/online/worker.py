@@ -40,7 +40,8 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.observability import quiet
     from raydpo.online.weights import policy_state
     from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
-    from raydpo.train.engine import build_engine
+    from raydpo.train.devices import worker_device
+    from raydpo.train.engine import build_engine, deepspeed_config
     from raydpo.train.export import export_model
     from raydpo.train.loop import _add, _float_or_none, _global_sums, step_metrics, to_device
     from raydpo.train.policy import activations, build_policy
@@ -51,10 +52,8 @@ def online_loop_per_worker(config: dict) -> None:
     t, pad_id, queue = cfg.train, config["pad_id"], config["queue"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(t.seed + rank)
-    device = f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    model = build_policy(cfg.model, config["model_path"], device)
+    device = worker_device(t.use_gpu, t.cpus_per_worker)
+    model = build_policy(cfg.model, config["model_path"], device, ds_config=deepspeed_config(t, cfg.model.dtype))
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
     engine.train()
     lora = cfg.model.lora.r > 0

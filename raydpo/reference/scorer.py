@@ -33,10 +33,9 @@ class HfBackend:
         self.torch = torch
         # An actor that reserved a GPU (reference.num_gpus_per_actor > 0) sees it here.
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        # Read straight onto the device (no whole copy in host memory first).
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, frozen=True, quantization=quantization,
                                     device=str(self.device), attn_implementation=attn_implementation)
-        if quantization is None:  # quantized weights are loaded in place and cannot be moved
-            self.model.to(self.device)
         self.pad_id = pad_id
         self.max_tokens = max_tokens
         self.chunk = logits_chunk_tokens

@@ -53,9 +53,9 @@ def check(drift: "torch.Tensor", tolerance: float, relay, is_rank0: bool, entry:
     (:mod:`raydpo.train.relay`); raise GuardError above ``tolerance``."""
     import torch.distributed as dist
 
-    worst = drift.detach().float().clone()
-    if dist.is_initialized():
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    from raydpo.train.devices import all_reduce
+
+    worst = all_reduce(drift.detach().float(), dist.ReduceOp.MAX) if dist.is_initialized() else drift.detach().float()
     value = float(worst)
     ok = value <= tolerance
     if is_rank0 and relay is not None:

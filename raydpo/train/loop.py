@@ -17,14 +17,12 @@ import torch
 
 def _global_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """All-reduce per-rank metric sums (a fixed key order on every rank)."""
-    import torch.distributed as dist
+    from raydpo.train.devices import all_reduce
 
     keys = sorted(sums)
     device = next(iter(sums.values())).device
     packed = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(packed)
-    return dict(zip(keys, packed.tolist()))
+    return dict(zip(keys, all_reduce(packed).tolist()))
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -39,11 +37,11 @@ def rank_mean(value: torch.Tensor) -> torch.Tensor:
     """A 0-d statistic averaged over all ranks (KTO's KL term: TRL's ``gather_for_metrics(kl).mean()``)."""
     import torch.distributed as dist
 
+    from raydpo.train.devices import all_reduce
+
     if not dist.is_initialized():
         return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
+    return all_reduce(value) / dist.get_world_size()
 
 
 def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None, across_ranks: bool = True,
@@ -190,7 +188,8 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.objectives import mean_metrics
     from raydpo.train.checkpoint import Position, restore, save, trim_metrics
     from raydpo.workers import record
-    from raydpo.train.engine import build_engine
+    from raydpo.train.devices import worker_device
+    from raydpo.train.engine import build_engine, deepspeed_config
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
     from raydpo.train.policy import activations, build_policy, trainable_summary
@@ -209,10 +208,9 @@ def train_loop_per_worker(config: dict) -> None:
     # Flash-attention varlen skips the masked blocks of one long packed row; sdpa / eager compute them.
     one_row = (cfg.model.attn_implementation or "").startswith("flash_attention")
 
-    device = f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # compute on the CPUs this worker reserved, whatever torch guessed at import
-        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    model = build_policy(cfg.model, config["model_path"], device, sequence_parallel=t.sequence_parallel_size > 1)
+    device = worker_device(t.use_gpu, t.cpus_per_worker)
+    model = build_policy(cfg.model, config["model_path"], device, sequence_parallel=t.sequence_parallel_size > 1,
+                         ds_config=deepspeed_config(t, cfg.model.dtype))
     params = trainable_summary(model)
     mpu, sp = setup_sp(model, t.sequence_parallel_size, t.zero_stage, 1 if t.padding_free else 2 * t.micro_batch_size)
     shard = sp.shard() if sp else None

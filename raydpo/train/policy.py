@@ -34,19 +34,32 @@ def activations(m: ModelConfig, device):
     return contextlib.nullcontext()
 
 
-def build_policy(m: ModelConfig, model_path: str, device: str | None = None, sequence_parallel: bool = False):
+def build_policy(m: ModelConfig, model_path: str, device: str | None = None, sequence_parallel: bool = False,
+                 ds_config: dict | None = None):
     """Load the policy for training.
 
     Full fine-tuning: every weight trainable. ``lora.r`` > 0: the base frozen (bitsandbytes-quantized
     with ``quantization``: QLoRA) and only the adapters trainable; the adapters start at zero, so the
     policy equals the base, which is still the reference, at step 0.
+
+    ``ds_config``: the DeepSpeed config the engine is built with next; under ZeRO-3 (unquantized)
+    the model is built partitioned (:mod:`raydpo.train.zero3`; every rank must call this together),
+    else each rank loads it whole onto ``device``.
     """
-    from raydpo.models import load_causal_lm
+    from raydpo.models import load_causal_lm, torch_dtype, zero_dropout
+    from raydpo.train.zero3 import load_partitioned, zero3_enabled
 
     # Ulysses patches the attention implementation the model names: sdpa unless another is chosen.
     attn = m.attn_implementation or ("sdpa" if sequence_parallel else None)
-    model = load_causal_lm(model_path, m.dtype, m.trust_remote_code, quantization=m.quantization, device=device,
-                           attn_implementation=attn, disable_dropout=m.disable_dropout)
+    if zero3_enabled(ds_config) and m.quantization is None:
+        from raydpo.models import resolve_local
+
+        model = load_partitioned(resolve_local(model_path), ds_config, torch_dtype(m.dtype), m.trust_remote_code, attn)
+        if m.disable_dropout:
+            zero_dropout(model)
+    else:
+        model = load_causal_lm(model_path, m.dtype, m.trust_remote_code, quantization=m.quantization, device=device,
+                               attn_implementation=attn, disable_dropout=m.disable_dropout)
     if m.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

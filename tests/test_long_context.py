@@ -23,7 +23,7 @@ def family_dirs(tmp_path_factory):
     from raydpo.families.tiny import write_family_model
 
     root = tmp_path_factory.mktemp("long")
-    return {name: write_family_model(str(root / name), name) or str(root / name) for name in ("llama", "gemma2", "gpt2")}
+    return {name: write_family_model(str(root / name), name) or str(root / name) for name in ("llama", "gemma2", "gpt2", "mistral")}
 
 
 def pairs(seed: int = 1, n: int = 3):
@@ -130,11 +130,13 @@ def finish_ranks(group: tuple[list, str]) -> dict:
 
 
 @pytest.mark.parametrize("family,zero,layout,lora", [("llama", 0, "padded", 0), ("llama", 2, "padding_free", 1),
-                                                     ("llama", 3, "padding_free", 0), ("gemma2", 1, "padded", 0)])
+                                                     ("llama", 3, "padding_free", 0), ("gemma2", 1, "padded", 0),
+                                                     ("mistral", 1, "padding_free", 0)])
 def test_sequence_parallel_trains_to_the_same_weights(family_dirs, tmp_path, family, zero, layout, lora):
     """SP=2 on 2 ranks against 1 rank: the same loss at every step and the same weights after 3 SGD
     steps (gradient checkpointing on; LoRA on one case; Gemma 2's 24-token windows on rows of up to
-    ~85 tokens; a gradient off by any factor would show)."""
+    ~85 tokens; Mistral's, which it passes as an argument, not an attribute, on packed sequences; a
+    gradient off by any factor would show)."""
     # Both groups at once (their own ports): most of each process's time is its imports.
     groups = [start_ranks(n, n, family_dirs[family], str(tmp_path / f"sp{n}.pt"), zero, layout, lora) for n in (1, 2)]
     one, two = map(finish_ranks, groups)
@@ -238,3 +240,82 @@ def test_sequence_parallel_run_recovers_a_killed_worker_to_the_same_model(ray_cl
     w = AutoModelForCausalLM.from_pretrained(tmp_path / "killed" / "model").state_dict()
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model").state_dict()
     assert max((w[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def packed_positions(lengths: list[int]) -> list[int]:
+    return [i for n in lengths for i in range(n)]
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_document_attention_equals_sdpa_with_the_dense_mask(window):
+    """raydpo's SP core attention (per-sequence causal sdpa, windows in blocks, no [T, T] mask)
+    against transformers' sdpa under :func:`sequence_mask`'s dense mask: outputs and q/k/v gradients,
+    GQA (4 heads on 2), several sequences per row, runs of one-token pads, sequences shorter than,
+    equal to and several times the window (with and without a remainder), batch > 1 with rows alike
+    and rows unlike."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from raydpo.train.sequence_parallel import document_sdpa, sequence_mask
+
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, sliding_window=window, training=True)
+    masks = []
+
+    def spy(m, q, k, v, mask, *a, **kw):
+        masks.append(mask)
+        return sdpa_attention_forward(m, q, k, v, mask, *a, **kw)
+
+    attention = document_sdpa(spy)
+    rows = {"one row": [[7, 1, 12, 5, 16, 1, 1, 1, 3, 11, 2]],
+            "rows alike": [[9, 14, 1, 1, 6]] * 2,
+            "rows unlike": [[20, 1, 1, 3], [4, 10, 11], [25]]}
+    for name, lengths in rows.items():
+        pos = torch.tensor([packed_positions(n) for n in lengths])
+        b, t = pos.shape
+        g = torch.Generator().manual_seed(t)
+        q, k, v = (torch.randn(b, h, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+        weight = torch.randn(b, t, 4, 8, generator=g, dtype=torch.float64)
+        got = attention(module, q, k, v, None, dropout=0.0, scaling=0.3, position_ids=pos)[0]
+        got_grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+        mask = sequence_mask(pos, window)
+        assert mask is not None  # every case here restarts in a row: plain causal attention would not do
+        want = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)[0]
+        want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
+        assert got.shape == want.shape == (b, t, 4, 8)
+        # No [T, T] mask: none at all without a window, at most 2w x 2w with one.
+        sizes = [m.numel() for m in masks if m is not None]
+        assert not sizes if window is None else max(sizes) <= (2 * window) ** 2
+        masks.clear()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+        for x, y in zip(got_grads, want_grads):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_sequence_parallel_policy_builds_no_local_masks_while_training():
+    """Under Ulysses the model's own masks (a dense [T/P, T/P] one for packed rows) are dropped: the SP
+    policy's are not built while it trains; in eval, and for any other model, they are as before."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+
+    from raydpo.train.sequence_parallel import skip_local_masks
+
+    def tiny():
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa"))
+
+    policy, other = tiny(), tiny()
+    pos = torch.tensor([packed_positions([5, 3, 4])])
+    embeds = torch.zeros(1, 12, 16)
+    mask = lambda model: create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,  # noqa: E731
+                                            past_key_values=None, position_ids=pos)
+    saved = dict(ALL_MASK_ATTENTION_FUNCTIONS._local_mapping)
+    try:
+        assert mask(policy.train()) is not None
+        skip_local_masks(policy)
+        skip_local_masks(policy)  # once more (a second setup): still one wrapper
+        assert mask(policy.train()) is None
+        assert mask(other.train()) is not None and mask(policy.eval()).shape == (1, 1, 12, 12)
+    finally:
+        ALL_MASK_ATTENTION_FUNCTIONS._local_mapping.clear()
+        ALL_MASK_ATTENTION_FUNCTIONS._local_mapping.update(saved)

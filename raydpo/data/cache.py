@@ -39,14 +39,19 @@ def cache_root(cfg) -> str:
     return storage.join(storage.parent(storage.normalize(cfg.reference.cache_dir)), "tokenized")
 
 
-def _source_digest(name: str) -> str:
-    """sha256 of a source file (local or URI), or of every file under a ``save_to_disk`` directory."""
+def _source_digest(name: str, memo) -> str:
+    """sha256 of a source file (local or URI), or of every file under a ``save_to_disk`` directory.
+    A local file's comes from ``memo`` (:class:`raydpo.storage.fingerprint.StatMemo`) while its stat
+    is unchanged; an object's is read each time (an object store's mtime has one-second ticks)."""
+    def one(path: str) -> str:
+        return storage.sha256_of(path) if storage.is_uri(path) else memo.digest(path)
+
     if storage.kind(name) != "dir":
-        return storage.sha256_of(name)
+        return one(name)
     h = hashlib.sha256()
     for e in storage.listing(name, recursive=True):
         if not e.is_dir:
-            h.update(e.relative.encode() + b"\0" + storage.sha256_of(e.path).encode())
+            h.update(e.relative.encode() + b"\0" + one(e.path).encode())
     return h.hexdigest()
 
 
@@ -74,17 +79,23 @@ def key_inputs(cfg, sources: dict[str, list[str]], settings: dict, kl: bool) -> 
     from raydpo.config_rules import unpaired
     from raydpo.models import resolve_local
     from raydpo.reference.cache import fingerprint_tokenizer
+    from raydpo.storage.fingerprint import memo_for
 
     names = [n for split in sources.values() for n in split]
     if any(n.startswith("hub:") or n.startswith("<") for n in names):
         return None
     d, is_unpaired = cfg.data, unpaired(cfg.loss)
+    memo = memo_for(cache_root(cfg))  # input files hashed once per file and stat, not per run
+    try:
+        sources_digests = {split: [[n, _source_digest(n, memo)] for n in names] for split, names in sources.items()}
+    finally:
+        memo.save()
     return {
         "format": FORMAT,
         "raydpo": {"version": __version__, "data_code": code_digest()},
         "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        "sources": {split: [[n, _source_digest(n)] for n in split_names] for split, split_names in sources.items()},
-        "tokenizer": {"fingerprint": fingerprint_tokenizer(resolve_local(cfg.model.name_or_path)),
+        "sources": sources_digests,
+        "tokenizer": {"fingerprint": fingerprint_tokenizer(resolve_local(cfg.model.name_or_path), memo),
                       "trust_remote_code": cfg.model.trust_remote_code},
         "tokenization": settings,
         "parsing": {"format": d.format, "columns": d.columns, "prompt_marker": d.prompt_marker,

@@ -40,7 +40,8 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.observability import quiet
     from raydpo.online.weights import policy_state
     from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
-    from raydpo.train.devices import worker_device
+    from raydpo.models import hidden_size
+    from raydpo.train.devices import release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config
     from raydpo.train.export import export_model
     from raydpo.train.loop import _add, _float_or_none, _global_sums, step_metrics, to_device
@@ -53,8 +54,10 @@ def online_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(t.seed + rank)
     device = worker_device(t.use_gpu, t.cpus_per_worker)
-    model = build_policy(cfg.model, config["model_path"], device, ds_config=deepspeed_config(t, cfg.model.dtype))
-    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"])
+    ds_config = deepspeed_config(t, cfg.model.dtype, hidden_size(config["model_path"], cfg.model.trust_remote_code))
+    model = build_policy(cfg.model, config["model_path"], device, ds_config=ds_config)
+    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"], ds_config=ds_config)
+    release_host_memory()  # what loading freed, back to the OS before the first step
     engine.train()
     lora = cfg.model.lora.r > 0
 

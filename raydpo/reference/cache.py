@@ -29,18 +29,21 @@ TOKENIZER_FILES = (
 )
 
 
-def _hash_files(paths: list[str], root: str) -> str:
+def _hash_files(paths: list[str], root: str, memo=None) -> str:
+    """sha256 over each file's name (relative to ``root``) and digest; the digests from ``memo``
+    (:class:`raydpo.storage.fingerprint.StatMemo`: a file whose stat is unchanged is not read
+    again; None: every file read)."""
+    from raydpo.storage.fingerprint import StatMemo, digests
+
+    found = digests(sorted(paths), memo if memo is not None else StatMemo(None))
     h = hashlib.sha256()
-    for path in sorted(paths):
-        h.update(os.path.relpath(path, root).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+    for path, digest in found.items():
+        h.update(os.path.relpath(path, root).encode() + b"\0" + digest.encode() + b"\n")
     return h.hexdigest()
 
 
-def fingerprint_model(model_dir: str) -> str:
-    """sha256 of the weight and config files' names and bytes."""
+def fingerprint_model(model_dir: str, memo=None) -> str:
+    """sha256 of the weight and config files' names and digests (``memo``: see :func:`_hash_files`)."""
     files = [
         os.path.join(root, f)
         for root, _, names in os.walk(model_dir)
@@ -50,13 +53,13 @@ def fingerprint_model(model_dir: str) -> str:
     ]
     if not any(f.endswith(WEIGHT_FILES) for f in files):
         raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_FILES)}) under {model_dir}")
-    return _hash_files(files, model_dir)
+    return _hash_files(files, model_dir, memo)
 
 
-def fingerprint_tokenizer(model_dir: str) -> str:
-    """sha256 of the tokenizer files, chat template included."""
+def fingerprint_tokenizer(model_dir: str, memo=None) -> str:
+    """sha256 of the tokenizer files' names and digests, chat template included."""
     files = [os.path.join(model_dir, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, f))]
-    return _hash_files(files, model_dir)
+    return _hash_files(files, model_dir, memo)
 
 
 def data_digest(digests) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pyarrow as pa
-
 IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -141,10 +139,11 @@ class ReferenceScorer:
         chosen, rejected = self.score(prompt_ids, chosen_ids, rejected_ids)
         return chosen, rejected, time.perf_counter() - start
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: "pa.Table") -> "pa.Table":  # noqa: F821
         # Arrow in and out keeps the id columns list<int32>; a numpy round trip would turn them
-        # into Ray's tensor extension type.
+        # into Ray's tensor extension type. (Imported here: the GPU check builds a scorer without pyarrow.)
         import numpy as np
+        import pyarrow as pa
 
         cols = [batch[name].to_pylist() for name in IDS]
         step = self.batch_size or max(len(cols[0]), 1)  # a shard's pairs, scored batch_size at a time

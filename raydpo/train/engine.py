@@ -8,9 +8,25 @@ from raydpo.config import TrainConfig
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def deepspeed_config(t: TrainConfig, dtype: str) -> dict:
-    """The DeepSpeed JSON config for ``train.*`` and the policy dtype."""
+def zero3_sizes(t: TrainConfig, hidden_size: int) -> dict:
+    """ZeRO-3's bucket and residency sizes (elements) from the model's hidden size h, as
+    transformers' Trainer fills DeepSpeed's ``auto`` values (reduce bucket h^2, prefetch 0.9 h^2,
+    parameters under 10 h kept whole), and at most ``train.zero3_live_parameters`` (default 10 h^2:
+    about ten layers' matrices) gathered at once and kept for reuse. DeepSpeed's own defaults (5e8
+    reduce bucket, 1e9 live) hold a 1.3 GB model's every weight gathered through a step (measured:
+    bench/zero3_memory.py), which defeats partitioning where memory is the limit."""
+    live = t.zero3_live_parameters or 10 * hidden_size * hidden_size
+    return {"reduce_bucket_size": hidden_size * hidden_size, "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size, "stage3_max_live_parameters": live,
+            "stage3_max_reuse_distance": live}
+
+
+def deepspeed_config(t: TrainConfig, dtype: str, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON config for ``train.*`` and the policy dtype (``hidden_size``: the policy's,
+    which sizes ZeRO-3's buckets, :func:`zero3_sizes`; None: DeepSpeed's defaults)."""
     zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3 and hidden_size:
+        zero |= zero3_sizes(t, hidden_size)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if t.offload_params:
@@ -50,12 +66,13 @@ def build_scheduler(optimizer, t: TrainConfig, total_steps: int):
     return get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
 
 
-def build_engine(model, t: TrainConfig, dtype: str, total_steps: int, mpu=None):
+def build_engine(model, t: TrainConfig, dtype: str, total_steps: int, mpu=None, ds_config: dict | None = None):
     """Wrap ``model`` in a DeepSpeed engine (joining the process group Ray Train already set up).
 
     Only parameters that require grad (all, or the LoRA adapters) are optimized. ``mpu``: the
     sequence-parallel groups (:func:`raydpo.train.sequence_parallel.setup`); DeepSpeed then reduces
-    gradients over data and sequence ranks and averages over the data-parallel ones."""
+    gradients over data and sequence ranks and averages over the data-parallel ones. ``ds_config``:
+    the one the policy was built with (default: :func:`deepspeed_config`)."""
     from raydpo.observability.quiet import deepspeed_quietly
 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], t)
@@ -64,7 +81,7 @@ def build_engine(model, t: TrainConfig, dtype: str, total_steps: int, mpu=None):
         import deepspeed
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, dtype), mpu=mpu
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config or deepspeed_config(t, dtype), mpu=mpu
         )
     if t.zero_stage == 0 and engine.seq_dp_world_size == 1:
         # A lone data-parallel rank has nothing to all-reduce, but DeepSpeed would still flatten every

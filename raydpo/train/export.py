@@ -174,7 +174,9 @@ def export_model(module, out_dir: str, is_writer: bool, model_cfg=None, model_pa
     ``model_cfg.dtype``, whose 4-bit base would lose the update if merged in place).
     """
     from raydpo import storage
+    from raydpo.train.devices import release_host_memory
 
+    release_host_memory()  # the last steps' freed buffers: the shards come on top of what stays
     lora = model_cfg is not None and model_cfg.lora.r > 0
     stream = not (lora and adapter_only) and streamable(module, model_cfg)
     state = None if stream else gathered_state_dict(module, is_writer, trainable_only=lora)

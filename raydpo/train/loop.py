@@ -187,8 +187,9 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.data.collate import collate_rows
     from raydpo.objectives import mean_metrics
     from raydpo.train.checkpoint import Position, restore, save, trim_metrics
-    from raydpo.workers import record
-    from raydpo.train.devices import worker_device
+    from raydpo.workers import peak_memory, record
+    from raydpo.models import hidden_size
+    from raydpo.train.devices import release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
@@ -209,12 +210,14 @@ def train_loop_per_worker(config: dict) -> None:
     one_row = (cfg.model.attn_implementation or "").startswith("flash_attention")
 
     device = worker_device(t.use_gpu, t.cpus_per_worker)
+    ds_config = deepspeed_config(t, cfg.model.dtype, hidden_size(config["model_path"], cfg.model.trust_remote_code))
     model = build_policy(cfg.model, config["model_path"], device, sequence_parallel=t.sequence_parallel_size > 1,
-                         ds_config=deepspeed_config(t, cfg.model.dtype))
+                         ds_config=ds_config)
     params = trainable_summary(model)
     mpu, sp = setup_sp(model, t.sequence_parallel_size, t.zero_stage, 1 if t.padding_free else 2 * t.micro_batch_size)
     shard = sp.shard() if sp else None
-    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"], mpu)
+    engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"], mpu, ds_config)
+    release_host_memory()  # what loading freed, back to the OS before the first step
     chunk = cfg.model.logits_chunk_tokens
     # from_pretrained returns eval mode; training must run in train mode even with no eval split
     # (gradient checkpointing and any dropout kept on act only there).
@@ -236,7 +239,8 @@ def train_loop_per_worker(config: dict) -> None:
         return row
 
     position = restore(engine, rank)
-    record(storage.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_step=position.step if position else 0)
+    started = {"rank": rank, "start_step": position.step if position else 0, "started": time.time()}
+    record(storage.join(config["output_dir"], "workers"), f"rank{rank}", **started)
     kept = trim_metrics(metrics_path, position) if rank == 0 else []
     if rank == 0 and relay is not None:
         ray.get(relay.start.remote(kept, position.step if position else 0))
@@ -302,6 +306,8 @@ def train_loop_per_worker(config: dict) -> None:
         export_model(engine.module, storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
                      cfg.output.save_adapter_only)
         log.flush()
+        # Again at the end, with what this worker's memory peaked at (loading, training, export).
+        record(storage.join(config["output_dir"], "workers"), f"rank{rank}", **started, **peak_memory(), finished=time.time())
         if rank == 0 and relay is not None:
             ray.get(relay.finish.remote({"steps": step, "epochs_started": epoch, "params": params, "final": last_train,
                                          "final_eval": last_eval}))

@@ -61,19 +61,14 @@ def sources(model, index: dict[str, str]) -> Optional[dict[str, str]]:
     return out
 
 
-class _Reader:
-    """Tensors by checkpoint key from the safetensors files, each file opened once."""
+def read_tensor(index: dict[str, str], key: str):
+    """One tensor of the checkpoint, as a new tensor in host memory. The file is mapped for this
+    read only: pages of a mapping that stays open count in the process's RSS once touched, so
+    keeping one open would grow it to the whole file by the end of the load."""
+    from safetensors import safe_open
 
-    def __init__(self, index: dict[str, str]):
-        self.index, self.files = index, {}
-
-    def get(self, key: str):
-        from safetensors import safe_open
-
-        path = self.index[key]
-        if path not in self.files:
-            self.files[path] = safe_open(path, framework="pt")
-        return self.files[path].get_tensor(key)
+    with safe_open(index[key], framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def fill(model, index: dict[str, str], keys: dict[str, str]) -> None:
@@ -85,7 +80,7 @@ def fill(model, index: dict[str, str], keys: dict[str, str]) -> None:
     import torch
     import torch.distributed as dist
 
-    reader, seen = _Reader(index), set()
+    seen: set[int] = set()
     is_reader = dist.get_rank() == 0
     with torch.no_grad():
         for prefix, module in model.named_modules():
@@ -96,11 +91,11 @@ def fill(model, index: dict[str, str], keys: dict[str, str]) -> None:
                 with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
                     if is_reader:
                         for name, p in named:
-                            p.data.copy_(reader.get(keys[name]))
+                            p.data.copy_(read_tensor(index, keys[name]))
             for n, buf in module.named_buffers(recurse=False):
                 name = f"{prefix}.{n}" if prefix else n
                 if buf is not None and name in keys:
-                    buf.copy_(reader.get(keys[name]))
+                    buf.copy_(read_tensor(index, keys[name]))
 
 
 def load_partitioned(model_dir: str, ds_config: dict, dtype, trust_remote_code: bool = False,
@@ -124,7 +119,9 @@ def load_partitioned(model_dir: str, ds_config: dict, dtype, trust_remote_code: 
         # zero.Init sizes its partitions by DeepSpeed's view of the process group Ray Train made.
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
-    hf_ds = HfDeepSpeedConfig(ds_config)
+    # zero.Init reads the partitioning settings; the batch sizes it would check against the world
+    # size assume no sequence parallelism (the engine checks them with the groups).
+    hf_ds = HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     index = checkpoint_index(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

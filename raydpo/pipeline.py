@@ -72,13 +72,12 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
     (see ``reference.mode``); the eval split, read at every evaluation, is always scored first.
     With reference-free losses only (``simpo``, ``orpo``, ``sft``) there is no stage: {} comes back.
     """
-    from raydpo.models import load_tokenizer
     from raydpo.reference.stage import run_reference
 
     if not config_mod.uses_reference(cfg):
         return {}
 
-    pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
+    pad_id = None  # the tokenizer is loaded on a miss only: a hit imports no transformers into the driver
     settings = data.settings.__dict__
     results = {}
     if data.eval is not None:

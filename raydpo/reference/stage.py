@@ -45,12 +45,10 @@ def cache_inputs(cfg: Config, digests, tokenize_settings: dict) -> dict:
     :class:`raydpo.data.blocks.Column` of them, hashed on the cluster). Paths are not part of the
     key (the same files at another mount point hit); fingerprints are.
     """
-    from raydpo.storage.remote import on_cluster
-
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     from raydpo.models import resolve_local
+    from raydpo.storage.remote import on_cluster
 
     from raydpo.storage.fingerprint import memo_for
 
@@ -67,7 +65,9 @@ def cache_inputs(cfg: Config, digests, tokenize_settings: dict) -> dict:
         "backend": cfg.reference.backend,
         # LD-DPO-weighted sums are other numbers: never served from (or as) a cache of plain sums.
         "logps": "sum_completion_float32" + ("" if cfg.loss.ld_alpha is None else f"_ld_alpha={cfg.loss.ld_alpha!r}"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        # From the installed packages' metadata (the same strings as torch.__version__ and
+        # transformers.__version__): a cache hit imports neither into the driver (about 2 s).
+        "versions": {"torch": version("torch"), "transformers": version("transformers")},
     }
 
 
@@ -286,7 +286,7 @@ def drive(scored_ds, label: str, total: int) -> None:
                                      f"({done / max(elapsed, 1e-9):,.1f} pairs/s incl. loading the model)", final=True)
 
 
-def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scorer=None, stream: bool = False,
+def run_reference(pairs, cfg: Config, pad_id: int | None, tokenize_settings: dict, scorer=None, stream: bool = False,
                   label: str = "train") -> ReferenceResult:
     """Return the scored pairs from the cache, scoring what the cache lacks first.
 
@@ -297,7 +297,8 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
 
     ``stream``: on a miss with nothing adopted, return at once with the pool's *lazy* output as
     the dataset (the consumer, the trainer, drives the scoring) and ``seal`` to call when it has
-    read everything. ``label``: the split, for the console.
+    read everything. ``label``: the split, for the console. ``pad_id``: the tokenizer's pad id
+    the actors pad with (None: read from the policy's tokenizer, only on a miss).
     """
     from raydpo.cluster import say_if_waiting
     from raydpo.storage import entries
@@ -326,6 +327,10 @@ def run_reference(pairs, cfg: Config, pad_id: int, tokenize_settings: dict, scor
         seal.manifest = published
         return entry
 
+    if scored and pad_id is None:
+        from raydpo.models import load_tokenizer
+
+        pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     scored_ds = score_pairs(todo, cfg, pad_id, entries.writer_path(root, key, writer), scorer) if scored else None
     low, high = pool_size(cfg.reference.num_actors)
     if scored_ds is not None:

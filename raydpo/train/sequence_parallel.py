@@ -259,7 +259,8 @@ def setup(model, size: int, zero_stage: int, rows: int):
         import deepspeed
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        # DeepSpeed's view of the group Ray Train made (NCCL for GPU workers, gloo for CPU ones).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if attn == "sdpa":
         # Ulysses captures the core attention registered under this name; ours rebuilds the masks.

@@ -73,6 +73,14 @@ def hidden_size(name_or_path: str, trust_remote_code: bool = False) -> int | Non
     return getattr(config.get_text_config(), "hidden_size", None)
 
 
+def weights_bytes(name_or_path: str) -> int:
+    """Bytes of the model's weight files on this node's disk (0 where none are found)."""
+    from raydpo.reference.cache import WEIGHT_FILES
+
+    root = resolve_local(name_or_path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(root) for f in names if f.endswith(WEIGHT_FILES))
+
+
 def torch_dtype(name: str):
     import torch
 

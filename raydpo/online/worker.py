@@ -40,8 +40,8 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.observability import quiet
     from raydpo.online.weights import policy_state
     from raydpo.train.checkpoint import Position, checkpoint_name, restore, save
-    from raydpo.models import hidden_size
-    from raydpo.train.devices import release_host_memory, worker_device
+    from raydpo.models import hidden_size, weights_bytes
+    from raydpo.train.devices import lean_host_allocator, release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config
     from raydpo.train.export import export_model
     from raydpo.train.loop import _add, _float_or_none, _global_sums, step_metrics, to_device
@@ -54,6 +54,7 @@ def online_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(t.seed + rank)
     device = worker_device(t.use_gpu, t.cpus_per_worker)
+    lean_host_allocator(device, weights_bytes(config["model_path"]))
     ds_config = deepspeed_config(t, cfg.model.dtype, hidden_size(config["model_path"], cfg.model.trust_remote_code))
     model = build_policy(cfg.model, config["model_path"], device, ds_config=ds_config)
     engine, scheduler = build_engine(model, t, cfg.model.dtype, config["total_steps"], ds_config=ds_config)

@@ -188,8 +188,8 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.objectives import mean_metrics
     from raydpo.train.checkpoint import Position, restore, save, trim_metrics
     from raydpo.workers import peak_memory, record
-    from raydpo.models import hidden_size
-    from raydpo.train.devices import release_host_memory, worker_device
+    from raydpo.models import hidden_size, weights_bytes
+    from raydpo.train.devices import lean_host_allocator, release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config
     from raydpo.train.export import export_model
     from raydpo.train.guard import check, token_drift
@@ -210,6 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
     one_row = (cfg.model.attn_implementation or "").startswith("flash_attention")
 
     device = worker_device(t.use_gpu, t.cpus_per_worker)
+    lean_host_allocator(device, weights_bytes(config["model_path"]))
     ds_config = deepspeed_config(t, cfg.model.dtype, hidden_size(config["model_path"], cfg.model.trust_remote_code))
     model = build_policy(cfg.model, config["model_path"], device, sequence_parallel=t.sequence_parallel_size > 1,
                          ds_config=ds_config)

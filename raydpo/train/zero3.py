@@ -98,6 +98,27 @@ def fill(model, index: dict[str, str], keys: dict[str, str]) -> None:
                     buf.copy_(read_tensor(index, keys[name]))
 
 
+def built_partitioned(config, ds_config: dict, dtype, trust_remote_code: bool, extra: dict):
+    """``config``'s model created inside ``deepspeed.zero.Init`` (each parameter partitioned as it is
+    made), its weights not initialized: every one is read from the checkpoint next."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    try:
+        # transformers' flag that zero.Init is already active: from_config then adds no zero.Init of
+        # its own and skips its pass gathering and broadcasting every module to initialize it
+        # (initialize_weights_zero3), a transfer of the whole model that the fill makes again.
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:  # another transformers: its from_config makes that pass
+        with no_init_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    model.tie_weights()  # post_init's init_weights, which ties them, was skipped
+    return model
+
+
 def load_partitioned(model_dir: str, ds_config: dict, dtype, trust_remote_code: bool = False,
                      attn_implementation: Optional[str] = None):
     """``AutoModelForCausalLM`` of ``model_dir`` partitioned by ZeRO-3 under ``ds_config`` (the
@@ -106,11 +127,11 @@ def load_partitioned(model_dir: str, ds_config: dict, dtype, trust_remote_code: 
     The returned model keeps transformers' ``HfDeepSpeedConfig`` alive (transformers holds a weak
     reference; while it lives, its ZeRO-3 aware paths stay on). Call on every rank together."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
     from transformers.integrations import HfDeepSpeedConfig
 
     from raydpo.observability.quiet import deepspeed_quietly
 
+    import torch
     import torch.distributed as dist
 
     with deepspeed_quietly():
@@ -121,17 +142,19 @@ def load_partitioned(model_dir: str, ds_config: dict, dtype, trust_remote_code: 
 
     # zero.Init reads the partitioning settings; the batch sizes it would check against the world
     # size assume no sequence parallelism (the engine checks them with the groups).
-    hf_ds = HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     index = checkpoint_index(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with no_init_weights():  # every weight is read from the checkpoint next
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    keys = sources(model, index) if index is not None else None
+    keys = None
+    if index is not None:  # the model's names, from a skeleton on the meta device (no memory)
+        with torch.device("meta"):
+            keys = sources(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), index)
+    init_config = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+    hf_ds = HfDeepSpeedConfig(init_config)  # from here on, transformers' ZeRO-3 paths are on
     if keys is None:  # transformers converts this checkpoint's names: its loader, whole state dict per rank
-        del model
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     else:
+        model = built_partitioned(config, init_config, dtype, trust_remote_code, extra)
         fill(model, index, keys)
         try:
             model.generation_config = GenerationConfig.from_pretrained(model_dir)

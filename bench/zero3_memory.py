@@ -87,7 +87,8 @@ def run(command: str, cfg: dict, work: str, tree: str | None) -> dict:
     path = os.path.join(work, f"{os.path.basename(cfg['output']['dir'])}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"} | ({"PYTHONPATH": tree} if tree else {})
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAYDPO_STAT_CACHE": os.path.join(work, "stat-cache.json")} | (
+        {"PYTHONPATH": tree} if tree else {})
     done, polled = threading.Event(), {}
     watcher = threading.Thread(target=watch_workers, args=(cfg["output"]["dir"], done, polled), daemon=True)
     watcher.start()
@@ -128,7 +129,8 @@ def main() -> None:
         small = run("train", config(tiny, data, cache, os.path.join(work, "tiny-run")), work, args.tree)
         big_cfg = config(os.path.join(work, "big"), data, cache, os.path.join(work, "big-run"))
         big = run("train", big_cfg, work, args.tree)
-        shutil.rmtree(os.path.join(cache, ".stat-cache"), ignore_errors=True)
+        if os.path.exists(os.path.join(work, "stat-cache.json")):  # the digest memo (this run's own file)
+            os.remove(os.path.join(work, "stat-cache.json"))
         unremembered = run("precompute", big_cfg | {"output": {"dir": os.path.join(work, "hit1")}}, work, args.tree)
         remembered = run("precompute", big_cfg | {"output": {"dir": os.path.join(work, "hit2")}}, work, args.tree)
         result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU", "tree": args.tree or ROOT,

@@ -70,6 +70,7 @@ def main(rank: int, world: int, sp: int, model_dir: str, out: str, zero: int, la
     if rank == 0:
         torch.save({"losses": losses, "state": state, "initial": initial}, out)
     dist.barrier()
+    dist.destroy_process_group()  # a clean exit: no rank tears its sockets down under another
 
 
 if __name__ == "__main__":

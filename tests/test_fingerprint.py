@@ -7,8 +7,6 @@ import json
 import os
 import time
 
-import pytest
-
 from raydpo.storage.fingerprint import StatMemo, digests, memo_path
 
 
@@ -83,22 +81,21 @@ def test_a_torn_memo_is_ignored_and_rewritten(tmp_path):
 
 def test_model_fingerprint_is_stable_and_follows_the_weights(tmp_path, tiny_model_dir):
     """The reference key's model fingerprint: the same with or without a memo, and another one
-    when a weight byte changes; the memo lives beside a local cache and is no cache entry."""
+    when a weight byte changes."""
     import shutil
 
     from raydpo.reference.cache import fingerprint_model
-    from raydpo.storage.entries import list_entries
     from raydpo.storage.fingerprint import memo_for
 
     model = str(tmp_path / "model")
     shutil.copytree(tiny_model_dir, model)
     for f in os.listdir(model):
         os.utime(os.path.join(model, f), (time.time() - 60,) * 2)
-    cache = str(tmp_path / "cache")
-    memo = memo_for(cache)
+    memo_file = str(tmp_path / "memo.json")
+    memo = memo_for(memo_file)
     plain = fingerprint_model(model)
     assert fingerprint_model(model, memo) == plain == fingerprint_model(model, memo)
-    assert os.path.exists(memo_path(cache)) and list_entries(cache) == []
+    assert os.path.abspath(os.path.join(model, "model.safetensors")) in json.loads(open(memo_file).read())
     weights = os.path.join(model, "model.safetensors")
     with open(weights, "r+b") as f:
         f.seek(-1, 2)
@@ -108,7 +105,9 @@ def test_model_fingerprint_is_stable_and_follows_the_weights(tmp_path, tiny_mode
     assert fingerprint_model(model, memo) != plain
 
 
-@pytest.mark.parametrize("cache_dir", ["s3://bucket/cache", None])
-def test_a_remote_cache_keeps_the_memo_on_this_host(cache_dir, monkeypatch, tmp_path):
+def test_the_memo_is_the_hosts(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAYDPO_STAT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert memo_path(cache_dir).startswith(str(tmp_path / "raydpo" / "stat-cache"))
+    assert memo_path().startswith(str(tmp_path / "raydpo" / "stat-cache"))
+    monkeypatch.setenv("RAYDPO_STAT_CACHE", str(tmp_path / "elsewhere.json"))
+    assert memo_path() == str(tmp_path / "elsewhere.json")

@@ -55,6 +55,7 @@ def main(rank: int, world: int, model_dir: str, out_dir: str, lora: int, shard_b
         with open(os.path.join(out_dir, "files.json"), "w") as f:
             json.dump(sorted(os.listdir(os.path.join(out_dir, "model"))), f)
     dist.barrier()
+    dist.destroy_process_group()  # a clean exit: no rank tears its sockets down under another
 
 
 if __name__ == "__main__":

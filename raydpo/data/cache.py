@@ -79,13 +79,13 @@ def key_inputs(cfg, sources: dict[str, list[str]], settings: dict, kl: bool) -> 
     from raydpo.config_rules import unpaired
     from raydpo.models import resolve_local
     from raydpo.reference.cache import fingerprint_tokenizer
-    from raydpo.storage.fingerprint import memo_for
+    from raydpo.storage.fingerprint import host_memo
 
     names = [n for split in sources.values() for n in split]
     if any(n.startswith("hub:") or n.startswith("<") for n in names):
         return None
     d, is_unpaired = cfg.data, unpaired(cfg.loss)
-    memo = memo_for(cache_root(cfg))  # input files hashed once per file and stat, not per run
+    memo = host_memo()  # input files hashed once per file and stat, not per run
     try:
         sources_digests = {split: [[n, _source_digest(n, memo)] for n in names] for split, names in sources.items()}
     finally:

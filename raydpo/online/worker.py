@@ -43,7 +43,7 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.models import hidden_size, weights_bytes
     from raydpo.train.devices import lean_host_allocator, release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config
-    from raydpo.train.export import export_model
+    from raydpo.train.export import export_model, settled
     from raydpo.train.loop import _add, _float_or_none, _global_sums, step_metrics, to_device
     from raydpo.train.policy import activations, build_policy
     from raydpo.workers import record
@@ -67,7 +67,7 @@ def online_loop_per_worker(config: dict) -> None:
     record(storage.join(config["output_dir"], "workers"), f"rank{rank}", rank=rank, start_round=rounds_done)
     weights = None
     if position is not None:  # resumed: the generators start from the initial weights and need these
-        state = policy_state(engine.module, rank == 0, lora)
+        state = policy_state(settled(engine), rank == 0, lora)
         weights = ray.put(state) if rank == 0 else None
     ray.get(queue.worker_ready.remote(rank, {"pid": os.getpid(), "rounds_done": rounds_done, "step": step,
                                              "weights": [weights] if rank == 0 else None}))
@@ -107,7 +107,7 @@ def online_loop_per_worker(config: dict) -> None:
         sync_start = time.perf_counter()
         weights = None
         if job["sync"]:
-            state = policy_state(engine.module, rank == 0, lora)
+            state = policy_state(settled(engine), rank == 0, lora)
             weights = ray.put(state) if rank == 0 else None
             del state
         gather_s = time.perf_counter() - sync_start
@@ -128,6 +128,6 @@ def online_loop_per_worker(config: dict) -> None:
             # The step rows go to the driver, the one writer of metrics.jsonl and the trackers in online runs.
             ray.get(queue.post_result.remote(round_, {**result, "pids": pids, "weights": [weights], "step_rows": step_rows}))
         round_ += 1
-    export_model(engine.module, storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
+    export_model(settled(engine), storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
                  cfg.output.save_adapter_only)
     ray.train.report({"round": round_, "step": step})

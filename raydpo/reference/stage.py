@@ -50,11 +50,11 @@ def cache_inputs(cfg: Config, digests, tokenize_settings: dict) -> dict:
     from raydpo.models import resolve_local
     from raydpo.storage.remote import on_cluster
 
-    from raydpo.storage.fingerprint import memo_for
+    from raydpo.storage.fingerprint import host_memo
 
     ref_dir = resolve_local(reference_path(cfg))
     tok_dir = resolve_local(cfg.model.name_or_path)
-    memo = memo_for(cfg.reference.cache_dir)  # weights hashed once per file and stat, not per run
+    memo = host_memo()  # weights hashed once per file and stat, not per run
     return {
         "reference": {"fingerprint": cache.fingerprint_model(ref_dir, memo), "trust_remote_code": reference_trusts_code(cfg)},
         "tokenizer": {"fingerprint": cache.fingerprint_tokenizer(tok_dir, memo)},

@@ -132,7 +132,7 @@ def list_entries(root: str) -> list[dict]:
     for e in uri.listing(root, recursive=True):
         if not e.is_dir:
             key, _, rest = e.relative.partition("/")
-            if rest and not key.startswith("."):  # .stat-cache/: digests memo, not an entry
+            if rest:
                 by_key.setdefault(key, []).append((rest, e))
     out = []
     for key, files in by_key.items():

@@ -3,8 +3,8 @@
 A cache key needs the reference weights' and the input files' digests, and reading 140 GB of a
 70B model's weights for them on every run, cache hit or not, costs minutes. A file whose stat has
 not changed since it was hashed has the same bytes, as git's index assumes: the digest is kept in a
-small JSON memo (:class:`StatMemo`) beside the caches, one file per host (inodes are the host's),
-and read again from there. Like git, a file modified within :data:`RACY_S` of being hashed is not
+small JSON memo (:class:`StatMemo`) of the host's (:func:`memo_path`: inodes are the host's), and
+read again from there. Like git, a file modified within :data:`RACY_S` of being hashed is not
 remembered (a write in the same clock tick would leave its stat unchanged).
 
 A file in a Hugging Face hub cache is a link into ``blobs/``, whose names are the contents'
@@ -105,22 +105,29 @@ class StatMemo:
         self.entries, self.dirty = kept, False
 
 
-def memo_path(cache_dir: str | None) -> str:
-    """Where this host's memo lives: ``<cache_dir>/.stat-cache/<host>.json`` beside a local cache,
-    else (a cache on object storage, or none) under ``$XDG_CACHE_HOME/raydpo`` (``~/.cache``)."""
-    from raydpo import storage
+#: Where the memo lives instead of its default (a file path).
+MEMO_ENV = "RAYDPO_STAT_CACHE"
 
-    host = socket.gethostname() or "host"
-    if cache_dir and not storage.is_uri(cache_dir):
-        return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), ".stat-cache", f"{host}.json")
+
+def memo_path() -> str:
+    """This host's memo: ``$RAYDPO_STAT_CACHE``, else ``$XDG_CACHE_HOME/raydpo/stat-cache/<host>.json``
+    (``~/.cache``). On the host, not in a cache directory: a stat means something on its own host
+    only (a cache directory may be shared, or on object storage), and cache directories hold entries."""
+    if os.environ.get(MEMO_ENV):
+        return os.environ[MEMO_ENV]
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "raydpo", "stat-cache", f"{host}.json")
+    return os.path.join(root, "raydpo", "stat-cache", f"{socket.gethostname() or 'host'}.json")
 
 
-@functools.lru_cache(maxsize=8)
-def memo_for(cache_dir: str | None) -> StatMemo:
-    """One :class:`StatMemo` per cache location per process (splits, runs and sweep trials share it)."""
-    return StatMemo(memo_path(cache_dir))
+@functools.lru_cache(maxsize=4)
+def memo_for(path: str) -> StatMemo:
+    """One :class:`StatMemo` per memo file per process (splits, runs and sweep trials share it)."""
+    return StatMemo(path)
+
+
+def host_memo() -> StatMemo:
+    """This host's memo (:func:`memo_path`)."""
+    return memo_for(memo_path())
 
 
 def digests(paths: list[str], memo: StatMemo) -> dict[str, str]:

@@ -22,6 +22,15 @@ SHARD_BYTES = 1 << 30
 PEFT_PREFIX = "base_model.model."
 
 
+def settled(engine):
+    """The engine's module with no ZeRO-3 parameter left in flight: prefetching during the last
+    forward may have started gathers that nothing waited for, and a gather of an in-flight
+    parameter fails ("Cannot partition a param in flight"). Call on every rank before gathering."""
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        engine.empty_partition_cache()  # waits for the in-flight gathers and releases every parameter
+    return engine.module
+
+
 def gathered_state_dict(module, is_writer: bool, trainable_only: bool = False) -> dict:
     """Full tensors of every parameter and persistent buffer (``trainable_only``: of the parameters
     that require grad, e.g. LoRA adapters), on CPU, on the writer rank only.

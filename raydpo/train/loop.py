@@ -191,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.models import hidden_size, weights_bytes
     from raydpo.train.devices import lean_host_allocator, release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config
-    from raydpo.train.export import export_model
+    from raydpo.train.export import export_model, settled
     from raydpo.train.guard import check, token_drift
     from raydpo.train.policy import activations, build_policy, trainable_summary
     from raydpo.train.sequence_parallel import setup as setup_sp
@@ -304,7 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                 sums, step_start = {}, time.perf_counter()
             epoch, micro = epoch + 1, 0
         last_eval = run_eval(step)
-        export_model(engine.module, storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
+        export_model(settled(engine), storage.join(config["output_dir"], "model"), rank == 0, cfg.model, config["model_path"],
                      cfg.output.save_adapter_only)
         log.flush()
         # Again at the end, with what this worker's memory peaked at (loading, training, export).

@@ -16,6 +16,7 @@ experts, renamed keys) or that are not safetensors go through transformers' own 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -98,6 +99,21 @@ def fill(model, index: dict[str, str], keys: dict[str, str]) -> None:
                     buf.copy_(read_tensor(index, keys[name]))
 
 
+@contextlib.contextmanager
+def zero3_paused():
+    """transformers' ZeRO-3 switch off inside the block (``unset_hf_deepspeed_config``), then back to
+    what it was: a skeleton on the meta device must not enter zero.Init, and another model of this
+    process (the GPU check builds two) may still hold the switch on."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held
+
+
 def built_partitioned(config, ds_config: dict, dtype, trust_remote_code: bool, extra: dict):
     """``config``'s model created inside ``deepspeed.zero.Init`` (each parameter partitioned as it is
     made), its weights not initialized: every one is read from the checkpoint next."""
@@ -147,7 +163,7 @@ def load_partitioned(model_dir: str, ds_config: dict, dtype, trust_remote_code: 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     keys = None
     if index is not None:  # the model's names, from a skeleton on the meta device (no memory)
-        with torch.device("meta"):
+        with torch.device("meta"), zero3_paused():
             keys = sources(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), index)
     init_config = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
     hf_ds = HfDeepSpeedConfig(init_config)  # from here on, transformers' ZeRO-3 paths are on

@@ -14,25 +14,17 @@ hashes (sha256 for LFS weights, git's sha1 for small files): its digest is that 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import socket
 import time
 
+from raydpo.storage import uri
+
 #: A file changed this recently is hashed but not remembered (its mtime may not move on the next write).
 RACY_S = 2.0
 #: Entries a memo keeps (the most recently used): a few models and data sets, not every file ever seen.
 MAX_ENTRIES = 4096
-
-
-def sha256_file(path: str) -> str:
-    """sha256 of a local file's bytes, read in 4 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hub_blob(path: str) -> str | None:
@@ -82,7 +74,7 @@ class StatMemo:
         if known is not None and known[0] == stamp(st):
             known[2] = time.time()
             return known[1]
-        value = sha256_file(path)
+        value = uri.sha256_of(path)  # in 4 MB chunks
         if time.time() - st.st_mtime > RACY_S and stamp(os.stat(path)) == stamp(st):
             self.entries[path] = [stamp(st), value, time.time()]
             self.dirty = True

@@ -98,8 +98,8 @@ def main() -> None:
     import yaml
 
     from raydpo import storage
-    from raydpo.synthetic import write_task
-    from raydpo.tiny import write_tiny_model
+    from raydpo.fixtures.synthetic import write_task
+    from raydpo.fixtures.tiny import write_tiny_model
 
     work = tempfile.mkdtemp(prefix="raydpo-bench-cluster-")
     model = write_tiny_model(os.path.join(work, "model"))

@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--loss", default=None, help="loss.type (default sigmoid DPO); a reference-free one (simpo) "
                                                   "measures the data stage and training at sizes whose scoring would not fit")
     args = p.parse_args()
-    from raydpo.tiny import write_tiny_model
+    from raydpo.fixtures.tiny import write_tiny_model
 
     work = tempfile.mkdtemp(prefix="raydpo-bench-scale-")
     model = write_tiny_model(os.path.join(work, "model"))

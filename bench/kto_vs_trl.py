@@ -181,7 +181,7 @@ def table(results: dict, args) -> str:
 def bench_inputs(args, tmp: str) -> tuple[str, list[dict], str]:
     """train_vs_trl's setting under ``tmp``: (the bench model's directory, the explicit-prompt pairs that
     fit ``max_length``, their jsonl for raydpo)."""
-    from raydpo.tiny import build_tokenizer
+    from raydpo.fixtures.tiny import build_tokenizer
 
     texts = [json.loads(line) for line in gzip.open(args.data, "rt")]
     tokenizer = build_tokenizer(args.vocab_size, [r["chosen"] for r in texts] + [r["rejected"] for r in texts])

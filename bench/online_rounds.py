@@ -46,7 +46,7 @@ def base_raw(model: str, data: str, work: str, args) -> dict:
         "train": {"num_workers": 2, "micro_batch_size": 8, "learning_rate": 0.003, "seed": 0, "log_every": 1},
         "online": {"rounds": args.rounds, "prompts_per_round": args.prompts, "steps_per_round": args.steps, "eval_prompts": 0,
                    "generator": {"samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "batch_size": 32},
-                   "judge": {"reward_fn": "raydpo.synthetic:count_on_reward"}},
+                   "judge": {"reward_fn": "raydpo.fixtures.synthetic:count_on_reward"}},
         "output": {"dir": os.path.join(work, "online")},
     }
 
@@ -115,12 +115,12 @@ def run_restart_rounds(raw: dict, args, reference_s_per_pair: float) -> dict:
     import ray.data
 
     import raydpo
-    from raydpo.api import score_pairs, tokenize_pairs, train_on_pairs
+    from raydpo.pipeline.datasets import score_pairs, tokenize_pairs, train_on_pairs
     from raydpo.online.prompts import load_prompts
     from raydpo.config import from_dict
     from raydpo.models import load_tokenizer
     from raydpo.online.prompts import round_prompts
-    from raydpo.synthetic import count_on_reward
+    from raydpo.fixtures.synthetic import count_on_reward
 
     cfg0 = from_dict(raw)
     prompts = load_prompts(cfg0, load_tokenizer(cfg0.model.name_or_path)).train
@@ -167,8 +167,8 @@ def main() -> None:
     import yaml
 
     from raydpo.cluster import configure_data
-    from raydpo.synthetic import write_task
-    from raydpo.tiny import write_tiny_model
+    from raydpo.fixtures.synthetic import write_task
+    from raydpo.fixtures.tiny import write_tiny_model
 
     work = tempfile.mkdtemp(prefix="raydpo-online-bench-")
     model = args.model or write_tiny_model(os.path.join(work, "model"))

@@ -31,7 +31,7 @@ def main() -> None:
     import numpy as np
 
     from raydpo.reference.scorer import ReferenceScorer
-    from raydpo.tiny import TinyModelSpec, build_tokenizer, write_tiny_model
+    from raydpo.fixtures.tiny import TinyModelSpec, build_tokenizer, write_tiny_model
 
     base = [json.loads(line) for line in gzip.open(DEFAULT_DATA, "rt")]
     tokenizer = build_tokenizer(8000, [r["chosen"] for r in base] + [r["rejected"] for r in base])

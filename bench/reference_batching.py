@@ -41,7 +41,7 @@ def tokenized_pairs(path: str, rows: int, tokenizer, max_length: int) -> list[tu
 
 def bench_model(tmp: str, tokenizer, hidden_size: int, num_layers: int, max_length: int) -> str:
     """A random Llama of width ``hidden_size`` (head_dim 64) written under ``tmp``; returns its directory."""
-    from raydpo.tiny import TinyModelSpec, write_tiny_model
+    from raydpo.fixtures.tiny import TinyModelSpec, write_tiny_model
 
     spec = TinyModelSpec(hidden_size=hidden_size, intermediate_size=int(2.75 * hidden_size) // 64 * 64,
                          num_layers=num_layers, num_heads=hidden_size // 64, max_position_embeddings=max_length)
@@ -50,7 +50,7 @@ def bench_model(tmp: str, tokenizer, hidden_size: int, num_layers: int, max_leng
 
 def hh_tokenizer(path: str):
     """A BPE tokenizer trained on the hh-rlhf file's texts (nothing downloads)."""
-    from raydpo.tiny import build_tokenizer
+    from raydpo.fixtures.tiny import build_tokenizer
 
     base = [json.loads(line) for line in gzip.open(path, "rt")]
     return build_tokenizer(8000, [r["chosen"] for r in base] + [r["rejected"] for r in base])

@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from raydpo.sweep import sweep
-    from raydpo.tiny import build_tokenizer
+    from raydpo.fixtures.tiny import build_tokenizer
 
     texts = [json.loads(line) for line in gzip.open(args.data, "rt")]
     tokenizer = build_tokenizer(2048, [r["chosen"] for r in texts] + [r["rejected"] for r in texts])

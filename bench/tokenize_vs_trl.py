@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--no-shared-prompt", action="store_true", help="three full tokenizations per pair (ablation)")
     args = ap.parse_args()
 
-    from raydpo.tiny import TinyModelSpec, build_tokenizer, write_tiny_model
+    from raydpo.fixtures.tiny import TinyModelSpec, build_tokenizer, write_tiny_model
 
     rows = load_rows(args.data, args.rows)
     base = rows[: min(len(rows), 2312)]

@@ -246,7 +246,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from raydpo.tiny import build_tokenizer
+    from raydpo.fixtures.tiny import build_tokenizer
 
     texts = [json.loads(line) for line in gzip.open(args.data, "rt")]
     tokenizer = build_tokenizer(args.vocab_size, [r["chosen"] for r in texts] + [r["rejected"] for r in texts])

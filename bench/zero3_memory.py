@@ -117,8 +117,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--pairs", type=int, default=32)
     args = p.parse_args()
-    from raydpo.synthetic import write_task
-    from raydpo.tiny import write_tiny_model
+    from raydpo.fixtures.synthetic import write_task
+    from raydpo.fixtures.tiny import write_tiny_model
 
     work = tempfile.mkdtemp(prefix="zero3-bench-")
     try:

@@ -17,8 +17,8 @@ import random
 import torch
 
 import raydpo
-from raydpo.synthetic import make_pairs
-from raydpo.tiny import TinyModelSpec, build_model, build_tokenizer
+from raydpo.fixtures.synthetic import make_pairs
+from raydpo.fixtures.tiny import TinyModelSpec, build_model, build_tokenizer
 
 
 def encode(tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ def main() -> None:
 
     import raydpo
     from raydpo.cluster import ensure_ray
-    from raydpo.synthetic import WORDS
+    from raydpo.fixtures.synthetic import WORDS
 
     cfg = raydpo.load_config(args.config, [f"model.name_or_path={args.policy}", f"output.dir={args.out}", f"online.rounds={args.rounds}",
                                            f"online.prompts_per_round={args.prompts}", f"online.steps_per_round={args.steps}",

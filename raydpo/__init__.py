@@ -12,7 +12,7 @@ def run(config):
     return _run(load_config(config) if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__") else config)
 
 
-from raydpo.api import score_pairs, tokenize_pairs, train_on_pairs  # noqa: E402  (the stages on Datasets)
+from raydpo.pipeline.datasets import score_pairs, tokenize_pairs, train_on_pairs  # noqa: E402  (the stages on Datasets)
 
 
 
@@ -29,9 +29,9 @@ def run_online(config, prompts=None, eval_prompts=None, force: bool = False, on_
 def __getattr__(name: str):
     # DPO / DPOOutput import torch: loaded on first use so `import raydpo` (and the CLI) stays light.
     if name in ("DPO", "DPOOutput"):
-        from raydpo import dpo
+        from raydpo.objectives import module
 
-        return getattr(dpo, name)
+        return getattr(module, name)
     raise AttributeError(f"module 'raydpo' has no attribute {name!r}")
 
 

@@ -95,10 +95,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from raydpo.tiny import TinyModelSpec, write_tiny_model
+    from raydpo.fixtures.tiny import TinyModelSpec, write_tiny_model
 
     if args.family:  # one of the model-family matrix's architectures, at the matrix's sizes
-        from raydpo.families.tiny import write_family_model
+        from raydpo.fixtures.families import write_family_model
 
         print(write_family_model(args.out_dir, args.family, seed=args.seed, vocab_size=args.vocab_size))
         return 0
@@ -112,7 +112,7 @@ def cmd_tiny_model(args) -> int:
         seed=args.seed,
     )
     if args.reward_model:
-        from raydpo.tiny import write_tiny_reward_model
+        from raydpo.fixtures.tiny import write_tiny_reward_model
 
         print(write_tiny_reward_model(args.out_dir, spec))
         return 0
@@ -121,7 +121,7 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_synthetic(args) -> int:
-    from raydpo.synthetic import write_task
+    from raydpo.fixtures.synthetic import write_task
 
     for path in write_task(args.out_dir, args.n_train, args.n_eval, args.seed):
         print(path)

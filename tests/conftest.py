@@ -58,7 +58,7 @@ def shared_cache() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from raydpo.tiny import write_tiny_model
+    from raydpo.fixtures.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -72,7 +72,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> str:
-    from raydpo.synthetic import write_task
+    from raydpo.fixtures.synthetic import write_task
 
     out = tmp_path_factory.mktemp("synthetic")
     write_task(out, n_train=256, n_eval=64, seed=0)

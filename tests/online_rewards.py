@@ -4,7 +4,7 @@
 import time
 import zlib
 
-from raydpo.synthetic import count_on_reward
+from raydpo.fixtures.synthetic import count_on_reward
 
 
 def flaky(prompt: str, completion: str):

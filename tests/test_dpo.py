@@ -11,7 +11,7 @@ import torch
 
 import raydpo
 from raydpo.objectives import LOSSES
-from raydpo.synthetic import make_pairs
+from raydpo.fixtures.synthetic import make_pairs
 
 
 @pytest.fixture()
@@ -233,9 +233,9 @@ def test_agrees_with_the_ray_pipeline_loss(ray_cluster, tiny_model_dir, tmp_path
     model, so the numbers are not the trivial ln 2."""
     import ray
 
-    from raydpo.api import score_pairs, tokenize_pairs, train_on_pairs
+    from raydpo.pipeline.datasets import score_pairs, tokenize_pairs, train_on_pairs
     from raydpo.models import load_causal_lm
-    from raydpo.tiny import TinyModelSpec, write_tiny_model
+    from raydpo.fixtures.tiny import TinyModelSpec, write_tiny_model
 
     from conftest import make_config
 

@@ -1,4 +1,4 @@
-"""The model-family matrix: every family of ``raydpo.families.tiny.FAMILIES`` on real hh-rlhf pairs.
+"""The model-family matrix: every family of ``raydpo.fixtures.families.FAMILIES`` on real hh-rlhf pairs.
 
 Each family's tiny random model is written once (a module-scoped fixture) and checked against plain
 transformers on the same hh-rlhf rows (implicit prompts, sequences up to ``MAX_LENGTH`` tokens: past
@@ -32,7 +32,7 @@ import torch
 
 from conftest import SHARED_DATA, make_config
 from raydpo.families.rules import padding_free_issue
-from raydpo.families.tiny import FAMILIES, write_family_model
+from raydpo.fixtures.families import FAMILIES, write_family_model
 
 HH = os.path.join(SHARED_DATA, "harmless-base-test.jsonl.gz")
 #: Rows of harmless-base-test: 0's prompt alone is longer than MAX_LENGTH (filtered, prompt_too_long);

@@ -163,7 +163,7 @@ def _sequences(rows):
 
 def _chat_examples(n: int) -> list[dict]:
     """Conversational unpaired rows (a system turn on some), labels mixed."""
-    from raydpo.synthetic import make_pairs
+    from raydpo.fixtures.synthetic import make_pairs
 
     out = []
     for i, p in enumerate(make_pairs(n, seed=4)):
@@ -181,7 +181,7 @@ def test_tokens_and_kl_pairing_equal_trls_prepare_dataset(ray_cluster, tiny_mode
     from trl import KTOConfig
 
     from raydpo.pipeline import prepare_data
-    from raydpo.synthetic import make_pairs, write_jsonl
+    from raydpo.fixtures.synthetic import make_pairs, write_jsonl
 
     rows = make_pairs(30, seed=3) if kind == "standard pairs" else _chat_examples(26)
     path = write_jsonl(rows, tmp_path / "rows.jsonl")
@@ -213,7 +213,7 @@ def kto_run(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path_factory):
     """One KTO run on the synthetic task: its pairs split in two, plus unpaired and bad rows."""
     from raydpo.config import from_dict
     from raydpo.pipeline import run
-    from raydpo.synthetic import make_pairs, write_jsonl
+    from raydpo.fixtures.synthetic import make_pairs, write_jsonl
 
     tmp = tmp_path_factory.mktemp("kto")
     extra = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in make_pairs(6, seed=9)]

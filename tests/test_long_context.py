@@ -20,7 +20,7 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
-    from raydpo.families.tiny import write_family_model
+    from raydpo.fixtures.families import write_family_model
 
     root = tmp_path_factory.mktemp("long")
     return {name: write_family_model(str(root / name), name) or str(root / name) for name in ("llama", "gemma2", "gpt2", "mistral")}
@@ -97,7 +97,7 @@ def test_automatic_chunk_bounds_memory():
 
 def test_sequence_parallel_settings_are_refused_up_front():
     from raydpo.config import from_dict
-    from raydpo.config_rules import validate
+    from raydpo.config.rules import validate
 
     base = {"model": {"name_or_path": "x"}, "train": {"num_workers": 3, "sequence_parallel_size": 2}}
     with pytest.raises(ValueError, match="does not divide train.num_workers 3; allowed: 1, 3"):
@@ -161,8 +161,8 @@ def test_a_16k_pair_goes_through_tokenization_reference_and_sequence_parallel_tr
 
     from raydpo.config import from_dict
     from raydpo.pipeline import run
-    from raydpo.synthetic import WORDS
-    from raydpo.tiny import TinyModelSpec, write_tiny_model
+    from raydpo.fixtures.synthetic import WORDS
+    from raydpo.fixtures.tiny import TinyModelSpec, write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model", TinyModelSpec(max_position_embeddings=32768))
     short = [json.loads(line) for line in open(f"{synthetic_dir}/train.jsonl").readlines()[:3]]

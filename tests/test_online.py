@@ -16,7 +16,7 @@ import yaml
 
 ONLINE = {"rounds": 3, "prompts_per_round": 64, "steps_per_round": 16, "eval_prompts": 24,
           "generator": {"samples_per_prompt": 8, "max_new_tokens": 8, "batch_size": 32},
-          "judge": {"reward_fn": "raydpo.synthetic:count_on_reward"}}
+          "judge": {"reward_fn": "raydpo.fixtures.synthetic:count_on_reward"}}
 
 
 def online_raw(tiny_model_dir, synthetic_dir, tmp_path, workers: int = 2, **online) -> dict:
@@ -145,7 +145,7 @@ def test_trackers_get_the_steps_and_the_rounds(online_run):
 
 def test_a_reward_model_directory_judges(ray_cluster, tiny_model_dir, synthetic_dir, tokenizer, tmp_path):
     from raydpo.online.run import run_online
-    from raydpo.tiny import write_tiny_reward_model
+    from raydpo.fixtures.tiny import write_tiny_reward_model
 
     rm = write_tiny_reward_model(tmp_path / "rm", tokenizer=tokenizer)
     cfg = online_config(tiny_model_dir, synthetic_dir, tmp_path, workers=1, rounds=1, prompts_per_round=16, steps_per_round=1,
@@ -183,7 +183,7 @@ def test_judge_failures_are_quarantined_and_a_round_without_pairs_goes_on(ray_cl
 
 @pytest.mark.parametrize("judge, expect", [
     ({"reward_fn": "no_such_module:score"}, "cannot be imported"),
-    ({"reward_fn": "raydpo.synthetic:no_such_function"}, "has no attribute"),
+    ({"reward_fn": "raydpo.fixtures.synthetic:no_such_function"}, "has no attribute"),
     ({"reward_fn": None, "reward_model": "TINY"}, "not a sequence classifier"),
     ({"reward_fn": None}, "set exactly one of reward_fn"),
 ])

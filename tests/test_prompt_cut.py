@@ -55,7 +55,7 @@ def tokenizers_under_test(tokenizer, tmp_path_factory):
     """Including what the data actors really run for a Qwen2 checkpoint: AutoTokenizer's
     Qwen2Tokenizer (digits split, NFC), shipped to them (raydpo.data.tokenizer)."""
     from raydpo.data.tokenizer import load_spec, tokenizer_spec
-    from raydpo.families.tiny import write_family_model
+    from raydpo.fixtures.families import write_family_model
 
     qwen2 = write_family_model(tmp_path_factory.mktemp("qwen2") / "model", "qwen2")
     return {"byte-level (GPT-2 regex)": tokenizer, "llama3-style (split regex, NFC)": llama3_style(corpus()),

@@ -2,7 +2,7 @@
 
 import json
 
-from raydpo.synthetic import make_pairs, write_task
+from raydpo.fixtures.synthetic import make_pairs, write_task
 
 
 def test_tiny_model_loads_with_auto_classes(tiny_model_dir):
@@ -31,7 +31,7 @@ def test_cli_sizes(tmp_path):
 
 
 def test_synthetic_task_is_deterministic_and_follows_rule():
-    from raydpo.synthetic import WORDS
+    from raydpo.fixtures.synthetic import WORDS
 
     assert make_pairs(50, seed=3) == make_pairs(50, seed=3) != make_pairs(50, seed=4)
     for row in make_pairs(200, seed=0):

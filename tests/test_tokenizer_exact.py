@@ -20,7 +20,7 @@ from raydpo.data.prompt_cut import special_prefix
 from raydpo.data.tokenize import TokenizeSettings, tokenize_normalized
 from raydpo.data.tokenizer import ShippedTokenizer, TokenizerMismatch, load_spec, tokenizer_spec
 from raydpo.data.validate import Pair, parse_row
-from raydpo.families.tiny import FAMILIES, write_family_model
+from raydpo.fixtures.families import FAMILIES, write_family_model
 
 HH = os.path.join(SHARED_DATA, "harmless-base-test.jsonl.gz")
 NUMBERS = "in 1999 there were 12345 cases"

@@ -210,10 +210,10 @@ def test_reference_scores_ld_alpha_and_padding(tiny_model_dir, tiny, tmp_path):
 
 
 def tiny_moe(vocab: int = 64):
-    """A random tiny Qwen2-MoE (raydpo.families.tiny's qwen2_moe sizes: 4 experts, top 2, a shared expert)."""
+    """A random tiny Qwen2-MoE (raydpo.fixtures.families's qwen2_moe sizes: 4 experts, top 2, a shared expert)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raydpo.families.tiny import FAMILIES
+    from raydpo.fixtures.families import FAMILIES
 
     config = AutoConfig.for_model("qwen2_moe", vocab_size=vocab, pad_token_id=0, **FAMILIES["qwen2_moe"].config)
     torch.manual_seed(0)
@@ -260,7 +260,7 @@ def test_moe_step_equals_trl_compute_loss():
 def test_moe_router_loss_in_the_trainer_step():
     """The Ray trainer's step_metrics (here on the plain model: no DeepSpeed) adds coef * the model's
     own aux_loss, logs it, and TRL's None reads the model config's coefficient."""
-    from raydpo.config_rules import router_aux_coef
+    from raydpo.config.rules import router_aux_coef
     from raydpo.train.loop import step_metrics
 
     model = tiny_moe()

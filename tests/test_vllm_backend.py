@@ -19,7 +19,7 @@ def test_vllm_prompt_logprobs_equal_hf(tiny_model_dir, tokenizer):
     from raydpo.data.tokenize import TokenizeSettings, tokenize_normalized
     from raydpo.data.validate import Pair
     from raydpo.reference.scorer import HfBackend, ReferenceScorer
-    from raydpo.synthetic import make_pairs
+    from raydpo.fixtures.synthetic import make_pairs
 
     pairs = [Pair(p["prompt"], p["chosen"], p["rejected"], "text") for p in make_pairs(24, seed=3)]
     rows = tokenize_normalized(tokenizer, pairs, TokenizeSettings(64))

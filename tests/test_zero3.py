@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def family_dirs(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from raydpo.families.tiny import write_family_model
+    from raydpo.fixtures.families import write_family_model
 
     root = tmp_path_factory.mktemp("zero3")
     dirs = {name: str(root / name) for name in ("llama", "gpt2", "mixtral")}

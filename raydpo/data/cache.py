@@ -76,7 +76,7 @@ def key_inputs(cfg, sources: dict[str, list[str]], settings: dict, kl: bool) -> 
     import transformers
 
     from raydpo import __version__
-    from raydpo.config_rules import unpaired
+    from raydpo.config.rules import unpaired
     from raydpo.models import resolve_local
     from raydpo.reference.cache import fingerprint_tokenizer
     from raydpo.storage.fingerprint import host_memo
@@ -171,7 +171,7 @@ def write_entry(root: str, key: str, inputs: dict, block_refs: list, files: list
 
 def _cache_inputs(cfg, train, eval) -> dict | None:
     """The tokenized-data cache's key inputs, or None where this run cannot use the cache."""
-    from raydpo.config_rules import loss_names
+    from raydpo.config.rules import loss_names
     from raydpo.data.sources import source_names
     from raydpo.data.stage import tokenize_settings
 

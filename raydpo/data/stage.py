@@ -22,7 +22,7 @@ from raydpo.data.passes import first_reason, mark_duplicates, pick, rows_with, s
 from raydpo.data.summary import DataSummary, describe, summarize
 from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec
 from raydpo.data.tokenize import TokenizeSettings, pair_id, pair_key, token_digest, tokenize_normalized
-from raydpo.config_rules import loss_names, unpaired
+from raydpo.config.rules import loss_names, unpaired
 from raydpo.data.unpaired import UNPAIRED_ROW, example_key, example_order, parse_examples, with_kl_sequences
 from raydpo.data.validate import parse_row
 

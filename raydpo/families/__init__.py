@@ -1,2 +1,2 @@
-"""Model families: tiny in-process builds of each architecture users train (:mod:`.tiny`) and the
-one place where a family's attention, position or masking code needs raydpo to act (:mod:`.rules`)."""
+"""Model families: the one place where a family's attention, position or masking code needs raydpo
+to act (:mod:`.rules`). Their tiny in-process builds are fixtures (:mod:`raydpo.fixtures.families`)."""

@@ -1,6 +1,6 @@
 """What a model family's transformers code needs from raydpo, in one place.
 
-Every family in :data:`raydpo.families.tiny.FAMILIES` is checked end to end by the suite
+Every family in :data:`raydpo.fixtures.families.FAMILIES` is checked end to end by the suite
 (``tests/test_families.py``). Three things differ between families and matter to raydpo:
 
 - **Sliding windows** (Mistral, Mixtral, Phi-3 with ``sliding_window`` on every layer; Gemma 2/3 and

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from raydpo.config import LossConfig
-from raydpo.config_rules import loss_names, loss_weights
+from raydpo.config.rules import loss_names, loss_weights
 from raydpo.logprobs import split_pairs
 from raydpo.objectives.logps import LossOutput, PairLogps, wpo_weights
 from raydpo.objectives.pairwise import PAIRWISE

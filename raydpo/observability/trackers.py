@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from raydpo.schema import flatten
+from raydpo.config.schema import flatten
 
 #: Tracker -> (module it needs, the raydpo extra that installs it).
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}

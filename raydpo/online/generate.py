@@ -133,7 +133,7 @@ class Generator:
         else:
             self.engine = HfEngine(model_path, dtype, trust_remote_code, threads)
         if workers_dir:
-            from raydpo.workers import record
+            from raydpo.observability.workers import record
 
             record(workers_dir, f"generator-{os.getpid()}", backend=self.backend)
 

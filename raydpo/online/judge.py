@@ -103,7 +103,7 @@ class Judge:
         self.fn = load_reward_fn(reward_fn) if reward_fn else None
         self.model = None if reward_fn else RewardModel(reward_model, dtype, trust_remote_code, max_length, threads)
         if workers_dir:
-            from raydpo.workers import record
+            from raydpo.observability.workers import record
 
             record(workers_dir, f"judge-{os.getpid()}", kind="function" if reward_fn else "reward_model")
 

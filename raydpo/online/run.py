@@ -63,9 +63,9 @@ class TrainerThread(threading.Thread):
 def preflight(cfg: Config) -> None:
     """Everything that can be refused before Ray starts, one line each."""
     from raydpo.config import ConfigError
-    from raydpo.config_rules import unpaired
+    from raydpo.config.rules import unpaired
     from raydpo.online.judge import check_reward_model, load_reward_fn
-    from raydpo.online.settings import online_checks
+    from raydpo.config.online import online_checks
 
     for ok, message in online_checks(cfg.online, cfg.train.lr_scheduler) + [
         (cfg.train.sequence_parallel_size == 1, "raydpo online trains on generated pairs of short length: train.sequence_parallel_size must be 1"),
@@ -87,13 +87,6 @@ def preflight(cfg: Config) -> None:
         from raydpo.models import resolve_local
 
         check_reward_model(resolve_local(j.reward_model), cfg.model.trust_remote_code)
-
-
-def _paths(cfg: Config) -> dict[str, str]:
-    from raydpo.pipeline import _paths as run_paths
-
-    paths = run_paths(cfg)
-    return paths | {"state": storage.join(paths["dir"], "online_state.json")}
 
 
 def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
@@ -160,13 +153,13 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     from raydpo.online.prompts import load_prompts
     from raydpo.online.rounds import RoundQueue
     from raydpo.observability import trackers
-    from raydpo.pipeline import _start, _write_json, save_tokenizer
+    from raydpo.pipeline.rundir import run_paths, save_tokenizer, start
     from raydpo.train.checkpoint import Position, checkpoint_name
     from raydpo.train.preflight import check_storage
     from raydpo.train.resume import FinishedRun, prepare_run_dir
     from raydpo.train.stage import run_storage
 
-    paths = _paths(cfg)
+    paths = run_paths(cfg)
     preflight(cfg)
     check_storage(cfg)
     try:
@@ -176,7 +169,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     if status != "resume":
         for name in ("state", "quarantine"):
             storage.delete_file(paths[name])
-    paths = _paths(cfg) | _start(cfg)
+    paths = start(cfg)
     out, o = console.get(), cfg.online
     model_path = pin(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -222,7 +215,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
             if row["checkpointed"]:
                 # A re-run resumes from what the controller registered, which lags the workers' report a little.
                 _await_registration(run_storage(cfg), checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
-                _write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
+                storage.write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
             out.say(phases.describe(row, o.rounds))
             _track(tracker, steps, row)
             if on_round is not None:
@@ -246,7 +239,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         phases.stop_pools(pools)
     save_tokenizer(cfg, paths["model"])
     summary = phases.summarize(rounds, final_row, sets.counts, paths, status, time.perf_counter() - started)
-    _write_json(paths["summary"], summary)
+    storage.write_json(paths["summary"], summary)
     if summary["initial_eval_reward"] is not None and summary["final_eval_reward"] is not None:
         out.say(f"online: done; held-out reward {summary['initial_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f} "
                 f"over {o.rounds} rounds")

@@ -46,7 +46,7 @@ def online_loop_per_worker(config: dict) -> None:
     from raydpo.train.export import export_model, settled
     from raydpo.train.loop import _add, _float_or_none, _global_sums, step_metrics, to_device
     from raydpo.train.policy import activations, build_policy
-    from raydpo.workers import record
+    from raydpo.observability.workers import record
 
     cfg = from_dict(config["cfg"])
     quiet.setup_process(cfg.logging.console)  # a cluster raydpo did not start has no setup hook

@@ -104,7 +104,7 @@ class ReferenceScorer:
     ``ref_chosen_logps`` / ``ref_rejected_logps`` ([B] float32) to every batch, scoring it
     ``batch_size`` pairs at a time. With ``shard_dir`` each scored batch is also written there as one
     cache shard; with ``workers_dir`` the actor records
-    its process and node there (:mod:`raydpo.workers`); ``ld_alpha`` and ``pad_to_multiple_of``: see
+    its process and node there (:mod:`raydpo.observability.workers`); ``ld_alpha`` and ``pad_to_multiple_of``: see
     :class:`HfBackend` (the vllm backend sums unweighted: the config refuses it with ``ld_alpha``).
     """
 
@@ -115,7 +115,7 @@ class ReferenceScorer:
                  logits_chunk_tokens: int | None = None, ld_alpha: float | None = None,
                  pad_to_multiple_of: int | None = None, batch_size: int | None = None):
         if workers_dir:
-            from raydpo.workers import record
+            from raydpo.observability.workers import record
 
             record(workers_dir, f"reference-{os.getpid()}", backend=backend)
         if backend == "vllm":

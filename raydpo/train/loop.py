@@ -72,8 +72,8 @@ def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None, a
 
 def aux_coef(engine, loss_cfg) -> float:
     """The MoE router loss weight for the policy in ``engine`` (0: off; TRL's reading of
-    ``loss.router_aux_loss_coef``, :func:`raydpo.config_rules.router_aux_coef`)."""
-    from raydpo.config_rules import router_aux_coef
+    ``loss.router_aux_loss_coef``, :func:`raydpo.config.rules.router_aux_coef`)."""
+    from raydpo.config.rules import router_aux_coef
     from raydpo.logprobs.chunked import unwrap
 
     return router_aux_coef(loss_cfg, unwrap(engine).config)
@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raydpo.data.collate import collate_rows
     from raydpo.objectives import mean_metrics
     from raydpo.train.checkpoint import Position, restore, save, trim_metrics
-    from raydpo.workers import peak_memory, record
+    from raydpo.observability.workers import peak_memory, record
     from raydpo.models import hidden_size, weights_bytes
     from raydpo.train.devices import lean_host_allocator, release_host_memory, worker_device
     from raydpo.train.engine import build_engine, deepspeed_config

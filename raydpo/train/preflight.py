@@ -130,7 +130,7 @@ def check_router_aux(cfg: Config, model_path: str) -> None:
     only its columns' router logits, so the MoE router loss is refused there."""
     from transformers import AutoConfig
 
-    from raydpo.config_rules import router_aux_coef
+    from raydpo.config.rules import router_aux_coef
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     if router_aux_coef(cfg.loss, config) and cfg.train.sequence_parallel_size > 1:
@@ -142,7 +142,7 @@ def check_router_aux(cfg: Config, model_path: str) -> None:
 def check_family(cfg: Config, model_path: str) -> None:
     """Settings a model family cannot serve exactly (:mod:`raydpo.families.rules`), refused up front."""
     from raydpo.families.rules import padding_free_issue
-    from raydpo.config_rules import sequence_parallel_issue
+    from raydpo.config.rules import sequence_parallel_issue
 
     issue = padding_free_issue(model_type(model_path)) if cfg.train.padding_free else None
     if issue is None and cfg.train.sequence_parallel_size > 1:

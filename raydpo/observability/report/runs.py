@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from raydpo import storage
-from raydpo.schema import flatten
+from raydpo.config.schema import flatten
 from raydpo.train.resume import RESUMABLE_CHANGES
 
 

@@ -1,24 +1,12 @@
-"""Typed run configuration: one dataclass per section of DESIGN.md's table.
-
-A config is loaded from YAML, then dotted ``key=value`` overrides are applied, then it is
-validated (parsing and error messages: :mod:`raydpo.schema`).
-"""
+"""The run configuration's sections: one typed dataclass per section of DESIGN.md's table, a
+docstring per field (the config reference in docs/ is generated from them)."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-import yaml
-
-from raydpo.config_rules import (
-    loss_names, loss_weights, pool_size, reference_dtype, reference_path, reference_trusts_code, uses_reference, validate,
-)
-from raydpo.online.settings import OnlineConfig
-from raydpo.schema import ConfigError, build, fields_of
-from raydpo.schema import apply_overrides as schema_overrides
+from raydpo.config.online import OnlineConfig
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 LossName = Literal["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -32,10 +20,6 @@ ReferenceMode = Literal["precompute", "streaming"]
 ConsoleLevel = Literal["quiet", "normal", "verbose"]
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 WandbMode = Literal["online", "offline", "disabled"]
-
-# Derived settings live in config_rules and are re-exported here, where users look for them.
-__all__ = ["Config", "ConfigError", "apply_overrides", "dump", "from_dict", "load", "to_dict", "loss_names", "loss_weights",
-           "pool_size", "reference_dtype", "reference_path", "reference_trusts_code", "uses_reference", "validate"]
 
 
 @dataclass
@@ -391,41 +375,3 @@ class Config:
     """Console progress and experiment trackers."""
     online: OnlineConfig = field(default_factory=OnlineConfig)
     """Online / iterative DPO rounds (``raydpo online``); unused by ``raydpo train``."""
-
-
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from nested plain data (as parsed from YAML)."""
-    raw = raw or {}
-    hints = fields_of(Config)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; valid sections are: {', '.join(hints)}")
-    cfg = Config(**{k: build(k, hints[k], raw.get(k) or {}) for k in hints})
-    validate(cfg)
-    return cfg
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (``model.lora.r=16`` for nested ones) to nested plain data."""
-    return schema_overrides(Config, raw, overrides)
-
-
-def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply overrides, validate. Relative data/model paths stay relative to the cwd."""
-    from raydpo import storage
-
-    raw = yaml.safe_load(storage.read_text(str(path))) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return from_dict(apply_overrides(raw, list(overrides)))
-
-
-def dump(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (loadable again by :func:`load`) to a local path or URI."""
-    from raydpo import storage
-
-    storage.write_text(str(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

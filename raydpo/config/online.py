@@ -119,7 +119,7 @@ def online_checks(o: OnlineConfig, lr_scheduler: str) -> list[tuple[bool, str]]:
          "online.generator: temperature must be > 0, top_p in (0, 1], top_k >= 0"),
         ((j.reward_fn is None) != (j.reward_model is None),
          "online.judge: set exactly one of reward_fn (module:function) and reward_model (a sequence-classification directory)"),
-        (j.reward_fn is None or j.reward_fn.count(":") == 1, "online.judge.reward_fn must be module:function, e.g. raydpo.synthetic:count_on_reward"),
+        (j.reward_fn is None or j.reward_fn.count(":") == 1, "online.judge.reward_fn must be module:function, e.g. raydpo.fixtures.synthetic:count_on_reward"),
         (j.margin >= 0 and 0 <= j.max_failed_fraction <= 1, "online.judge: margin must be >= 0 and max_failed_fraction in [0, 1]"),
         # A round's step count follows the pairs it made; a decaying schedule needs the total in advance.
         (o.steps_per_round > 0 or lr_scheduler == "constant",

@@ -6,7 +6,7 @@
     out.loss.backward(); opt.step(); opt.zero_grad()
 
 The pattern of x-transformers' ``DPO`` wrapper, with raydpo's numerics: the batch is built as the
-Ray trainer builds it (:mod:`raydpo.dpo_inputs`), scored by the same
+Ray trainer builds it (:mod:`raydpo.objectives.inputs`), scored by the same
 :func:`raydpo.logprobs.forward_logps` and :func:`raydpo.objectives.preference_loss`, so any loss of the
 registry works and the two paths agree on the same pairs. Unlike x-transformers, log-probs are summed
 over the completion's **target** tokens (the first completion token is scored, no pad token is), and
@@ -24,12 +24,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from raydpo.config import LossConfig
-from raydpo.config_rules import REFERENCE_FREE, loss_names, router_aux_coef, unpaired, validate_loss
-from raydpo.dpo_inputs import Lengths, pair_batch, prompt_lengths_of, token_mask
+from raydpo.config.rules import REFERENCE_FREE, loss_names, router_aux_coef, unpaired, validate_loss
+from raydpo.objectives.inputs import Lengths, pair_batch, prompt_lengths_of, token_mask
 from raydpo.logprobs import forward_logps, forward_scores, split_pairs
 from raydpo.objectives import PairLogps, mean_metrics, preference_loss, with_aux_loss
 from raydpo.models import zero_dropout
-from raydpo.schema import build
+from raydpo.config.schema import build
 
 
 @dataclass

@@ -18,9 +18,10 @@ from raydpo.config import Config
 def tokenize_pairs(rows, cfg: Config):
     """Validate, normalize and tokenize preference rows (a ``ray.data.Dataset``); returns the kept
     pairs (materialized, input order). ``data.max_bad_fraction`` applies as for files."""
-    from raydpo.pipeline import _start, prepare_data
+    from raydpo.pipeline.offline import prepare_data
+    from raydpo.pipeline.rundir import start
 
-    _start(cfg)
+    start(cfg)
     return prepare_data(cfg, train=rows).train
 
 
@@ -42,14 +43,15 @@ def train_on_pairs(pairs, cfg: Config, eval_pairs=None):
     Always a fresh training: whatever an earlier run left in ``output.dir`` (checkpoints, metrics,
     model) is replaced, since these pairs need not be the ones those checkpoints were made on."""
     from raydpo.models import load_tokenizer, pin
-    from raydpo.pipeline import RunResult, _paths, _start, save_tokenizer
+    from raydpo.pipeline.offline import RunResult
+    from raydpo.pipeline.rundir import run_paths, save_tokenizer, start
     from raydpo.train.preflight import check_storage, preflight
     from raydpo.train.resume import prepare_run_dir
     from raydpo.train.stage import guard_config, run_storage, run_training
 
     check_storage(cfg)
-    prepare_run_dir(_paths(cfg), {}, run_storage(cfg), force=True)
-    paths = _start(cfg)
+    prepare_run_dir(run_paths(cfg), {}, run_storage(cfg), force=True)
+    paths = start(cfg)
     model_path = pin(cfg.model.name_or_path)
     preflight(cfg, model_path)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from raydpo.schema import ConfigError
+from raydpo.config.schema import ConfigError
 
 if TYPE_CHECKING:
     from raydpo.config import Config, LossConfig

@@ -1,4 +1,4 @@
-"""The Python API: the three stages as functions on ``ray.data.Dataset``, and ``run`` chaining them."""
+"""``raydpo train`` and its parts: data -> reference -> train -> export, on files named by the config."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from raydpo import config as config_mod
 from raydpo import storage
 from raydpo.config import Config
+from raydpo.pipeline.rundir import run_paths, save_tokenizer, start
 
 
 @dataclass
@@ -23,37 +24,6 @@ class RunResult:
     (``output.dir`` already held a finished run; nothing was done)."""
 
 
-def _paths(cfg: Config) -> dict[str, str]:
-    """The run directory's files: local paths or URIs, as ``output.dir`` is."""
-    out = storage.normalize(cfg.output.dir)
-    names = {"config": "config.yaml", "metrics": "metrics.jsonl", "quarantine": "quarantine.jsonl", "summary": "summary.json",
-             "model": "model", "train_result": "train_result.json", "guard": "guard.json"}
-    return {"dir": out} | {k: storage.join(out, v) for k, v in names.items()}
-
-
-def _start(cfg: Config) -> dict[str, str]:
-    """Before any stage: the console, every written directory checked (a missing bucket or denied
-    access stops here), the resolved config written, Ray up, and every node seeing the run's local
-    paths (:mod:`raydpo.storage.probe`)."""
-    from raydpo.cluster import ensure_ray
-    from raydpo.observability import console
-    from raydpo.storage.probe import check_nodes_see
-    from raydpo.train.preflight import check_storage
-
-    console.configure(cfg.logging.console, cfg.logging.progress_every_s)
-    check_storage(cfg)
-    paths = _paths(cfg)
-    storage.makedirs(paths["dir"])
-    config_mod.dump(cfg, paths["config"])
-    ensure_ray(cfg)
-    check_nodes_see(cfg)
-    return paths
-
-
-def _write_json(path: str, obj: dict) -> None:
-    storage.write_json(path, obj)
-
-
 def prepare_data(cfg: Config, train=None, eval=None):
     """Stage 1 (Ray Data): returns :class:`raydpo.data.stage.PreparedData`.
 
@@ -62,7 +32,7 @@ def prepare_data(cfg: Config, train=None, eval=None):
     """
     from raydpo.data.stage import prepare
 
-    return prepare(cfg, _paths(cfg)["quarantine"], train=train, eval=eval)
+    return prepare(cfg, run_paths(cfg)["quarantine"], train=train, eval=eval)
 
 
 def score_reference(data, cfg: Config, stream: bool = False) -> dict:
@@ -103,14 +73,6 @@ def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
                         pad_id, model_path, guard, streaming)
 
 
-def save_tokenizer(cfg: Config, model_dir: str) -> None:
-    """The policy's tokenizer beside the exported weights (``model_dir`` a local path or URI)."""
-    from raydpo.models import load_tokenizer
-
-    with storage.local_dir_for_writing(model_dir) as local:
-        load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(local)
-
-
 def _reference_summary(refs: dict) -> dict | str:
     if not refs:
         return "skipped: the loss needs no reference"
@@ -134,7 +96,7 @@ def unscored(data) -> dict:
 
 def precompute(cfg: Config) -> tuple[object, dict]:
     """Data and reference stages only; returns (PreparedData, {split: ReferenceResult})."""
-    paths = _start(cfg)
+    paths = start(cfg)
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     t1 = time.perf_counter()
@@ -148,7 +110,7 @@ def precompute(cfg: Config) -> tuple[object, dict]:
         "reference": _reference_summary(refs),
         "timings_s": {"data": round(t1 - t0, 3), "reference": round(time.perf_counter() - t1, 3)},
     }
-    _write_json(paths["summary"], summary)
+    storage.write_json(paths["summary"], summary)
     return data, refs
 
 
@@ -161,10 +123,10 @@ def _lengths(data, cfg: Config) -> dict:
 
 def validate_data(cfg: Config) -> dict:
     """Read, validate and tokenize only (no model); writes and returns summary.json's content."""
-    paths = _start(cfg)
+    paths = start(cfg)
     data = prepare_data(cfg)
     summary = {**data.summary.as_dict(), "quarantine_file": paths["quarantine"], "data_cache": data.cache, **_lengths(data, cfg)}
-    _write_json(paths["summary"], summary)
+    storage.write_json(paths["summary"], summary)
     return summary
 
 
@@ -179,7 +141,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     from raydpo.train.resume import FinishedRun, prepare_run_dir
     from raydpo.train.stage import check_eval, run_storage
 
-    paths = _paths(cfg)
+    paths = run_paths(cfg)
     check_installed(cfg.logging.backends)  # before any work: a missing tracker would fail the trainers
     check_storage(cfg)
     check_family(cfg, resolve_local(cfg.model.name_or_path))  # before Ray starts: settings this family cannot serve
@@ -187,7 +149,7 @@ def run(cfg: Config, force: bool = False) -> RunResult:
         status = prepare_run_dir(paths, config_mod.to_dict(cfg), run_storage(cfg), force)
     except FinishedRun:
         return RunResult(paths["dir"], paths["model"], storage.read_json(paths["summary"]), status="finished")
-    paths = _start(cfg)
+    paths = start(cfg)
     preflight(cfg, resolve_local(cfg.model.name_or_path))
     timings = {}
     t0, started = time.perf_counter(), time.time()
@@ -226,5 +188,5 @@ def run(cfg: Config, force: bool = False) -> RunResult:
     first = next((m for m in metrics if "loss" in m), None)
     if first is not None:
         summary["timings_s"]["first_step"] = round(first["time"] - started, 3)
-    _write_json(paths["summary"], summary)
+    storage.write_json(paths["summary"], summary)
     return RunResult(paths["dir"], paths["model"], summary, metrics, status)

@@ -113,9 +113,11 @@ def split_rows(table, workers: int) -> tuple[list[dict], int]:
     return parts, table.num_rows - per * workers
 
 
-def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: int, paths: dict) -> tuple[dict, list[dict]]:
-    """Run round ``r`` end to end; returns its metrics row and the training steps' rows (both
-    appended to ``metrics.jsonl`` by the caller; quarantined samples appended to their file)."""
+def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: int, paths: dict) -> tuple[dict, list[dict], object]:
+    """Run round ``r`` end to end; returns its metrics row, the training steps' rows (both
+    appended to ``metrics.jsonl`` by the caller; quarantined samples appended to their file) and the
+    object ref of the weights synced to the generators at its end (None: no sync this round). The
+    ref is the caller's only copy: dropping it frees the weights in the object store."""
     import ray
 
     o, t = cfg.online, cfg.train
@@ -188,7 +190,7 @@ def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: in
     row["restarts"] = {name: pool.restarts if hasattr(pool, "restarts") else pool.pool.restarts
                        for name, pool in pools.items() if pool is not None}
     row["time"] = time.time()
-    return row, result.get("step_rows", [])
+    return row, result.get("step_rows", []), weights
 
 
 def describe(row: dict, rounds: int) -> str:

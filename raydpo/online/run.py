@@ -209,7 +209,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         out.say(f"online: {cfg.train.num_workers} trainer worker(s) (DeepSpeed ZeRO-{cfg.train.zero_stage}) ready; pids "
                 f"{[ready[r]['pid'] for r in sorted(ready)]}" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
         for r in range(done, o.rounds):
-            row, steps = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
+            row, steps, _weights = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
             rounds.append(row)
             _append(paths["metrics"], steps + [row])
             if row["checkpointed"]:

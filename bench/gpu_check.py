@@ -12,7 +12,7 @@ Checks (on CUDA: a few minutes on one GPU; each a row of the table, a mismatch e
    (given the DeepSpeed config where it takes one: sharded loading), ``raydpo.train.engine.build_engine``;
    a CPU tensor through ``raydpo.train.devices.all_reduce`` and the head-chunk count's collective
    (``raydpo.logprobs.chunked.chunk_count``: NCCL has no CPU tensors); then training steps on one
-   fixed batch through the worker's ``raydpo.train.loop.step_metrics`` + ``engine.backward`` +
+   fixed batch through the worker's ``raydpo.train.step.step_metrics`` + ``engine.backward`` +
    ``engine.step``, the cached reference log-probs being the policy's own (computed first, no grad):
    the step-0 loss is ln 2, the exactness guard (``raydpo.train.guard.check``) passes, the metric
    sums' all-reduce (``_global_sums``) keeps them, the loss is finite and goes down. Full
@@ -143,7 +143,7 @@ def cached_reference(checks: Checks, label: str, engine, rows: dict, chunk, tol:
 
     from raydpo.data.collate import collate_rows
     from raydpo.logprobs import forward_logps, split_pairs
-    from raydpo.train.loop import to_device
+    from raydpo.train.step import to_device
 
     engine.eval()
     with torch.no_grad():
@@ -162,7 +162,7 @@ def step0_checks(checks: Checks, label: str, batch: dict, logps, sums: dict, tol
     import torch
 
     from raydpo.train.guard import GuardError, check, token_drift
-    from raydpo.train.loop import _global_sums
+    from raydpo.train.metrics import global_sums as _global_sums
 
     drift = token_drift(logps, torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]),
                         batch["completion_tokens"])
@@ -185,7 +185,7 @@ def zero3(checks: Checks, label: str, path: str, vocab: int, length: int, device
 
     from raydpo.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
     from raydpo.logprobs.chunked import output_head, partitioned
-    from raydpo.train.loop import step_metrics
+    from raydpo.train.step import step_metrics
     from raydpo.train.policy import activations
 
     cuda = device.type == "cuda"

@@ -3,7 +3,7 @@ raydpo's document-wise attention (``new``) against the dense [B, 1, T, T] mask i
 
 Two gloo ranks (torch.distributed, world 2, one SP group, DeepSpeed's Ulysses attention patched in by
 raydpo's ``setup``) run one forward + backward of a random tiny Llama (hidden 64, 2 layers, 4 heads on
-2 key/value heads, vocabulary 512, sdpa) through ``raydpo.train.loop.step_metrics`` (chunked log-probs,
+2 key/value heads, vocabulary 512, sdpa) through ``raydpo.train.step.step_metrics`` (chunked log-probs,
 DPO loss) on 2 pairs packed padding-free: 4 sequences of T/4 tokens (prompt and completion T/8 each)
 end to end in one row of T, where positions restart and plain causal attention is not exact.
 
@@ -92,7 +92,7 @@ def rank_main(args) -> dict:
 
     import raydpo.train.sequence_parallel as sp
     from raydpo.config import LossConfig
-    from raydpo.train.loop import step_metrics
+    from raydpo.train.step import step_metrics
 
     torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(args.rank), WORLD_SIZE="2",

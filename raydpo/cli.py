@@ -197,6 +197,30 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_config_docs(args) -> int:
+    from raydpo.config.reference import render
+
+    page = render()
+    if args.check:
+        try:
+            with open(args.out, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != page:
+            state = "is missing" if current is None else "is stale: it differs from the config dataclasses' docstrings"
+            print(f"raydpo: {args.out} {state}; run `raydpo config-docs --out {args.out}` (or `make docs`) and commit it",
+                  file=sys.stderr)
+            return 1
+        print(f"[raydpo] {args.out} is up to date")
+        return 0
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(args.out)
+    return 0
+
+
 def entries_min_age_minutes() -> float:
     from raydpo.storage.entries import MIN_AGE_S
 
@@ -276,6 +300,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (output.dir of train, precompute or validate-data)")
     rp.add_argument("--out", help="where to write (default: RUN_DIR/report for one run, ./raydpo-report for several)")
     rp.set_defaults(fn=cmd_report)
+
+    cd = sub.add_parser("config-docs", help="write the config reference page (docs/config.md) from the config dataclasses")
+    cd.add_argument("--out", default="docs/config.md", help="where to write (default: %(default)s)")
+    cd.add_argument("--check", action="store_true", help="write nothing; exit 1 when the page at --out differs from the code's")
+    cd.set_defaults(fn=cmd_config_docs)
     return p
 
 

@@ -36,7 +36,7 @@ def main(rank: int, world: int, sp: int, model_dir: str, out: str, zero: int, la
 
     from raydpo.train.engine import deepspeed_config
     from raydpo.train.export import gathered_state_dict
-    from raydpo.train.loop import step_metrics
+    from raydpo.train.step import step_metrics
     from raydpo.train.policy import build_policy
     from raydpo.train.sequence_parallel import setup
 

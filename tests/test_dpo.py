@@ -263,3 +263,26 @@ def test_agrees_with_the_ray_pipeline_loss(ray_cluster, tiny_model_dir, tmp_path
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
                 "rewards/accuracies"):
         assert abs(float(out.metrics[key]) - step1[key]) < 1e-6 * max(1.0, abs(step1[key])), key
+
+
+def test_train_on_pairs_stops_on_log_probs_that_are_not_the_references(ray_cluster, tiny_model_dir, tmp_path):
+    """Log-probs computed elsewhere that do not match the reference: ``train_on_pairs`` raises the
+    exactness guard's own message (no cache entry to name), before any update."""
+    import ray
+
+    from raydpo.pipeline.datasets import score_pairs, tokenize_pairs, train_on_pairs
+    from raydpo.train.guard import GuardError
+
+    from conftest import make_config
+
+    cfg = make_config(tiny_model_dir, [], tmp_path, loss={"beta": 0.1},
+                      train={"num_workers": 1, "zero_stage": 0, "micro_batch_size": 8, "max_steps": 1, "log_every": 1})
+    pairs = tokenize_pairs(ray.data.from_items(make_pairs(8, seed=3)), cfg)
+    import pyarrow.compute as pc
+
+    def shift(t):  # log-probs "from elsewhere": 3 nats off per chosen sequence
+        return t.set_column(t.schema.get_field_index("ref_chosen_logps"), "ref_chosen_logps", pc.subtract(t["ref_chosen_logps"], 3.0))
+
+    shifted = score_pairs(pairs, cfg).map_batches(shift, batch_format="pyarrow")
+    with pytest.raises(GuardError, match="exactness guard: the reference log-probs given with the pairs differ .* score the pairs"):
+        train_on_pairs(shifted, cfg)

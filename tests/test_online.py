@@ -57,10 +57,19 @@ def online_run(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path_factory):
     seen = {}
 
     def on_round(row, pools):
+        from raydpo.observability.store import object_store_stats
+
+        generators = pools["generator"]
         if row["round"] == 0:
-            seen["initial_pids"] = ray.get(pools["generator"].actors[0].pid.remote())
+            seen["initial_pids"] = ray.get(generators.actors[0].pid.remote())
+        if row["round"] == 1:  # a generator dies after a sync: its replacement asks the trainer for the weights
+            seen["before_kill"] = ray.get(generators.actors[0].weights.remote())
+            os.kill(seen["initial_pids"], signal.SIGKILL)
+            seen["replaced_pid"] = generators.map("pid", [()])[0]
+            seen["replacement"] = ray.get(generators.actors[0].weights.remote())
         if row["round"] == cfg.online.rounds - 1:
-            seen["weights"] = ray.get(pools["generator"].actors[0].weights.remote())
+            seen["weights"] = ray.get(generators.actors[0].weights.remote())
+        seen.setdefault("store", []).append(object_store_stats())
 
     result = run_online(cfg, on_round=on_round)
     return result, seen, cfg
@@ -100,7 +109,7 @@ def test_trainer_workers_live_through_every_round(online_run):
 def test_generator_weights_equal_the_trainers_after_sync(online_run, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from raydpo.online.weights import max_difference
+    from raydpo.train.weights import max_difference
 
     result, seen, _ = online_run
     trained = load_file(os.path.join(result.model_path, "model.safetensors"))  # exported by the trainer's rank 0
@@ -109,6 +118,26 @@ def test_generator_weights_equal_the_trainers_after_sync(online_run, tiny_model_
     assert set(generator) == set(trained)
     assert max_difference(generator, trained) <= 1e-6
     assert max_difference(initial, trained) > 1e-3  # training moved the weights: the check can fail
+
+
+def test_a_generator_that_joins_late_gets_the_trainers_weights_and_the_store_stays_flat(online_run, tiny_model_dir):
+    """The pool keeps no weights ref after a sync: a replacement generator gets the trainer's current
+    weights (gathered on request by the idle workers), and the object store holds no synced state
+    dict once every generator has loaded it."""
+    from safetensors.torch import load_file
+
+    from raydpo.train.weights import max_difference
+
+    result, seen, _ = online_run
+    assert seen["replaced_pid"] != seen["initial_pids"]
+    assert max_difference(seen["replacement"], seen["before_kill"]) == 0.0
+    assert max_difference(seen["before_kill"], load_file(os.path.join(tiny_model_dir, "model.safetensors"))) > 1e-3
+    rounds = [r for r in result.rounds if r["kind"] == "round"]
+    assert [r["restarts"]["generator"] for r in rounds] == [0, 0, 1]
+    state_bytes = sum(v.numel() * v.element_size() for v in seen["before_kill"].values())
+    used = [s["bytes_used"] for s in seen["store"]]
+    # Three synced rounds (and a weights request): a leak would add a state dict per sync.
+    assert max(used) - used[0] < state_bytes / 2, (used, state_bytes)
 
 
 def test_summary_counts_add_up_and_report_plots_rounds(online_run, tmp_path):
@@ -246,7 +275,7 @@ def test_a_dead_generator_is_replaced_and_gets_the_current_weights(ray_cluster, 
 
     from raydpo.online.generate import Generator
     from raydpo.online.pool import RestartingPool, actor_options
-    from raydpo.online.weights import max_difference
+    from raydpo.train.weights import max_difference
 
     pool = RestartingPool(Generator, {"model_path": tiny_model_dir, "dtype": "float32", "trust_remote_code": False, "backend": "hf",
                                       "max_length": 32}, 1, actor_options(1, 0, {}, None), 2, "generator pool")

@@ -97,7 +97,7 @@ def test_lora_merge_matches_peft(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     from raydpo.models import load_causal_lm
-    from raydpo.online.weights import lora_layout, max_difference, merge_lora_state
+    from raydpo.train.weights import lora_layout, max_difference, merge_lora_state
 
     model = get_peft_model(load_causal_lm(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     torch.manual_seed(0)
@@ -115,6 +115,8 @@ def test_lora_merge_matches_peft(tiny_model_dir):
     ({"judge": {"reward_fn": "nocolon"}}, "module:function"),
     ({"generator": {"samples_per_prompt": 1}, "judge": {"reward_fn": "a:b"}}, "samples_per_prompt must be >= 2"),
     ({"steps_per_round": 0, "judge": {"reward_fn": "a:b"}}, "set online.steps_per_round"),
+    ({"keep": "best", "eval_prompts": 0, "judge": {"reward_fn": "a:b"}}, "online.eval_prompts must be > 0"),
+    ({"keep": "worst", "judge": {"reward_fn": "a:b"}}, "keep"),
 ])
 def test_online_config_rules(online, expect):
     from raydpo.config import ConfigError, from_dict
@@ -123,3 +125,68 @@ def test_online_config_rules(online, expect):
     raw = {"model": {"name_or_path": "x"}, "train": {"lr_scheduler": "cosine"}, "online": {"steps_per_round": 4, **online}}
     with pytest.raises(ConfigError, match=expect):
         preflight(from_dict(raw))
+
+
+def test_a_fall_of_more_than_half_the_gain_is_reported():
+    from raydpo.online.progress import Fall, reward_fall
+
+    # The shipped example before its fix: rounds 1-4, then the final held-out reward.
+    assert reward_fall([-0.13, -0.32, 7.89, 8.27, -0.65]) == Fall(first=-0.13, best=8.27, best_at=3, current=-0.65)
+    assert reward_fall([-0.13, -0.32, 7.89, 8.27]) is None  # still climbing
+    assert reward_fall([0.0, 4.0, 2.0]) is None  # half the gain given back: not more
+    assert reward_fall([0.0, 4.0, 1.99]) == Fall(0.0, 4.0, 1, 1.99)
+    assert reward_fall([0.0, 4.0, 6.0, 2.9]) == Fall(0.0, 6.0, 2, 2.9)  # the best so far, not the latest
+    assert reward_fall([1.0, 0.5, 0.0]) is None and reward_fall([1.0, 1.0, 0.0]) is None  # no gain: nothing to give back
+    assert reward_fall([]) is None and reward_fall([1.0]) is None and reward_fall([0.0, 4.0]) is None
+    # Missing measures (no judged held-out sample) take no part; a missing current one says nothing.
+    assert reward_fall([None, 0.0, None, 4.0, 1.0]) == Fall(0.0, 4.0, 3, 1.0)
+    assert reward_fall([0.0, 4.0, None]) is None
+
+
+def test_the_warning_names_when_the_best_was_measured():
+    from raydpo.online.progress import Fall, describe_fall, when
+
+    assert when(0, 4) == "at the start of round 1" and when(3, 4) == "at the start of round 4" and when(4, 4) == "after the last round"
+    text = describe_fall(Fall(-0.13, 8.27, 3, -0.65), 4, "last")
+    assert "warning" in text and "-0.65" in text and "8.27 at the start of round 4" in text and "online.keep: best" in text
+    assert "online.keep" not in describe_fall(Fall(-0.13, 8.27, 3, -0.65), 4, "best")
+
+
+def test_best_weights_keep_the_highest_reward_and_later_ties():
+    from raydpo.online.progress import INITIAL, BestWeights, Kept, describe_kept
+
+    best = BestWeights(hold=True)
+    assert best.offer(0, -0.13, INITIAL) and best.best == Kept(0, -0.13, INITIAL)
+    assert not best.offer(1, -0.32, "ref1") and best.best.round == 0
+    assert not best.offer(2, None, "ref2")  # not measured: not a candidate
+    assert best.offer(3, 8.27, "ref3") and best.offer(4, 8.27, "ref4")  # equal: the later (more trained) weights
+    assert not best.offer(5, -0.65, "ref5") and best.best == Kept(4, 8.27, "ref4")
+    unheld = BestWeights(hold=False)  # keep: last: which round was best, but no ref outlives its round
+    unheld.offer(0, 1.0, INITIAL)
+    unheld.offer(1, 2.0, "ref1")
+    assert unheld.best == Kept(1, 2.0, None)
+    assert BestWeights(hold=True).best is None
+    assert "after round 3" in describe_kept(Kept(3, 8.27), 4, -0.65) and "-0.650" in describe_kept(Kept(3, 8.27), 4, -0.65)
+    assert "initial model" in describe_kept(Kept(0, 0.5), 4, -0.65) and "last round's weights" in describe_kept(Kept(4, 9.0), 4, 9.0)
+
+
+def test_the_kept_model_replaces_the_export(tiny_model_dir, tmp_path):
+    """online.keep: best's writer (called here directly, as its Ray task does): the state dict as a
+    model of the policy's architecture; nothing of the export it replaces stays; None: the initial model."""
+    from safetensors.torch import load_file
+
+    from raydpo.models import load_causal_lm
+    from raydpo.online.keep import adopt_checked, write_model
+    from raydpo.train.weights import max_difference
+
+    initial = load_causal_lm(tiny_model_dir).state_dict()
+    state = {k: v + 0.5 for k, v in initial.items()}
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # e.g. the trainer's adapter-only export
+    assert adopt_checked(state) == (state, True)
+    write_model(state, tiny_model_dir, "float32", False, str(out))
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").exists()
+    assert max_difference(load_causal_lm(str(out)).state_dict(), state) == 0.0
+    write_model(None, tiny_model_dir, "float32", False, str(out))
+    assert max_difference(load_file(str(out / "model.safetensors")), load_file(f"{tiny_model_dir}/model.safetensors")) == 0.0

@@ -127,3 +127,18 @@ def test_streaming_then_repeated_runs_read_the_cache_and_train_identically(ray_c
         run(from_dict(raw("guarded", "cache")))
     guard = json.load(open(tmp_path / "guarded" / "guard.json"))
     assert not guard["ok"] and guard["max_token_drift"] > 0.5 / 64
+
+
+def test_streaming_longer_than_one_epoch_is_refused_before_scoring(tiny_model_dir, synthetic_dir, tmp_path):
+    """reference.mode=streaming reads the pool's output once: more steps than one epoch would score
+    every pair again, so the plan refuses it with the reason (and passes at one epoch)."""
+    from raydpo.config import from_dict
+    from raydpo.train.stage import plan_steps
+
+    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0)
+    raw["reference"]["mode"] = "streaming"
+    raw["train"].update(num_workers=1, max_steps=5)  # 64 pairs: 8 steps of 8 per epoch
+    assert plan_steps(from_dict(raw), 64).total_steps == 5
+    raw["train"]["max_steps"] = 9
+    with pytest.raises(ValueError, match=r"train.max_steps=9 is more than one epoch \(8 steps of 64 pairs\).*reference.mode=precompute"):
+        plan_steps(from_dict(raw), 64)

@@ -261,7 +261,7 @@ def test_moe_router_loss_in_the_trainer_step():
     """The Ray trainer's step_metrics (here on the plain model: no DeepSpeed) adds coef * the model's
     own aux_loss, logs it, and TRL's None reads the model config's coefficient."""
     from raydpo.config.rules import router_aux_coef
-    from raydpo.train.loop import step_metrics
+    from raydpo.train.step import step_metrics
 
     model = tiny_moe()
     batch = collate_pairs(*COLS, 0)

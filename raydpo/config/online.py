@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 GeneratorBackend = Literal["auto", "hf", "vllm"]
 Pairing = Literal["best_worst", "margin"]
+Keep = Literal["best", "last"]
 
 
 @dataclass
@@ -96,6 +97,16 @@ class OnlineConfig:
     reward is each round's progress number; 0: none."""
     eval_greedy: bool = True
     """Held-out samples greedy (true) or sampled with a fixed seed (false)."""
+    keep: Keep = "last"
+    """The weights ``output.dir/model`` holds: ``last``, the trainer's after the last round; ``best``,
+    those whose held-out reward was the highest (the initial model's included: each round's
+    held-out reward is of the weights synced at the end of the round before, the run's final one of
+    the last weights), so it needs ``eval_prompts`` > 0. ``best`` keeps the best weights' state dict
+    in Ray's object store (beside the latest synced one, until its reward is measured) and, when
+    they are not the last, writes them over the trainer's export at the end, as a full model: with
+    LoRA and ``output.save_adapter_only`` that is the merged weights, not an adapter. After a resume
+    the rounds before it compete only through the initial model (their weights are gone).
+    ``summary.json`` says which weights were kept (``kept_round``, 0: the initial model)."""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     """The generator actor pool."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -111,6 +122,8 @@ def online_checks(o: OnlineConfig, lr_scheduler: str) -> list[tuple[bool, str]]:
         (o.steps_per_round >= 0 and o.epochs_per_round >= 1, "online.steps_per_round must be >= 0 and online.epochs_per_round >= 1"),
         (o.sync_every >= 1 and o.checkpoint_every >= 1, "online.sync_every and online.checkpoint_every must be >= 1"),
         (o.eval_prompts >= 0, "online.eval_prompts must be >= 0"),
+        (o.keep == "last" or o.eval_prompts > 0, "online.keep: best picks the weights by their held-out reward: "
+                                                 "online.eval_prompts must be > 0"),
         (g.num_actors >= 1 and j.num_actors >= 1, "online.generator.num_actors and online.judge.num_actors must be >= 1"),
         (g.samples_per_prompt >= 2, "online.generator.samples_per_prompt must be >= 2: pairs are made among a prompt's samples"),
         (g.max_new_tokens >= 1 and g.batch_size >= 1 and j.batch_size >= 1,

@@ -122,7 +122,7 @@ class ReferenceConfig:
     quantization: Optional[Quantization] = None
     """bitsandbytes quantization of the reference weights, ``8bit`` or ``4bit`` (NF4), to fit a big
     reference on small devices (runs on CPU too). Log-probs drift from the full-precision reference:
-    see the README for measured figures; part of the cache key."""
+    see docs/performance.md for measured figures; part of the cache key."""
     share_prompt: bool = True
     """``hf`` backend: score each pair as one row (prompt, chosen, rejected) with a mask that keeps
     rejected tokens from seeing chosen ones, so the prompt is computed once; checked on a probe at

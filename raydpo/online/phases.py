@@ -67,6 +67,13 @@ def stop_pools(pools: dict) -> None:
             pool.shutdown()
 
 
+def sync(pools: dict, weights, queue, trainer) -> None:
+    """Load ``weights`` (an object ref of the full state dict) on every generator. The pool keeps
+    no ref: a generator that replaces a dead one gets the trainer's current weights, asked of the
+    idle workers through the round queue."""
+    pools["generator"].set_state("load_weights", weights, replay=lambda: (trainer.wait(queue.weights.remote())[0],))
+
+
 def sample(pool, prompts: list, n: int, g, seed: int, greedy: bool) -> dict:
     """``n`` completions of every prompt on the generator pool, in prompt order."""
     params = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "greedy": greedy}
@@ -113,19 +120,10 @@ def split_rows(table, workers: int) -> tuple[list[dict], int]:
     return parts, table.num_rows - per * workers
 
 
-def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: int, paths: dict) -> tuple[dict, list[dict], object]:
-    """Run round ``r`` end to end; returns its metrics row, the training steps' rows (both
-    appended to ``metrics.jsonl`` by the caller; quarantined samples appended to their file) and the
-    object ref of the weights synced to the generators at its end (None: no sync this round). The
-    ref is the caller's only copy: dropping it frees the weights in the object store."""
-    import ray
-
+def generate_and_judge(cfg: Config, r: int, sets, pools: dict, paths: dict, row: dict) -> tuple[list, dict, dict]:
+    """Round ``r``'s prompts, K samples each and their rewards; the judge's failures quarantined
+    (too many stop the run: :class:`JudgeFailures`). Fills ``row``; returns (prompts, samples, judged)."""
     o, t = cfg.online, cfg.train
-    start = time.perf_counter()
-    row: dict = {"round": r, "kind": "round"}
-    row |= held_out(cfg, sets.eval, pools, r)
-    row["seconds/eval"] = time.perf_counter() - start
-
     clock = time.perf_counter()
     prompts = round_prompts(sets.train, o.prompts_per_round, t.seed, r)
     gen = sample(pools["generator"], prompts, o.generator.samples_per_prompt, o.generator, seed=t.seed * 100_003 + r * 1000, greedy=False)
@@ -146,10 +144,14 @@ def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: in
                             f"see {paths['quarantine']}")
     valid = [x for rs in judged["rewards"] for x in rs if x is not None]
     row |= {"reward/mean": float(np.mean(valid)), "reward/max": float(np.max(valid)), "reward/min": float(np.min(valid))} if valid else {}
+    return prompts, gen, judged
 
+
+def scored_pairs(cfg: Config, prompts: list, gen: dict, judged: dict, pools: dict, row: dict):
+    """The round's pairs (``online.judge.pairing``) with the reference's log-probs; fills ``row``."""
     rows, gaps, ties = [], [], 0
     for p, ids, texts, rewards in zip(prompts, gen["ids"], gen["texts"], judged["rewards"]):
-        chosen_pairs, tied = choose_pairs(ids, rewards, o.judge.pairing, o.judge.margin)
+        chosen_pairs, tied = choose_pairs(ids, rewards, cfg.online.judge.pairing, cfg.online.judge.margin)
         ties += tied
         for a, b in chosen_pairs:
             rows.append({"prompt": p.value, "prompt_ids": p.ids, "chosen": texts[a], "chosen_ids": ids[a],
@@ -157,13 +159,20 @@ def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: in
             gaps.append(rewards[a] - rewards[b])
     row |= {"pairs": len(rows), "ties": ties, "reward/gap": float(np.mean(gaps)) if gaps else None}
     table = pair_table(rows)
-
     clock = time.perf_counter()
     row["compute/reference"], row["reference_cache_hit"] = 0.0, None
     if pools["reference"] is not None and rows:
         table, row["reference_cache_hit"], row["compute/reference"] = pools["reference"].score(table)
     row["seconds/reference"] = time.perf_counter() - clock
+    return table
 
+
+def train_on(cfg: Config, r: int, table, queue, trainer, row: dict) -> tuple[dict, dict]:
+    """Hand round ``r``'s pairs to the trainer workers and wait for their result; fills ``row``;
+    returns (the job, the result)."""
+    import ray
+
+    o, t = cfg.online, cfg.train
     clock = time.perf_counter()
     parts, left_out = split_rows(table, t.num_workers)
     per, need = table.num_rows // t.num_workers, t.micro_batch_size * t.gradient_accumulation_steps
@@ -176,12 +185,28 @@ def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: in
     row["seconds/train"] = time.perf_counter() - clock
     row |= {"steps": result["steps"], "step": result["step"], "pairs_split": per * t.num_workers if steps else 0,
             "pairs_left_out": left_out if steps else table.num_rows, "trainer_pids": result["pids"],
-            "compute/train": result["train_s"], **{f"train/{k}": v for k, v in result["metrics"].items()}}
+            "compute/train": result["train_s"], **{f"train/{k}": v for k, v in result["metrics"].items()},
+            **{k: v for k, v in result.items() if k.startswith("guard/")}}
+    return job, result
+
+
+def one_round(cfg: Config, r: int, sets, pools: dict, queue, trainer, pad_id: int, paths: dict) -> tuple[dict, list[dict], object]:
+    """Run round ``r`` end to end; returns its metrics row, the training steps' rows (both
+    appended to ``metrics.jsonl`` by the caller; quarantined samples appended to their file) and the
+    object ref of the weights synced to the generators at its end (None: no sync this round). The
+    ref is the caller's only copy: dropping it frees the weights in the object store."""
+    start = time.perf_counter()
+    row: dict = {"round": r, "kind": "round"}
+    row |= held_out(cfg, sets.eval, pools, r)
+    row["seconds/eval"] = time.perf_counter() - start
+    prompts, gen, judged = generate_and_judge(cfg, r, sets, pools, paths, row)
+    table = scored_pairs(cfg, prompts, gen, judged, pools, row)
+    job, result = train_on(cfg, r, table, queue, trainer, row)
 
     clock = time.perf_counter()
-    weights = result["weights"][0]
+    weights = result.pop("weights")[0]
     if weights is not None:
-        pools["generator"].set_state("load_weights", weights)
+        sync(pools, weights, queue, trainer)
     row["seconds/sync"] = time.perf_counter() - clock + result["gather_s"]
     row["synced"], row["checkpointed"] = weights is not None, job["checkpoint"]
     row["seconds/round"] = time.perf_counter() - start

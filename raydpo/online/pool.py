@@ -3,13 +3,15 @@
 Ray's own ``max_restarts`` would re-run the actor's constructor, which loads the *initial* weights:
 a generator restarted that way would silently sample from a stale policy. Here a dead actor is
 replaced by a new one and the pool's *state calls* (e.g. the latest ``load_weights``) are replayed
-on it before its batch is retried, so a replacement always serves the current policy.
+on it before its batch is retried, so a replacement always serves the current policy. A state call
+may keep, instead of its arguments, a function that makes them again (the trainer's current
+weights): the pool then holds no large object between calls.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 
 def actor_options(num_cpus: float, num_gpus: float, resources: dict, accelerator_type: str | None) -> dict:
@@ -36,7 +38,7 @@ class RestartingPool:
 
         self.remote_cls = ray.remote(cls).options(**options)
         self.kwargs, self.max_restarts, self.name = kwargs, max_restarts, name
-        self.state_calls: dict[str, tuple] = {}
+        self.state_calls: dict[str, tuple | Callable[[], tuple]] = {}
         self.restarts = 0
         self.actors = [self.remote_cls.remote(**kwargs) for _ in range(size)]
 
@@ -53,7 +55,8 @@ class RestartingPool:
             pass
         actor = self.remote_cls.remote(**self.kwargs)
         # The replacement gets the pool's current state before any work (ray.get: errors surface here).
-        ray.get([getattr(actor, m).remote(*args) for m, args in self.state_calls.items()])
+        calls = {m: args() if callable(args) else args for m, args in self.state_calls.items()}
+        ray.get([getattr(actor, m).remote(*args) for m, args in calls.items()])
         self.actors[i] = actor
 
     def map(self, method: str, items: list[tuple]) -> list[Any]:
@@ -89,8 +92,10 @@ class RestartingPool:
             dispatch()
         return results
 
-    def set_state(self, method: str, *args) -> None:
-        """Call ``method(*args)`` on every actor at once and remember it for replacements (new weights)."""
+    def set_state(self, method: str, *args, replay: Callable[[], tuple] | None = None) -> None:
+        """Call ``method(*args)`` on every actor at once and remember it for replacements (new
+        weights): the arguments themselves, or with ``replay`` a function that makes them anew
+        (then ``args`` are not kept once every actor has them)."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -101,6 +106,8 @@ class RestartingPool:
                 ray.get(ref)
             except RayActorError as e:
                 self._replace(slot, e)  # the replacement runs the state calls, this one included
+        if replay is not None:
+            self.state_calls[method] = replay
 
     def shutdown(self) -> None:
         import ray

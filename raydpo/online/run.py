@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from raydpo import storage
 from raydpo.observability import console
 from raydpo.config import Config, to_dict
-from raydpo.online import phases
+from raydpo.online import phases, progress
 from raydpo.online.phases import append_rows as _append
 
 
@@ -89,21 +89,25 @@ def preflight(cfg: Config) -> None:
         check_reward_model(resolve_local(j.reward_model), cfg.model.trust_remote_code)
 
 
-def _trainer(cfg: Config, queue, model_path: str, pad_id: int):
+def _trainer(plan, queue):
+    """The Ray Train run of the whole online run (``plan``: its RunPlan; ``queue``: the RoundQueue)."""
     from ray.train.torch import TorchTrainer
 
     from raydpo.cluster import resolve_train_cpus
     from raydpo.online.worker import online_loop_per_worker
-    from raydpo.train.stage import run_config, scaling_config
+    from raydpo.train.stage import guard_config, run_config, scaling_config
 
+    cfg = plan.cfg
     resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     o = cfg.online
     # constant schedules ignore the total; a decaying one needs steps_per_round (online_checks).
     total = o.rounds * (o.steps_per_round or 1)
     return TorchTrainer(
         online_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "queue": queue, "model_path": model_path, "pad_id": pad_id, "total_steps": total,
-                           "output_dir": storage.normalize(cfg.output.dir)},
+        train_loop_config={"cfg": to_dict(cfg), "queue": queue, "model_path": plan.model, "pad_id": plan.pad_id, "total_steps": total,
+                           "output_dir": storage.normalize(cfg.output.dir),
+                           # The reference is the policy's start: round 0's first step checks its log-probs.
+                           "guard": guard_config(plan, None)},
         scaling_config=scaling_config(cfg), run_config=run_config(cfg))
 
 
@@ -140,6 +144,52 @@ def _await_registration(run_storage: str, name: str, timeout_s: float = 120.0) -
         time.sleep(0.05)
 
 
+def _warn_if_falling(rows: list[dict], o) -> None:
+    """The console warning when the latest held-out reward gave back more than half of the gain."""
+    fall = progress.reward_fall([r.get("eval/reward_mean") for r in rows])
+    if fall is not None:
+        console.get().say(progress.describe_fall(fall, o.rounds, o.keep), level="quiet")
+
+
+def _adopt_best(best, last_round: int):
+    """``online.keep: best``, before the trainer's workers stop: the best weights as a
+    :class:`progress.Kept` whose handle is an object ref the driver owns (the synced refs die with
+    the rank-0 worker that put them), or :data:`progress.INITIAL`; None when the last weights are
+    the best (the trainer's export stays)."""
+    import ray
+
+    from raydpo.online import keep
+    from raydpo.storage.remote import on_cluster
+
+    if best is None or best.round == last_round:
+        return None
+    if best.handle is progress.INITIAL:
+        return best
+    if best.handle is None:  # not expected: every synced or restored round has its ref
+        return None
+    state, ok = on_cluster(keep.adopt_checked, best.handle, num_returns=2)
+    try:
+        ray.get(ok)
+    except (ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as e:
+        console.get().say(f"online: warning: online.keep: best lost the weights after round {best.round} "
+                          f"({type(e).__name__}: a restarted trainer worker owned them); the model is the last round's", level="quiet")
+        return None
+    return progress.Kept(best.round, best.reward, state)
+
+
+def _write_kept(cfg: Config, model_path: str, model_dir: str, kept, last_reward) -> tuple[int, float]:
+    """Replace the trainer's export in ``model_dir`` with ``kept``'s weights (in a Ray task); returns
+    the kept round and reward for summary.json."""
+    from raydpo.online import keep
+    from raydpo.storage.remote import on_cluster
+
+    state = None if kept.handle is progress.INITIAL else kept.handle
+    on_cluster(keep.write_model, state, model_path, cfg.model.dtype, cfg.model.trust_remote_code, model_dir,
+               on_driver_node=not storage.is_uri(model_dir))
+    console.get().say(progress.describe_kept(kept, cfg.online.rounds, last_reward) + f": {model_dir}")
+    return kept.round, kept.reward
+
+
 def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False, on_round=None) -> OnlineResult:
     """The whole online run (see the module docstring); writes ``output.dir``.
 
@@ -149,21 +199,21 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     """
     import ray
 
-    from raydpo.models import load_tokenizer, pin
     from raydpo.online.prompts import load_prompts
     from raydpo.online.rounds import RoundQueue
     from raydpo.observability import trackers
-    from raydpo.pipeline.rundir import run_paths, save_tokenizer, start
+    from raydpo.pipeline.plan import plan_run
+    from raydpo.pipeline.rundir import save_tokenizer, start
     from raydpo.train.checkpoint import Position, checkpoint_name
     from raydpo.train.preflight import check_storage
     from raydpo.train.resume import FinishedRun, prepare_run_dir
-    from raydpo.train.stage import run_storage
 
-    paths = run_paths(cfg)
     preflight(cfg)
     check_storage(cfg)
+    plan = plan_run(cfg)
+    paths = plan.paths
     try:
-        status = prepare_run_dir(paths, to_dict(cfg), run_storage(cfg), force)
+        status = prepare_run_dir(paths, to_dict(cfg), plan.run_storage, force)
     except FinishedRun:
         return OnlineResult(paths["dir"], paths["model"], storage.read_json(paths["summary"]), status="finished")
     if status != "resume":
@@ -171,8 +221,7 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
             storage.delete_file(paths[name])
     paths = start(cfg)
     out, o = console.get(), cfg.online
-    model_path = pin(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tokenizer = plan.tokenizer
     started = time.perf_counter()
     sets = load_prompts(cfg, tokenizer, prompts, eval_prompts)
     c = sets.counts
@@ -183,13 +232,13 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     out.say(f"online: {c['train']:,} training and {c['eval']:,} held-out prompts from {c['rows_read']:,} rows "
             f"({c['rows_quarantined']:,} quarantined); {o.rounds} rounds of {o.prompts_per_round} prompts x "
             f"{o.generator.samples_per_prompt} samples")
-    pools = phases.start_pools(cfg, model_path, tokenizer.pad_token_id)
+    pools = phases.start_pools(cfg, plan.model, plan.pad_id)
     g, j = o.generator, o.judge
     out.say(f"online: {g.num_actors} generator actor(s) ({phases.resolve_backend(g.backend)}), {j.num_actors} judge actor(s) "
             f"({j.reward_fn or 'reward model ' + str(j.reward_model)})"
             + (f", {len(pools['reference'].pool.actors)} reference actor(s)" if pools["reference"] is not None else ", no reference (reference-free loss)"))
     queue = ray.remote(RoundQueue).options(num_cpus=0).remote()
-    trainer = TrainerThread(_trainer(cfg, queue, model_path, tokenizer.pad_token_id))
+    trainer = TrainerThread(_trainer(plan, queue))
     tracker = None
     try:
         trainer.start()
@@ -201,22 +250,34 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         if not storage.exists(paths["quarantine"]) or done == 0:
             _keep_rows(paths["quarantine"], lambda r: r.get("stage") != "prompts")
             _append(paths["quarantine"], sets.quarantine)
+        # online.keep: the weights the generators hold (rounds trained, handle) and the best evaluated so far.
+        best = progress.BestWeights(hold=o.keep == "best")
+        serving = (done, ready[0]["weights"][0] if done and best.hold else progress.INITIAL)
+        if rounds and rounds[0]["round"] == 0:  # resumed: the initial model's weights are still its files
+            best.offer(0, rounds[0].get("eval/reward_mean"), progress.INITIAL)
         if ready[0]["weights"][0] is not None:
-            pools["generator"].set_state("load_weights", ready[0]["weights"][0])
+            phases.sync(pools, ready[0].pop("weights")[0], queue, trainer)
             out.say(f"online: resumed after round {done} (step {ready[0]['step']}); the generators have the checkpoint's weights")
         tracking = trackers.resolve(cfg)
         tracker = trackers.Trackers(tracking, {**to_dict(cfg), "prompts": sets.counts}, ready[0]["step"] if done else None)
         out.say(f"online: {cfg.train.num_workers} trainer worker(s) (DeepSpeed ZeRO-{cfg.train.zero_stage}) ready; pids "
                 f"{[ready[r]['pid'] for r in sorted(ready)]}" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
         for r in range(done, o.rounds):
-            row, steps, _weights = phases.one_round(cfg, r, sets, pools, queue, trainer, tokenizer.pad_token_id, paths)
+            row, steps, weights = phases.one_round(cfg, r, sets, pools, queue, trainer, plan.pad_id, paths)
             rounds.append(row)
+            # The row's held-out reward is of the weights served at the round's start; keep=best holds the
+            # new ones until theirs is measured (keep=last holds no ref).
+            best.offer(serving[0], row.get("eval/reward_mean"), serving[1])
+            if weights is not None:
+                serving = (r + 1, weights if best.hold else None)
+            del weights
             _append(paths["metrics"], steps + [row])
             if row["checkpointed"]:
                 # A re-run resumes from what the controller registered, which lags the workers' report a little.
-                _await_registration(run_storage(cfg), checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
+                _await_registration(plan.run_storage, checkpoint_name(Position(row["step"], r + 1, 0), rounds=True))
                 storage.write_json(paths["state"], {"rounds_done": r + 1, "step": row["step"]})
             out.say(phases.describe(row, o.rounds))
+            _warn_if_falling(rounds, o)
             _track(tracker, steps, row)
             if on_round is not None:
                 on_round(row, pools)
@@ -224,6 +285,10 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         final_row = {"round": o.rounds, "kind": "final", **final, "time": time.time()}
         _append(paths["metrics"], [final_row])
         tracker.log({**final_row, "step": ready[0]["step"] if not rounds else rounds[-1]["step"]})
+        best.offer(serving[0], final_row.get("eval/reward_mean"), serving[1])
+        _warn_if_falling(rounds + [final_row], o)
+        kept = _adopt_best(best.best, serving[0]) if best.hold else None
+        del serving, best
         ray.get(queue.stop.remote(o.rounds))
         trainer.join()
         if trainer.error is not None:
@@ -237,8 +302,12 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
         raise
     finally:
         phases.stop_pools(pools)
-    save_tokenizer(cfg, paths["model"])
+    kept_round, kept_reward = o.rounds, final_row.get("eval/reward_mean")
+    if kept is not None:
+        kept_round, kept_reward = _write_kept(cfg, plan.model, paths["model"], kept, final_row.get("eval/reward_mean"))
+    save_tokenizer(tokenizer, paths["model"])
     summary = phases.summarize(rounds, final_row, sets.counts, paths, status, time.perf_counter() - started)
+    summary |= {"keep": o.keep, "kept_round": kept_round, "kept_eval_reward": kept_reward}
     storage.write_json(paths["summary"], summary)
     if summary["initial_eval_reward"] is not None and summary["final_eval_reward"] is not None:
         out.say(f"online: done; held-out reward {summary['initial_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f} "

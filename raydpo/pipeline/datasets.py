@@ -42,24 +42,22 @@ def train_on_pairs(pairs, cfg: Config, eval_pairs=None):
 
     Always a fresh training: whatever an earlier run left in ``output.dir`` (checkpoints, metrics,
     model) is replaced, since these pairs need not be the ones those checkpoints were made on."""
-    from raydpo.models import load_tokenizer, pin
     from raydpo.pipeline.offline import RunResult
-    from raydpo.pipeline.rundir import run_paths, save_tokenizer, start
+    from raydpo.pipeline.plan import plan_run
+    from raydpo.pipeline.rundir import save_tokenizer, start
     from raydpo.train.preflight import check_storage, preflight
     from raydpo.train.resume import prepare_run_dir
-    from raydpo.train.stage import guard_config, run_storage, run_training
+    from raydpo.train.stage import guard_config, run_training
 
     check_storage(cfg)
-    prepare_run_dir(run_paths(cfg), {}, run_storage(cfg), force=True)
+    plan = plan_run(cfg)
+    prepare_run_dir(plan.paths, {}, plan.run_storage, force=True)
     paths = start(cfg)
-    model_path = pin(cfg.model.name_or_path)
-    preflight(cfg, model_path)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    preflight(cfg, plan.model_dir)
     n_train, n_eval = pairs.count(), eval_pairs.count() if eval_pairs is not None else 0
-    outcome, plan = run_training(cfg, pairs, eval_pairs, n_train, n_eval, tokenizer.pad_token_id, model_path,
-                                 guard_config(cfg, model_path, None))
-    save_tokenizer(cfg, paths["model"])
+    outcome, steps = run_training(plan, pairs, eval_pairs, n_train, n_eval, guard_config(plan, None))
+    save_tokenizer(plan.tokenizer, paths["model"])
     trained, metrics = outcome["result"], outcome["rows"]
-    summary = {"steps": trained["steps"], "steps_per_epoch": plan.steps_per_epoch, "pairs": n_train,
+    summary = {"steps": trained["steps"], "steps_per_epoch": steps.steps_per_epoch, "pairs": n_train,
                "final_metrics": trained["final"], "final_eval_metrics": trained["final_eval"]}
     return RunResult(paths["dir"], paths["model"], summary, metrics)

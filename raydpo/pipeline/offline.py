@@ -56,21 +56,19 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
     return results
 
 
-def train_policy(cfg: Config, refs: dict, n_train: int, n_eval: int):
+def train_policy(plan, refs: dict, n_train: int, n_eval: int):
     """Stage 3: Ray Train + DeepSpeed on the scored datasets; returns (what rank 0 reported, TrainPlan):
-    see :func:`raydpo.train.stage.run_training`.
+    see :func:`raydpo.train.stage.run_training`. ``plan``: the run's
+    :class:`raydpo.pipeline.plan.RunPlan`.
 
     ``refs``: from :func:`score_reference`, or for reference-free losses {"train": d, "eval": d}
     with plain tokenized datasets (``PreparedData.train`` / ``.eval``) in place of the results."""
-    from raydpo.models import load_tokenizer, pin
     from raydpo.train.stage import guard_config, run_training
 
-    pad_id = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
-    model_path = pin(cfg.model.name_or_path)  # each worker loads this very revision on its own node
-    guard = guard_config(cfg, model_path, refs["train"].entry)
+    guard = guard_config(plan, refs["train"].entry)
     streaming = getattr(refs["train"], "seal", None) is not None
-    return run_training(cfg, refs["train"].dataset, refs["eval"].dataset if "eval" in refs else None, n_train, n_eval,
-                        pad_id, model_path, guard, streaming)
+    return run_training(plan, refs["train"].dataset, refs["eval"].dataset if "eval" in refs else None, n_train, n_eval,
+                        guard, streaming)
 
 
 def _reference_summary(refs: dict) -> dict | str:
@@ -135,37 +133,39 @@ def run(cfg: Config, force: bool = False) -> RunResult:
 
     Re-running an unfinished run resumes it from its latest checkpoint (``train.checkpoint_every``);
     a finished one is left alone (status ``finished``) unless ``force``, which starts over."""
-    from raydpo.models import resolve_local
     from raydpo.observability.trackers import check_installed
+    from raydpo.pipeline.plan import plan_run
     from raydpo.train.preflight import check_family, check_storage, preflight
     from raydpo.train.resume import FinishedRun, prepare_run_dir
-    from raydpo.train.stage import check_eval, run_storage
+    from raydpo.train.stage import check_eval, plan_steps
 
-    paths = run_paths(cfg)
     check_installed(cfg.logging.backends)  # before any work: a missing tracker would fail the trainers
     check_storage(cfg)
-    check_family(cfg, resolve_local(cfg.model.name_or_path))  # before Ray starts: settings this family cannot serve
+    run_plan = plan_run(cfg)
+    paths = run_plan.paths
+    check_family(cfg, run_plan.model_dir)  # before Ray starts: settings this family cannot serve
     try:
-        status = prepare_run_dir(paths, config_mod.to_dict(cfg), run_storage(cfg), force)
+        status = prepare_run_dir(paths, config_mod.to_dict(cfg), run_plan.run_storage, force)
     except FinishedRun:
         return RunResult(paths["dir"], paths["model"], storage.read_json(paths["summary"]), status="finished")
-    paths = start(cfg)
-    preflight(cfg, resolve_local(cfg.model.name_or_path))
+    start(cfg)
+    preflight(cfg, run_plan.model_dir)
     timings = {}
     t0, started = time.perf_counter(), time.time()
     data = prepare_data(cfg)
+    plan_steps(cfg, data.n_train)  # a run the data cannot fill, or a stream read twice, stops before the reference
     lengths = _lengths(data, cfg)
     timings["data"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     refs = score_reference(data, cfg, stream=cfg.reference.mode == "streaming")
     timings["reference"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    outcome, plan = train_policy(cfg, refs or unscored(data), data.n_train, data.n_eval)
+    outcome, plan = train_policy(run_plan, refs or unscored(data), data.n_train, data.n_eval)
     timings["train"] = time.perf_counter() - t2
     for r in refs.values():
         if r.seal is not None:  # streamed: the trainer has read every pair, the shards are complete
             r.entry, r.seal = r.seal(), None
-    save_tokenizer(cfg, paths["model"])
+    save_tokenizer(run_plan.tokenizer, paths["model"])
     timings["total"] = time.perf_counter() - t0
     trained = outcome["result"]
     summary = {

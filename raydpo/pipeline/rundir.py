@@ -38,11 +38,7 @@ def start(cfg: Config) -> dict[str, str]:
     return paths
 
 
-def save_tokenizer(cfg: Config, model_dir: str) -> None:
+def save_tokenizer(tokenizer, model_dir: str) -> None:
     """The policy's tokenizer beside the exported weights (``model_dir`` a local path or URI)."""
-    from raydpo.models import load_tokenizer
-
     with storage.local_dir_for_writing(model_dir) as local:
-        load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).save_pretrained(local)
-
-
+        tokenizer.save_pretrained(local)

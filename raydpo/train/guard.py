@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 #: float32: both sides run the same float32 log-softmax; batch composition and padding move results
 #: by ~1e-6 per token. bf16/fp16 weights move them by ~1e-3 to 1e-2 per token.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2}
-#: A quantized reference drifts from the full-precision policy by design (README: measured figures);
+#: A quantized reference drifts from the full-precision policy by design (docs/performance.md: measured figures);
 #: these bounds still catch a cache that belongs to another model (gaps of 1 or more per token).
 QUANTIZED_TOLERANCE = {"8bit": 5e-2, "4bit": 2.5e-1}
 GUARD_FILE = "guard.json"
@@ -67,14 +67,18 @@ def check(drift: "torch.Tensor", tolerance: float, relay, is_rank0: bool, entry:
     return value
 
 
-def failure_message(value: float, tolerance: float, entry: str) -> str:
-    return (
-        f"exactness guard: the cached reference log-probs differ from the policy's own at step 0 by up to "
-        f"{value:.3g} per completion token (tolerance {tolerance:.3g}), so the rewards would be wrong. "
-        f"The cache entry {entry} does not match this reference model, tokenizer or dtype. Remove it "
-        f"(`raydpo cache prune --key {entry.rstrip('/').rsplit('/', 1)[-1]} --min-age-minutes 0`) and run again, or, "
-        "if the reference is deliberately not the policy's starting point, set reference.guard=false."
-    )
+def failure_message(value: float, tolerance: float, entry: str | None) -> str:
+    """Why the run stopped and what to do. ``entry``: the cache entry the log-probs came from, or
+    None when the caller passed them in (``raydpo.train_on_pairs``, online rounds)."""
+    source = "cached reference log-probs" if entry is not None else "reference log-probs given with the pairs"
+    head = (f"exactness guard: the {source} differ from the policy's own at step 0 by up to "
+            f"{value:.3g} per completion token (tolerance {tolerance:.3g}), so the rewards would be wrong. ")
+    tail = "if the reference is deliberately not the policy's starting point, set reference.guard=false."
+    if entry is None:
+        return head + ("They were not computed by this reference model, tokenizer or dtype: score the pairs with "
+                       "raydpo.score_pairs on this config, or, " + tail)
+    return head + (f"The cache entry {entry} does not match this reference model, tokenizer or dtype. Remove it "
+                   f"(`raydpo cache prune --key {entry.rstrip('/').rsplit('/', 1)[-1]} --min-age-minutes 0`) and run again, or, " + tail)
 
 
 def verdict_failure(verdict: dict | None) -> str | None:

@@ -26,7 +26,8 @@ def data_parallel_size(cfg: Config) -> int:
 
 def plan_steps(cfg: Config, n_train: int) -> TrainPlan:
     """Each data-parallel group gets ``n_train // data_parallel_size`` pairs (equal split); partial
-    batches are dropped."""
+    batches are dropped. Refused here, before any pair is scored: a streaming run longer than one
+    epoch (the stream is read once; a second pass would run the reference pool again)."""
     t = cfg.train
     per_worker = n_train // data_parallel_size(cfg)
     steps_per_epoch = per_worker // t.micro_batch_size // t.gradient_accumulation_steps
@@ -37,6 +38,13 @@ def plan_steps(cfg: Config, n_train: int) -> TrainPlan:
             f"micro_batch_size x gradient_accumulation_steps = {need}; add data or lower those settings"
         )
     total = t.max_steps or steps_per_epoch * t.num_epochs
+    if cfg.reference.mode == "streaming" and total > steps_per_epoch:
+        raise ValueError(
+            f"train.max_steps={t.max_steps} is more than one epoch ({steps_per_epoch} steps of {n_train} pairs), but "
+            "reference.mode=streaming reads the scored pairs once, as the pool makes them: a second pass would score "
+            "every pair again. Use reference.mode=precompute (cached log-probs, any number of epochs) or "
+            f"train.max_steps <= {steps_per_epoch}"
+        )
     return TrainPlan(steps_per_epoch, total)
 
 
@@ -48,14 +56,16 @@ def check_eval(cfg: Config, n_eval: int) -> int:
     return n_eval // w * w
 
 
-def guard_config(cfg: Config, model_path: str, entry: str) -> dict | None:
+def guard_config(plan, entry: str | None) -> dict | None:
     """What the workers' exactness guard needs, or None when it does not apply (switched off, or the
-    reference is other weights than the policy starts from, or no loss reads a reference)."""
-    from raydpo.config import reference_dtype, reference_path, uses_reference
-    from raydpo.models import pin
+    reference is other weights than the policy starts from, or no loss reads a reference).
+    ``plan``: the run's :class:`raydpo.pipeline.plan.RunPlan`; ``entry``: the cache entry the
+    reference log-probs come from (None: passed in by the caller)."""
+    from raydpo.config import reference_dtype
     from raydpo.train.guard import guard_tolerance
 
-    if not cfg.reference.guard or not uses_reference(cfg) or pin(reference_path(cfg)) != model_path:
+    cfg = plan.cfg
+    if not cfg.reference.guard or not plan.reference_is_policy:
         return None
     tolerance = guard_tolerance(cfg.model.dtype, reference_dtype(cfg), cfg.reference.guard_tolerance, cfg.reference.quantization)
     return {"tolerance": tolerance, "entry": entry}
@@ -116,76 +126,77 @@ def run_config(cfg: Config):
                                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints))
 
 
-def run_training(cfg: Config, train_ds, eval_ds, n_train: int, n_eval: int, pad_id: int, model_path: str,
-                 guard: dict | None = None, streaming: bool = False):
+def worker_inputs(plan, train_ds, eval_ds, n_train: int, n_eval: int, steps: TrainPlan, streaming: bool) -> tuple[dict, dict]:
+    """(the workers' share of ``train_loop_config``: model, sizes, splits; Ray Train's ``datasets``).
+
+    Materialized pairs (input order) are split into equal contiguous parts, one per worker, held in
+    memory there so that every epoch's order is a pure function of the seed (exact replay after a
+    restart). Streaming output goes through Ray Data's streaming split instead. With sequence
+    parallelism the ranks of one group share a split (``train_splits[rank // size]``). The eval set
+    is small and read at every evaluation: split once here, one equal part per worker (sequence
+    parallelism is off in eval), each held in memory there -- no Ray Data execution per eval."""
+    cfg = plan.cfg
+    splits = None if streaming else train_ds.split(data_parallel_size(cfg), equal=True)
+    config = {"pad_id": plan.pad_id, "model_path": plan.model, "n_train": n_train, "n_eval": n_eval,
+              "steps_per_epoch": steps.steps_per_epoch, "total_steps": steps.total_steps,
+              "output_dir": storage.normalize(cfg.output.dir), "train_splits": splits,
+              "eval_splits": eval_ds.split(cfg.train.num_workers, equal=True) if n_eval else None}
+    return config, ({"train": train_ds} if streaming else {})
+
+
+def announce(cfg: Config, steps: TrainPlan, tracking) -> None:
+    """The console's line before the workers start (and a note when the cluster lacks their resources)."""
+    from raydpo.cluster import say_if_waiting
+    from raydpo.observability import console, trackers
+
+    t = cfg.train
+    say_if_waiting("train", t.num_workers, {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0, **t.resources})
+    sp = f" in sequence-parallel groups of {t.sequence_parallel_size}" if t.sequence_parallel_size > 1 else ""
+    console.get().say(f"train: {t.num_workers} worker(s){sp}, DeepSpeed ZeRO-{t.zero_stage}, {steps.total_steps:,} steps "
+                      f"({steps.steps_per_epoch:,} per epoch) of {data_parallel_size(cfg) * t.micro_batch_size * t.gradient_accumulation_steps} "
+                      f"pairs; starting the workers" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
+
+
+def run_training(plan, train_ds, eval_ds, n_train: int, n_eval: int, guard: dict | None = None, streaming: bool = False):
     """Fit the policy; returns (what rank 0 reported through the relay: ``result``, ``guard``,
     ``rows``; the TrainPlan). The workers write metrics.jsonl and model/ under output.dir.
 
-    ``model_path``: :func:`raydpo.models.pin` of the policy. ``guard``: from :func:`guard_config`
+    ``plan``: the run's :class:`raydpo.pipeline.plan.RunPlan` (the pinned policy every worker
+    loads, the pad id, the run directory). ``guard``: from :func:`guard_config`
     (None: no exactness guard). ``streaming``: ``train_ds`` is the reference pool's lazy output (read
     once, in scoring order). Raises GuardError with its message when the guard stopped the run."""
     import ray
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
-    from raydpo.observability import console, trackers
-    from raydpo.cluster import resolve_train_cpus, say_if_waiting
+    from raydpo.cluster import resolve_train_cpus
+    from raydpo.observability import trackers
     from raydpo.observability.watch import MetricsWatcher
+    from raydpo.train.guard import GUARD_FILE
     from raydpo.train.loop import train_loop_per_worker
     from raydpo.train.relay import follow, start_relay
 
+    cfg = plan.cfg
     trackers.check_installed(cfg.logging.backends)
     tracking = trackers.resolve(cfg)
-    plan = plan_steps(cfg, n_train)
+    steps = plan_steps(cfg, n_train)
     check_eval(cfg, n_eval)
-    from raydpo.train.guard import GUARD_FILE
-
     out = storage.normalize(cfg.output.dir)
     storage.delete_file(storage.join(out, GUARD_FILE))  # an earlier attempt's verdict
     relay = start_relay()
-    # Materialized pairs (input order) are split into equal contiguous parts, one per worker, held in
-    # memory there so that every epoch's order is a pure function of the seed (exact replay after a
-    # restart). Streaming output goes through Ray Data's streaming split instead.
-    # With sequence parallelism the ranks of one group share a split (train_splits[rank // size]).
-    splits = None if streaming else train_ds.split(data_parallel_size(cfg), equal=True)
-    datasets = {"train": train_ds} if streaming else {}
-    # The eval set is small and read at every evaluation: split once here, one equal part per worker
-    # (sequence parallelism is off in eval), each held in memory there -- no Ray Data execution per eval.
-    eval_splits = eval_ds.split(cfg.train.num_workers, equal=True) if n_eval else None
+    inputs, datasets = worker_inputs(plan, train_ds, eval_ds, n_train, n_eval, steps, streaming)
     resolve_train_cpus(cfg)  # before to_dict: the workers set their torch threads from it
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "pad_id": pad_id,
-            "model_path": model_path,
-            "n_train": n_train,
-            "n_eval": n_eval,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": plan.total_steps,
-            "output_dir": out,
-            "relay": relay,
-            "guard": guard,
-            "train_splits": splits,
-            "eval_splits": eval_splits,
-            "trackers": tracking,
-            "tracker_params": {**to_dict(cfg), "pairs": {"train": n_train, "eval": n_eval}},
-        },
-        scaling_config=scaling_config(cfg),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest_options()),
-        run_config=run_config(cfg),
-    )
-    t = cfg.train
-    say_if_waiting("train", t.num_workers, {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0, **t.resources})
-    sp = f" in sequence-parallel groups of {t.sequence_parallel_size}" if t.sequence_parallel_size > 1 else ""
-    console.get().say(f"train: {t.num_workers} worker(s){sp}, DeepSpeed ZeRO-{t.zero_stage}, {plan.total_steps:,} steps "
-                      f"({plan.steps_per_epoch:,} per epoch) of {data_parallel_size(cfg) * t.micro_batch_size * t.gradient_accumulation_steps} "
-                      f"pairs; starting the workers" + (f"; trackers: {trackers.describe(tracking)}" if cfg.logging.backends else ""))
+        train_loop_config={"cfg": to_dict(cfg), **inputs, "relay": relay, "guard": guard, "trackers": tracking,
+                           "tracker_params": {**to_dict(cfg), "pairs": {"train": n_train, "eval": n_eval}}},
+        scaling_config=scaling_config(cfg), datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest_options()), run_config=run_config(cfg))
+    announce(cfg, steps, tracking)
     try:
-        with MetricsWatcher(follow(relay), plan.total_steps):
+        with MetricsWatcher(follow(relay), steps.total_steps):
             trainer.fit()
-        return collect_outcome(relay, out), plan
+        return collect_outcome(relay, out), steps
     except Exception:
         from raydpo.train.guard import GuardError
 

@@ -56,20 +56,24 @@ def online_run(ray_cluster, tiny_model_dir, synthetic_dir, tmp_path_factory):
     cfg = from_dict(raw | {"logging": {"backends": ["tensorboard"]}})
     seen = {}
 
+    def weights(actor) -> dict:
+        # Copies: tensors read from the object store would otherwise keep their object pinned there.
+        return {k: v.clone() for k, v in ray.get(actor.weights.remote()).items()}
+
     def on_round(row, pools):
         from raydpo.observability.store import object_store_stats
 
+        seen.setdefault("store", []).append(object_store_stats())  # before this callback reads anything
         generators = pools["generator"]
         if row["round"] == 0:
             seen["initial_pids"] = ray.get(generators.actors[0].pid.remote())
         if row["round"] == 1:  # a generator dies after a sync: its replacement asks the trainer for the weights
-            seen["before_kill"] = ray.get(generators.actors[0].weights.remote())
+            seen["before_kill"] = weights(generators.actors[0])
             os.kill(seen["initial_pids"], signal.SIGKILL)
             seen["replaced_pid"] = generators.map("pid", [()])[0]
-            seen["replacement"] = ray.get(generators.actors[0].weights.remote())
+            seen["replacement"] = weights(generators.actors[0])
         if row["round"] == cfg.online.rounds - 1:
-            seen["weights"] = ray.get(generators.actors[0].weights.remote())
-        seen.setdefault("store", []).append(object_store_stats())
+            seen["weights"] = weights(generators.actors[0])
 
     result = run_online(cfg, on_round=on_round)
     return result, seen, cfg

@@ -84,7 +84,8 @@ def describe_fall(fall: Fall, rounds: int, keep: str) -> str:
     advice = "" if keep == "best" else "; online.keep: best exports the best weights instead of the last"
     return (f"online: warning: the held-out reward fell to {fall.current:.2f}, more than half of its gain back "
             f"(first {fall.first:.2f}, best {fall.best:.2f} {when(fall.best_at, rounds)}): the policy may be collapsing; "
-            f"a lower train.learning_rate or fewer online.steps_per_round may help{advice}")
+            f"a lower train.learning_rate, fewer online.steps_per_round or the chosen completions' NLL in the loss "
+            f"(loss.type: [sigmoid, sft], RPO) may help{advice}")
 
 
 def describe_kept(kept: Optional[Kept], rounds: int, last: Optional[float]) -> str:

@@ -162,6 +162,7 @@ def _adopt_best(best, last_round: int):
     from raydpo.storage.remote import on_cluster
 
     if best is None or best.round == last_round:
+        console.get().say(progress.describe_kept(best, last_round, None))
         return None
     if best.handle is progress.INITIAL:
         return best
@@ -170,9 +171,9 @@ def _adopt_best(best, last_round: int):
     state, ok = on_cluster(keep.adopt_checked, best.handle, num_returns=2)
     try:
         ray.get(ok)
-    except (ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as e:
-        console.get().say(f"online: warning: online.keep: best lost the weights after round {best.round} "
-                          f"({type(e).__name__}: a restarted trainer worker owned them); the model is the last round's", level="quiet")
+    except ray.exceptions.RayError as e:  # e.g. their owner, a trainer worker restarted since, is gone
+        console.get().say(f"online: warning: online.keep: best could not keep the weights after round {best.round} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the model is the last round's", level="quiet")
         return None
     return progress.Kept(best.round, best.reward, state)
 

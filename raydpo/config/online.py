@@ -1,7 +1,7 @@
 """The ``online`` config section: rounds, the generator pool, the judge (typed dataclasses).
 
-Kept apart from :mod:`raydpo.config` (which includes it as ``Config.online``) so that the online
-code's settings and their checks live in the online package.
+``Config.online``; its own module of the config package, beside the sections ``raydpo train``
+reads, with its checks (:func:`online_checks`).
 """
 
 from __future__ import annotations

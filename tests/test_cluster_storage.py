@@ -165,7 +165,7 @@ def test_runs_sharing_a_storage_path_stay_apart(ray_cluster, tiny_model_dir, syn
     from conftest import make_config, shared_cache
     from raydpo.cli import main
     from raydpo.config import to_dict
-    from raydpo.pipeline import _paths
+    from raydpo.pipeline.rundir import run_paths
     from raydpo.train.resume import prepare_run_dir
     from raydpo.train.stage import run_storage
 
@@ -186,7 +186,7 @@ def test_runs_sharing_a_storage_path_stay_apart(ray_cluster, tiny_model_dir, syn
     assert steps == [1, 2, 3, 4]  # from the start: A's checkpoint was not resumed
     assert any(f.endswith("step_00000002") for f in mine("b"))
     # What `raydpo train b.yaml --force` does before training again: B's checkpoints go, A's stay.
-    assert prepare_run_dir(_paths(cfgs["b"]), to_dict(cfgs["b"]), run_storage(cfgs["b"]), force=True) == "restart"
+    assert prepare_run_dir(run_paths(cfgs["b"]), to_dict(cfgs["b"]), run_storage(cfgs["b"]), force=True) == "restart"
     assert mine("b") == [] and mine("a") == a_files
 
 

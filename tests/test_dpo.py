@@ -265,6 +265,7 @@ def test_agrees_with_the_ray_pipeline_loss(ray_cluster, tiny_model_dir, tmp_path
         assert abs(float(out.metrics[key]) - step1[key]) < 1e-6 * max(1.0, abs(step1[key])), key
 
 
+@pytest.mark.slow
 def test_train_on_pairs_stops_on_log_probs_that_are_not_the_references(ray_cluster, tiny_model_dir, tmp_path):
     """Log-probs computed elsewhere that do not match the reference: ``train_on_pairs`` raises the
     exactness guard's own message (no cache entry to name), before any update."""

@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 
+from raydpo import storage
+from raydpo.observability import console
+from raydpo.online import progress
+
 
 def adopt_checked(state: dict) -> tuple[dict, bool]:
     """The state dict itself, returned by a task (``num_returns=2``) so that the caller owns the new
@@ -56,3 +60,41 @@ def write_model(state: dict | None, model_path: str, dtype: str, trust_remote_co
     storage.delete_dir(out_dir)
     with storage.local_dir_for_writing(out_dir) as local:
         model.save_pretrained(local, safe_serialization=True)
+
+
+def adopt_best(best, last_round: int):
+    """``online.keep: best``, before the trainer's workers stop: the best weights as a
+    :class:`progress.Kept` whose handle is an object ref the driver owns (the synced refs die with
+    the rank-0 worker that put them), or :data:`progress.INITIAL`; None when the last weights are
+    the best (the trainer's export stays)."""
+    import ray
+
+    from raydpo.storage.remote import on_cluster
+
+    if best is None or best.round == last_round:
+        console.get().say(progress.describe_kept(best, last_round, None))
+        return None
+    if best.handle is progress.INITIAL:
+        return best
+    if best.handle is None:  # not expected: every synced or restored round has its ref
+        return None
+    state, ok = on_cluster(adopt_checked, best.handle, num_returns=2)
+    try:
+        ray.get(ok)
+    except ray.exceptions.RayError as e:  # e.g. their owner, a trainer worker restarted since, is gone
+        console.get().say(f"online: warning: online.keep: best could not keep the weights after round {best.round} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the model is the last round's", level="quiet")
+        return None
+    return progress.Kept(best.round, best.reward, state)
+
+
+def write_kept(cfg, model_path: str, model_dir: str, kept, last_reward) -> tuple[int, float]:
+    """Replace the trainer's export in ``model_dir`` with ``kept``'s weights (in a Ray task); returns
+    the kept round and reward for summary.json."""
+    from raydpo.storage.remote import on_cluster
+
+    state = None if kept.handle is progress.INITIAL else kept.handle
+    on_cluster(write_model, state, model_path, cfg.model.dtype, cfg.model.trust_remote_code, model_dir,
+               on_driver_node=not storage.is_uri(model_dir))
+    console.get().say(progress.describe_kept(kept, cfg.online.rounds, last_reward) + f": {model_dir}")
+    return kept.round, kept.reward

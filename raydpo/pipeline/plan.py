@@ -8,7 +8,7 @@ it on the driver). The stages receive this object instead of re-deriving each pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 from raydpo.config import Config
@@ -30,8 +30,6 @@ class RunPlan:
     """The reference model, pinned like :attr:`model`; None when the loss reads no reference."""
     run_storage: str
     """Where Ray Train keeps this run's checkpoints (``train.storage_path`` / run name)."""
-    extra: dict = field(default_factory=dict)
-    """Stage-specific facts added as the run learns them (e.g. the data stage's counts)."""
 
     @cached_property
     def tokenizer(self):

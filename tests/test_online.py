@@ -126,8 +126,8 @@ def test_generator_weights_equal_the_trainers_after_sync(online_run, tiny_model_
 
 def test_a_generator_that_joins_late_gets_the_trainers_weights_and_the_store_stays_flat(online_run, tiny_model_dir):
     """The pool keeps no weights ref after a sync: a replacement generator gets the trainer's current
-    weights (gathered on request by the idle workers), and the object store holds no synced state
-    dict once every generator has loaded it."""
+    weights (gathered on request by the idle workers), and the object store holds at most the latest
+    sync's state dict (when Ray frees it after every generator loaded it is Ray's timing)."""
     from safetensors.torch import load_file
 
     from raydpo.train.weights import max_difference
@@ -140,8 +140,9 @@ def test_a_generator_that_joins_late_gets_the_trainers_weights_and_the_store_sta
     assert [r["restarts"]["generator"] for r in rounds] == [0, 0, 1]
     state_bytes = sum(v.numel() * v.element_size() for v in seen["before_kill"].values())
     used = [s["bytes_used"] for s in seen["store"]]
-    # Three synced rounds (and a weights request): a leak would add a state dict per sync.
-    assert max(used) - used[0] < state_bytes / 2, (used, state_bytes)
+    # Three synced rounds (and a weights request): a leak would add a state dict per sync, so the
+    # store would hold three by the last round, two more than its lowest reading.
+    assert max(used) < min(used) + 1.5 * state_bytes, (used, state_bytes)
 
 
 def test_summary_counts_add_up_and_report_plots_rounds(online_run, tmp_path):

@@ -118,6 +118,10 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return fs, f"{netloc}/{key}".rstrip("/")
 
 
+LISTING_RACE_ATTEMPTS = 5
+"""Listings of a directory another process is creating at that instant, before giving up."""
+
+
 def retried(what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
     """``fn()``, retried with backoff on transient ``OSError``s (:func:`read_attempts` times); a
     missing file is not retried. The last error is raised as an ``OSError`` naming ``what``."""
@@ -167,7 +171,16 @@ def exists(path: str) -> bool:
 def listing(path: str, recursive: bool = False) -> list[Entry]:
     """What lies under directory ``path`` (sorted by relative path; [] if it does not exist)."""
     fs, root = resolve(path)
-    infos = retried(f"listing {path}", lambda: fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=recursive)))
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=recursive)
+    for attempt in range(LISTING_RACE_ATTEMPTS):
+        try:
+            infos = retried(f"listing {path}", lambda: fs.get_file_info(selector))
+            break
+        except FileNotFoundError:
+            # With allow_not_found, pyarrow's local listing raises only when a directory it failed to
+            # open exists when it looks again: another process created it meanwhile. Listing again sees it.
+            if attempt == LISTING_RACE_ATTEMPTS - 1:
+                raise
     out = []
     for info in infos:
         rel = info.path[len(root):].lstrip("/")

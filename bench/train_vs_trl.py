@@ -7,17 +7,24 @@ AdamW, float32 on CPU (bf16 + nccl on a GPU with ``--device cuda``), one process
 
 - TRL ``DPOTrainer``, the reference forward in every step (its default);
 - TRL with ``precompute_ref_log_probs=True`` (the precompute is reported apart, as set-up time);
-- raydpo, 1 Ray Train worker, DeepSpeed ZeRO-0, the reference cache already warm, padded batches;
-- raydpo the same with ``train.padding_free``;
-- a bare PyTorch loop doing raydpo's math (collate, ``forward_logps``, ``preference_loss``, AdamW) with
-  no Ray and no DeepSpeed: the floor that raydpo's framework overhead is measured against.
+- raydpo, 1 Ray Train worker, DeepSpeed ZeRO-0, the reference cache already warm, its default config
+  (``train.share_prompt`` on: one row per pair, the prompt computed once);
+- raydpo the same with ``train.share_prompt: false`` (two rows per pair, as TRL computes them);
+- with ``--full``: raydpo with ``train.padding_free``, and a bare PyTorch loop doing raydpo's math
+  (collate, ``forward_logps``, ``preference_loss``, AdamW) with no Ray and no DeepSpeed: the floor
+  that raydpo's framework overhead is measured against.
+
+Each on the row shapes of :data:`DATASETS` (``--datasets``), all from hh-rlhf: as it is, its multi-turn
+dialogues, and its prompts cut to one short turn, so the gain of sharing the prompt shows where it is
+large and where it is small.
 
 Step time is the interval between consecutive optimizer-step ends (data loading, collation, forward,
 backward, update, metrics); the first ``--warmup`` steps are left out. Tokens/s counts real tokens.
 ``--sweep`` also times a sweep of 4 runs with different ``loss.beta`` end to end (data preparation,
 reference, training): raydpo scores once and hits its cache three times; TRL runs four times.
 
-    .venv/bin/python bench/train_vs_trl.py [--steps 60] [--batch-size 8] [--sweep]
+    .venv/bin/python bench/train_vs_trl.py [--datasets hh-rlhf multi-turn short-prompt] [--steps 60]
+        [--batch-size 8] [--full] [--sweep]
 """
 
 from __future__ import annotations
@@ -39,13 +46,35 @@ from reference_batching import DEFAULT_DATA, bench_model  # noqa: E402
 from train_memory import memory_table  # noqa: E402
 
 
-def explicit_rows(path: str, tokenizer, max_length: int, limit: int) -> tuple[list[dict], dict]:
-    """hh-rlhf rows as ``{prompt, chosen, rejected}`` strings (split at the last Assistant turn) whose
-    tokenized sequences (BOS + prompt + completion + EOS) fit ``max_length``; plus their token columns."""
+HUMAN = "\n\nHuman:"
+#: The row shapes the trainer is timed on, each from hh-rlhf (``--datasets``), with its ``max_length``:
+#: how much of a pair its prompt is decides what computing the prompt once saves.
+DATASETS = {
+    "hh-rlhf": ("hh-rlhf as it is: dialogues split at the last Assistant turn (prompt ~3x a response)", 256),
+    "multi-turn": ("the hh-rlhf dialogues of 3+ Human turns: a long multi-turn history, short replies "
+                   "(the shape of LLaMA-Factory's multi-turn preference sets)", 512),
+    "short-prompt": ("hh-rlhf with each prompt cut to its last Human turn: single-turn, short prompts", 256),
+}
+
+
+def shaped(pair, dataset: str):
+    """``pair`` as ``dataset`` wants it (None: not of that shape)."""
+    if dataset == "multi-turn":
+        return pair if pair.prompt.count(HUMAN) >= 3 else None
+    if dataset == "short-prompt":
+        return type(pair)(pair.prompt[pair.prompt.rfind(HUMAN):], pair.chosen, pair.rejected, pair.kind)
+    return pair
+
+
+def explicit_rows(path: str, tokenizer, max_length: int, limit: int, dataset: str = "hh-rlhf") -> tuple[list[dict], dict]:
+    """hh-rlhf rows as ``{prompt, chosen, rejected}`` strings (split at the last Assistant turn, shaped
+    as ``dataset``) whose tokenized sequences (BOS + prompt + completion + EOS) fit ``max_length``;
+    plus their token columns."""
     from raydpo.data.tokenize import TokenizeSettings, tokenize_normalized
     from raydpo.data.validate import parse_row
 
-    pairs = [p for p, _ in (parse_row(line.encode()) for line in gzip.open(path, "rt")) if p is not None]
+    pairs = [shaped(p, dataset) for p, _ in (parse_row(line.encode()) for line in gzip.open(path, "rt")) if p is not None]
+    pairs = [p for p in pairs if p is not None]
     toks = tokenize_normalized(tokenizer, pairs, TokenizeSettings(max_length=1 << 20))
     rows, cols = [], {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for pair, t in zip(pairs, toks):
@@ -60,9 +89,16 @@ def explicit_rows(path: str, tokenizer, max_length: int, limit: int) -> tuple[li
 
 
 def tokens_per_pair(cols: dict) -> float:
-    """Mean real tokens a pair puts through the model: prompt twice, both completions."""
+    """Mean real tokens a pair puts through the model as two rows: prompt twice, both completions
+    (the same work unit for every tool; one shared-prompt row computes fewer)."""
     p, c, r = (np.array([len(x) for x in cols[k]]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     return float(np.mean(2 * p + c + r))
+
+
+def prompt_share(cols: dict) -> float:
+    """The fraction of a pair's two-row tokens that are its prompt's second copy (what sharing saves)."""
+    p, c, r = (np.array([len(x) for x in cols[k]]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    return float(p.sum() / (2 * p + c + r).sum())
 
 
 def step_stats(ends: list[float], start: float, warmup: int, batch: int, tok_per_pair: float) -> dict:
@@ -119,17 +155,18 @@ def bench_trl(rows, model_dir, tmp, args, precompute: bool, tok_per_pair: float)
         "setup_s": setup, "peak_mib": peak_mib(args.device)}
 
 
-def raydpo_config(jsonl: str, model_dir: str, tmp: str, name: str, args, padding_free: bool, beta: float = 0.1) -> dict:
+def raydpo_config(jsonl: str, model_dir: str, tmp: str, name: str, args, padding_free: bool, beta: float = 0.1,
+                  share_prompt: bool | None = None, max_length: int | None = None) -> dict:
     gpu = args.device == "cuda"
     return {
         "model": {"name_or_path": model_dir, "dtype": "bfloat16" if gpu else "float32"},
         "reference": {"cache_dir": os.path.join(tmp, "cache"), "num_actors": 1, "num_cpus_per_actor": args.threads,
                       "num_gpus_per_actor": 0.5 if gpu else 0.0},
-        "data": {"train": jsonl, "max_length": args.max_length, "num_workers": 1},
+        "data": {"train": jsonl, "max_length": max_length or args.max_length, "num_workers": 1},
         "loss": {"beta": beta},
         "train": {"num_workers": 1, "zero_stage": 0, "micro_batch_size": args.batch_size, "learning_rate": args.lr,
                   "max_steps": args.steps, "log_every": 1, "eval_every": 0, "seed": args.seed, "use_gpu": gpu,
-                  "cpus_per_worker": args.threads, "padding_free": padding_free},
+                  "cpus_per_worker": args.threads, "padding_free": padding_free, "share_prompt": share_prompt},
         "output": {"dir": os.path.join(tmp, name)},
     }
 
@@ -221,11 +258,42 @@ def machine(args) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, {args.threads} threads"
 
 
+def bench_dataset(dataset: str, tokenizer, model_dir: str, tmp: str, args) -> dict:
+    """Every trainer timed on one row shape (:data:`DATASETS`) -> {name: stats}; prints its table."""
+    rows, cols = explicit_rows(args.data, tokenizer, args.max_length, args.pairs, dataset)
+    jsonl = os.path.join(tmp, f"{dataset}.jsonl")
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    tpp = tokens_per_pair(cols)
+    print(f"\n== {dataset}: {DATASETS[dataset][0]}\n{len(rows)} pairs fitting {args.max_length} tokens ({tpp:.0f} "
+          f"two-row tokens per pair, {prompt_share(cols):.0%} of them the prompt's second copy), batch "
+          f"{args.batch_size} pairs, {args.steps} steps ({args.warmup} warm-up)", flush=True)
+    config = lambda name, **kw: raydpo_config(jsonl, model_dir, tmp, f"{dataset}-{name}", args, **kw)  # noqa: E731
+    cold, _ = run_raydpo(config("cold", padding_free=False))  # fills the cache
+    results = {"raydpo, default (one row per pair)": bench_raydpo(config("default", padding_free=False), args, tpp),
+               "raydpo, two rows per pair": bench_raydpo(config("two-rows", padding_free=False, share_prompt=False), args, tpp)}
+    if args.full:
+        results["raydpo, padding-free"] = bench_raydpo(config("free", padding_free=True), args, tpp)
+        results["bare PyTorch floor (two rows)"] = bench_floor(cols, model_dir, args, tpp)
+    results["TRL, reference in loop"] = bench_trl(rows, model_dir, tmp, args, False, tpp)
+    results["TRL, precompute_ref_log_probs"] = bench_trl(rows, model_dir, tmp, args, True, tpp)
+    base, pre = results["TRL, reference in loop"]["pairs_s"], results["TRL, precompute_ref_log_probs"]["pairs_s"]
+    print(f"{'trainer phase':<36}{'pairs/s':>9}{'tokens/s':>10}{'p50 s':>8}{'p95 s':>8}{'x TRL':>7}{'x TRL pre':>10}  set-up s"
+          + ("  peak MiB" if args.device == "cuda" else ""))
+    for name, r in results.items():
+        peak = f"  {r['peak_mib']:.0f}" if r.get("peak_mib") is not None else ""
+        print(f"{name:<36}{r['pairs_s']:>9.2f}{r['tokens_s']:>10.0f}{r['p50']:>8.3f}{r['p95']:>8.3f}"
+              f"{r['pairs_s'] / base:>7.2f}{r['pairs_s'] / pre:>10.2f}  {r['setup_s']:.1f}{peak}")
+    print(f"cold first run (scoring the cache) {cold:.1f} s", flush=True)
+    return results | {"_rows": (rows, jsonl)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     ap.add_argument("--pairs", type=int, default=1000)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=None, help="default: each dataset's own (DATASETS)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
@@ -236,7 +304,8 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (and CPUs of raydpo's worker)")
     ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    ap.add_argument("--sweep", action="store_true", help="also time a 4-run loss.beta sweep end to end")
+    ap.add_argument("--full", action="store_true", help="also raydpo padding-free and the bare PyTorch floor")
+    ap.add_argument("--sweep", action="store_true", help="also time a 4-run loss.beta sweep end to end (first dataset)")
     ap.add_argument("--sweep-runs", type=int, default=4, help="runs in the sweep (betas 0.05, 0.1, 0.2, 0.5, ...)")
     ap.add_argument("--sweep-padding-free", action="store_true", help="raydpo's sweep runs padding-free")
     args = ap.parse_args()
@@ -250,41 +319,33 @@ def main() -> None:
 
     texts = [json.loads(line) for line in gzip.open(args.data, "rt")]
     tokenizer = build_tokenizer(args.vocab_size, [r["chosen"] for r in texts] + [r["rejected"] for r in texts])
+    lengths = {d: args.max_length or DATASETS[d][1] for d in args.datasets}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = bench_model(tmp, tokenizer, args.hidden_size, args.num_layers, args.max_length)
-        rows, cols = explicit_rows(args.data, tokenizer, args.max_length, args.pairs)
-        jsonl = os.path.join(tmp, "pairs.jsonl")
-        with open(jsonl, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        tpp = tokens_per_pair(cols)
-        print(f"machine: {machine(args)}; {len(rows)} hh-rlhf pairs fitting {args.max_length} tokens "
-              f"({tpp:.0f} real tokens per pair), batch {args.batch_size} pairs, {args.steps} steps ({args.warmup} warm-up)")
+        model_dir = bench_model(tmp, tokenizer, args.hidden_size, args.num_layers, max(lengths.values()))
+        print(f"machine: {machine(args)}; model: Llama {args.num_layers} x {args.hidden_size}, vocab {args.vocab_size}")
         import ray
 
         # RAY_ADDRESS set (the suite's smoke run): join that cluster rather than start one.
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(4, 2 * args.threads),
                                                             "num_gpus": 1 if args.device == "cuda" else 0}), log_to_driver=False)
-        results = {}
-        cold, _ = run_raydpo(raydpo_config(jsonl, model_dir, tmp, "cold", args, False) | {})  # fills the cache
-        results["raydpo, padded (cache warm)"] = bench_raydpo(raydpo_config(jsonl, model_dir, tmp, "padded", args, False), args, tpp)
-        results["raydpo, padding-free"] = bench_raydpo(raydpo_config(jsonl, model_dir, tmp, "free", args, True), args, tpp)
-        results["bare PyTorch floor (padded)"] = bench_floor(cols, model_dir, args, tpp)
-        results["TRL, reference in loop"] = bench_trl(rows, model_dir, tmp, args, False, tpp)
-        results["TRL, precompute_ref_log_probs"] = bench_trl(rows, model_dir, tmp, args, True, tpp)
-        base = results["TRL, reference in loop"]["pairs_s"]
-        print(f"\n{'trainer phase':<32}{'pairs/s':>9}{'tokens/s':>10}{'p50 s':>8}{'p95 s':>8}{'x TRL':>7}  set-up s"
-              + ("  peak MiB" if args.device == "cuda" else ""))
-        for name, r in results.items():
-            peak = f"  {r['peak_mib']:.0f}" if r.get("peak_mib") is not None else ""
-            print(f"{name:<32}{r['pairs_s']:>9.2f}{r['tokens_s']:>10.0f}{r['p50']:>8.3f}{r['p95']:>8.3f}"
-                  f"{r['pairs_s'] / base:>7.2f}  {r['setup_s']:.1f}{peak}")
-        floor = results["bare PyTorch floor (padded)"]["pairs_s"]
-        print(f"raydpo padded vs floor: {floor / results['raydpo, padded (cache warm)']['pairs_s']:.3f}x slower "
-              f"(framework overhead); cold first run (scoring the cache) {cold:.1f} s")
-        print(memory_table(model_dir, args.device))
+        summary = {}
+        for dataset in args.datasets:
+            one = argparse.Namespace(**(vars(args) | {"max_length": lengths[dataset]}))
+            results = bench_dataset(dataset, tokenizer, model_dir, tmp, one)
+            summary[dataset] = results
+        print(f"\n{'dataset':<14}{'default x TRL':>14}{'x TRL pre':>11}{'two rows x TRL':>16}")
+        for dataset, r in summary.items():
+            base, pre = r["TRL, reference in loop"]["pairs_s"], r["TRL, precompute_ref_log_probs"]["pairs_s"]
+            ours, two = r["raydpo, default (one row per pair)"]["pairs_s"], r["raydpo, two rows per pair"]["pairs_s"]
+            print(f"{dataset:<14}{ours / base:>14.2f}{ours / pre:>11.2f}{two / base:>16.2f}")
+        if args.full:
+            print(memory_table(model_dir, args.device))
         if args.sweep:
+            first = args.datasets[0]
+            one = argparse.Namespace(**(vars(args) | {"max_length": lengths[first]}))
+            rows, jsonl = summary[first]["_rows"]
             betas = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0][: args.sweep_runs]
-            r_total, t_total, runs = sweep(rows, jsonl, model_dir, tmp, args, betas)
+            r_total, t_total, runs = sweep(rows, jsonl, model_dir, tmp, one, betas)
             print(f"\n{len(betas)}-run beta sweep, end to end: raydpo {r_total:.1f} s, TRL {t_total:.1f} s, "
                   f"{t_total / r_total:.2f}x; per run (beta, raydpo s, TRL s): "
                   + ", ".join(f"({b}, {r:.1f}, {t:.1f})" for b, r, t in runs))

@@ -46,15 +46,17 @@ def test_reference_benchmarks_smoke(script, marker):
 
 
 TRAIN_BENCH_TINY = ["--pairs", "40", "--steps", "4", "--warmup", "1", "--hidden-size", "64", "--num-layers", "1",
-                    "--vocab-size", "500", "--max-length", "128", "--sweep", "--sweep-runs", "1"]
+                    "--vocab-size", "500", "--max-length", "128", "--datasets", "hh-rlhf", "--full", "--sweep",
+                    "--sweep-runs", "1"]
 
 
 def _train_bench(env: dict, *extra):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_vs_trl.py"), *TRAIN_BENCH_TINY, *extra],
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    for row in ("raydpo, padded (cache warm)", "raydpo, padding-free", "bare PyTorch floor", "TRL, reference in loop",
-                "TRL, precompute_ref_log_probs", "model-state memory per trainer", "1-run beta sweep, end to end"):
+    for row in ("raydpo, default (one row per pair)", "raydpo, two rows per pair", "raydpo, padding-free", "bare PyTorch floor",
+                "TRL, reference in loop", "TRL, precompute_ref_log_probs", "model-state memory per trainer",
+                "1-run beta sweep, end to end"):
         assert row in out.stdout, out.stdout[-3000:]
     return out.stdout
 

@@ -9,8 +9,9 @@ completions cut):
    EOS, split TRL's way (the completion is what follows the common prefix), cut to ``max_length``;
 2. reference log-probs from the Ray Data actor pool, packed (``reference.share_prompt``) and
    concatenated, equal a plain float32 forward of each sequence alone (1e-4 per completion token);
-3. padding-free micro-batches give the padded batch's log-probs, DPO loss and every gradient;
-   where ``padding_free_issue`` names a reason (opt) they differ, and the run refuses them (6.);
+3. every trainer layout gives the padded batch's log-probs, DPO loss and every gradient: padding-free
+   rows (where ``padding_free_issue`` names a reason (opt) they differ, and the run refuses them,
+   6.), and shared-prompt units (``train.share_prompt``), padded or several a row, chunked or full logits;
 4. LoRA on all linear layers: only adapters train, DPO steps move them, the adapter-disabled model
    stays the base; and the policy's dropout is off in train mode (``model.disable_dropout``);
 5. (slow) a real 2-step run on Ray Train + DeepSpeed, for one family of each trait that matters to
@@ -91,13 +92,13 @@ def columns(triples) -> tuple[list, list, list]:
     return tuple([list(t[i]) for t in triples] for i in range(3))
 
 
-def dpo_loss(model, batch, ref):
+def dpo_loss(model, batch, ref, chunk=None):
     """(logps [2B], mean sigmoid DPO loss) of a collated batch against reference sums ``ref``."""
     from raydpo.config import LossConfig
     from raydpo.logprobs import forward_logps
     from raydpo.objectives import preference_loss
 
-    logps = forward_logps(model, batch)
+    logps = forward_logps(model, batch, chunk)
     _, (losses, _, _), _ = preference_loss(logps, batch["completion_tokens"], ref, LossConfig(beta=0.1))
     return logps, losses.mean()
 
@@ -205,30 +206,49 @@ def test_dropout_is_off_in_train_mode(fam):
     assert torch.equal(a, b) and torch.allclose(a, want, atol=1e-5), f"{fam.name}: dropout is still on in train mode"
 
 
-def test_padding_free_equals_padded(fam):
-    from raydpo.data.collate import collate_packed, collate_pairs
+def layout_grads(model, batch, ref, chunk):
+    """(logps [2B], DPO loss, every parameter's gradient) of one forward and backward of ``batch``."""
+    model.zero_grad()
+    logps, loss = dpo_loss(model, batch, ref, chunk)
+    loss.backward()
+    return logps.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+#: Each layout the trainer can give a micro-batch, against the padded batch: (padding_free, share_prompt, chunk).
+LAYOUTS = {"padding-free": (True, False, None), "shared": (False, True, None), "shared-full-logits": (False, True, 0),
+           "shared-padding-free": (True, True, None)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_equal_padded(fam, layout):
+    """Log-probs, DPO loss and every gradient of each trainer layout equal the padded batch's (1e-5):
+    padding-free rows, and one shared-prompt unit per pair (train.share_prompt), alone or several a
+    row, with chunked or full logits."""
+    from raydpo.config import Config, LossConfig
+    from raydpo.config.rules import share_prompt_issue
+    from raydpo.data.collate import collate_pairs, collate_rows
     from raydpo.logprobs import forward_logps, split_pairs
     from raydpo.models import load_causal_lm
 
-    issue = padding_free_issue(fam.model.config.model_type)
+    padding_free, share, chunk = LAYOUTS[layout]
+    issue = padding_free_issue(fam.model.config.model_type) if padding_free else None
+    # Every family of the matrix shares the prompt (MoE ones without the router loss, whose token
+    # mean would count a shared prompt once: share_prompt_issue says so).
+    assert share_prompt_issue(Config(loss=LossConfig(router_aux_loss_coef=0.0)), fam.model.config) is None
     # Train mode, as the trainer runs it (dropout is off: test_dropout_is_off_in_train_mode); eval mode
     # where padding-free is refused, so the difference shown is the packing's alone.
     model = load_causal_lm(fam.path).train(not issue)
     cols, pad = columns(fam.kept), fam.tok.pad_token_id
-    padded, packed = collate_pairs(*cols, pad), collate_packed(*cols, pad)
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()
-    assert torch.equal(padded["completion_tokens"], packed["completion_tokens"])
+    raw = dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), cols))
+    padded = collate_pairs(*cols, pad)
+    other = collate_rows(raw, pad, padding_free=padding_free, share_prompt_width=4096 if share else 0)
+    assert ("segments" in other) is share and other["input_ids"].numel() < padded["input_ids"].numel()
+    assert torch.equal(padded["completion_tokens"], other["completion_tokens"])
     with torch.no_grad():  # a reference away from the policy, so every pair's loss has its own slope
         ref = split_pairs(forward_logps(fam.model, padded) + torch.linspace(-2, 2, padded["input_ids"].shape[0]))
-    out = []
-    for batch in (padded, packed):
-        model.zero_grad()
-        logps, loss = dpo_loss(model, batch, ref)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        out.append((logps.detach(), loss.detach(), grads))
-    (lp_a, loss_a, grads_a), (lp_b, loss_b, grads_b) = out
-    if issue:
+    lp_a, loss_a, grads_a = layout_grads(model, padded, ref, None)
+    lp_b, loss_b, grads_b = layout_grads(model, other, ref, chunk)
+    if issue and not share:
         # Why it is refused: this family's decoder lets packed sequences attend to each other.
         assert (lp_a - lp_b).abs().max() > 1e-2, f"{fam.name}: padding-free now matches padded; revisit padding_free_issue"
         return

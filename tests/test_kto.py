@@ -264,3 +264,43 @@ def test_kto_counts_add_up_and_bad_rows_are_quarantined(kto_run):
     assert s["counts_add_up"]
     assert set(s["token_lengths"]) == {"prompt", "completion", "kl_completion"}
     assert sorted(q["reason"].split(":")[0] for q in kto_run["quarantine"]) == ["empty_completion", "invalid_label"]
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_kl_sequences_scored_without_gradient_change_nothing_but_the_cost(tiny_model_dir, padding_free):
+    """The trainer scores KTO's KL sequences in a second forward under no_grad (``kl_apart``, as TRL's
+    KTOTrainer): the loss, every metric and every gradient equal one joint forward's, and the
+    autograd graph holds the completions only."""
+    import numpy as np
+
+    from raydpo.data.collate import collate_rows
+    from raydpo.models import load_causal_lm
+    from raydpo.train.step import step_metrics
+
+    rng = np.random.default_rng(0)
+    ids = lambda n, lo, hi: np.array([rng.integers(5, 300, rng.integers(lo, hi)).tolist() for _ in range(n)], dtype=object)  # noqa: E731
+    raw = {"prompt_ids": ids(6, 3, 20), "chosen_ids": ids(6, 2, 12), "rejected_ids": ids(6, 2, 12),
+           "label": np.array([1, 0, 1, 1, 0, 0]), "ref_chosen_logps": rng.normal(-30, 3, 6).astype(np.float32),
+           "ref_rejected_logps": rng.normal(-30, 3, 6).astype(np.float32)}
+    model = load_causal_lm(tiny_model_dir).train()
+    p = LossConfig(type=["kto"], beta=0.1)
+    out = {}
+    for apart in (False, True):
+        batch = collate_rows(raw, 0, padding_free=padding_free, kl_apart=apart)
+        assert ("kl" in batch) is apart
+        model.zero_grad()
+        loss, sums, logps = step_metrics(model, batch, p, across_ranks=False)
+        loss.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        out[apart] = (loss.detach(), {k: float(v) for k, v in sums.items()}, logps.detach(), grads)
+    (l0, s0, lp0, g0), (l1, s1, lp1, g1) = out[False], out[True]
+    assert torch.allclose(l0, l1, atol=1e-6) and torch.allclose(lp0, lp1, atol=1e-4)
+    assert s0.keys() == s1.keys() and all(abs(s0[k] - s1[k]) <= 1e-4 * max(1.0, abs(s0[k])) for k in s0), (s0, s1)
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4) for n in g0)
+    params = [q for q in model.parameters() if q.requires_grad]
+    for apart in (False, True):  # the KL half's graph reaches the weights only when scored jointly
+        _, _, logps = step_metrics(model, collate_rows(raw, 0, padding_free=padding_free, kl_apart=apart), p,
+                                   across_ranks=False)
+        # (A slice of the concatenation sends zeros back into the completions' graph: not a reach.)
+        reached = [g is not None and bool(g.abs().sum() > 0) for g in torch.autograd.grad(logps[6:].sum(), params, allow_unused=True)]
+        assert any(reached) is not apart

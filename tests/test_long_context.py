@@ -68,15 +68,14 @@ def test_chunked_logps_and_gradients_equal_full_logits(family_dirs, family, layo
 
 
 def test_packed_reference_rows_chunked_equal_full(family_dirs):
-    from raydpo.reference.packing import pack_pairs, packed_logps
+    from raydpo.data.shared import collate_shared
 
     model = load(family_dirs["gemma2"]).eval()
-    batch = pack_pairs(*pairs(seed=3), 0)
+    batch = collate_shared(*pairs(seed=3), 0)
     with torch.inference_mode():
-        full = packed_logps(model, batch, 0)
+        full = forward_logps(model, batch, 0)
         for chunk in (None, 5):
-            for a, b in zip(packed_logps(model, batch, chunk), full):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(forward_logps(model, batch, chunk), full, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_logit_transform_stops(family_dirs):

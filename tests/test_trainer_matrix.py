@@ -1,7 +1,7 @@
 """One trainer, two drivers: ``raydpo train`` (epochs) and ``raydpo online`` (rounds) over the same
-trainer features -- padded rows with chunked logits, padding-free rows with full logits (what a
-soft-capping family needs: ``model.logits_chunk_tokens: 0``) -- with the exactness guard checking
-step 0 in both. Real Ray Train workers, real DeepSpeed ZeRO-2 on gloo, the tiny model."""
+trainer features -- two padded rows per pair with chunked logits, shared-prompt units packed
+padding-free with full logits (what a soft-capping family needs: ``model.logits_chunk_tokens: 0``) --
+with the exactness guard checking step 0 in both. Real Ray Train workers, real DeepSpeed ZeRO-2 on gloo, the tiny model."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from conftest import shared_cache
 
 LAYOUTS = {
-    "padded-chunked": {"train": {"padding_free": False}, "model": {"logits_chunk_tokens": 16}},
-    "padding-free-full-logits": {"train": {"padding_free": True}, "model": {"logits_chunk_tokens": 0}},
+    "two-rows-padded-chunked": {"train": {"padding_free": False, "share_prompt": False}, "model": {"logits_chunk_tokens": 16}},
+    "shared-padding-free-full-logits": {"train": {"padding_free": True}, "model": {"logits_chunk_tokens": 0}},
 }
 
 
@@ -72,4 +72,7 @@ def test_both_drivers_train_every_layout_and_check_step_zero(ray_cluster, tiny_m
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-4, steps[0]
     assert 0 <= drift <= 1e-4
     assert all(math.isfinite(s["loss"]) and s["tokens_per_s"] > 0 for s in steps)
+    # Model FLOPs are counted on CPU too; MFU only where a device's peak is known (not a CPU).
+    assert all(s["tflops_per_device"] > 0 and s["tokens_per_s_per_device"] == s["tokens_per_s"] and "mfu" not in s
+               for s in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]

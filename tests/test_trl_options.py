@@ -187,7 +187,7 @@ def test_pad_to_multiple_of_as_trl(tiny):
 
 def test_reference_scores_ld_alpha_and_padding(tiny_model_dir, tiny, tmp_path):
     from conftest import make_config
-    from raydpo.reference.packing import pack_pairs
+    from raydpo.data.shared import collate_shared
     from raydpo.reference.scorer import HfBackend
     from raydpo.reference.stage import cache_inputs, scorer_kwargs
 
@@ -198,7 +198,7 @@ def test_reference_scores_ld_alpha_and_padding(tiny_model_dir, tiny, tmp_path):
     assert not backend.packed  # packed rows' sums are unweighted: two rows per pair instead
     for got, expect in zip(backend.score(*COLS), want):
         assert torch.allclose(torch.from_numpy(got), expect, atol=1e-5)
-    assert pack_pairs(*COLS, 0, 16)["input_ids"].shape[1] % 16 == 0
+    assert collate_shared(*COLS, 0, pad_to_multiple_of=16)["input_ids"].shape[1] % 16 == 0
     plain = HfBackend(tiny_model_dir, "float32", 0, pad_to_multiple_of=16)
     assert plain.packed and not torch.allclose(torch.from_numpy(plain.score(*COLS)[0]), want[0], atol=1e-3)
 

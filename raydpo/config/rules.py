@@ -205,6 +205,26 @@ def router_aux_coef(loss: LossConfig, model_config) -> float:
     return float(coef or 0.0) if moe else 0.0
 
 
+def share_prompt_issue(cfg: "Config", model_config) -> Optional[str]:
+    """Why the trainer cannot compute each pair's prompt once (``train.share_prompt``) exactly and
+    cheaply with these settings and this policy config, or None (:mod:`raydpo.data.shared`)."""
+    from raydpo.families.rules import packed_mask_issue
+
+    t, attn = cfg.train, cfg.model.attn_implementation
+    if unpaired(cfg.loss):
+        return "unpaired losses (KTO) score each example and its KL sequence apart"
+    if t.sequence_parallel_size > 1:
+        return "sequence parallelism's all-to-all attention is causal only and takes no custom mask"
+    if (attn or "").startswith("flash_attention"):
+        return f"model.attn_implementation {attn} takes no custom attention mask"
+    if router_aux_coef(cfg.loss, model_config):
+        return "the MoE router loss (loss.router_aux_loss_coef) averages over rows; one row per pair changes it"
+    if t.use_gpu and attn != "flex_attention":
+        return ("on GPUs it runs with model.attn_implementation flex_attention (a block mask; sdpa and eager would "
+                "need a dense [T, T] mask per row)")
+    return packed_mask_issue(model_config)
+
+
 def loss_names(loss: LossConfig) -> list[str]:
     """``loss.type`` as a list."""
     return [loss.type] if isinstance(loss.type, str) else list(loss.type)

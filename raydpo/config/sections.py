@@ -277,6 +277,19 @@ class TrainConfig:
     decreasing; position ids restart per sequence, attention kept within it), so the linear layers
     spend almost nothing on padding and attention stays N x longest. With a flash_attention
     ``model.attn_implementation`` all sequences go into one row (varlen skips the masked blocks)."""
+    share_prompt: Optional[bool] = None
+    """Each pair as one row ``[prompt | chosen | rejected]``, its prompt computed once: rejected tokens
+    see the prompt and themselves, never the chosen ones, with positions restarting after the prompt,
+    so log-probs and gradients equal two rows per pair for ``p + c + r`` tokens instead of
+    ``2p + c + r`` (padded, or several pairs a row with ``padding_free``). None: on wherever it is
+    exact and needs no dense mask on a GPU, off with the reason on the console elsewhere (sequence
+    parallelism, flash-attention, the MoE router loss, unpaired losses; on GPUs it needs
+    ``model.attn_implementation: flex_attention``); true: required (an error where it is off);
+    false: two rows per pair."""
+    peak_tflops_per_device: Optional[float] = None
+    """Peak dense TFLOP/s of one training device, for the ``mfu`` metric; None: the table of common
+    GPUs (:data:`raydpo.train.flops.PEAK_TFLOPS`, bf16 tensor-core figures) by the CUDA device name;
+    on a CPU, or a GPU not in it, MFU is omitted."""
     pad_to_multiple_of: Optional[int] = None
     """Pad padded batches (trainer and reference; not padding-free rows) to a width that is a multiple
     of this, as TRL's ``pad_to_multiple_of``; the log-probs do not change (masks)."""

@@ -35,11 +35,17 @@ def collate_pairs(
     up to a multiple of ``pad_to_multiple_of``, as TRL's ``DataCollatorForPreference``), and
     ``completion_tokens`` [2B] (completion tokens scored per sequence).
     """
+    return collate_sequences(list(prompt_ids) * 2, list(chosen_ids) + list(rejected_ids), pad_id, padding_side,
+                             pad_to_multiple_of)
+
+
+def collate_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+                      padding_side: str = "right", pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """S sequences (prompt + completion each) -> a padded batch as :func:`collate_pairs`', [S, T]."""
     seqs, masks = [], []
-    for completions in (chosen_ids, rejected_ids):
-        for p, c in zip(prompt_ids, completions):
-            seqs.append(list(p) + list(c))
-            masks.append([0] * len(p) + [1] * len(c))
+    for p, c in zip(prompt_ids, completion_ids):
+        seqs.append(list(p) + list(c))
+        masks.append([0] * len(p) + [1] * len(c))
     m = pad_to_multiple_of
     return padded_batch(_pad(seqs, pad_id, padding_side, m), _pad([[1] * len(s) for s in seqs], 0, padding_side, m),
                         _pad(masks, 0, padding_side, m))
@@ -79,7 +85,13 @@ def collate_packed(
     ``completion_tokens`` [2B]. The first token of each sequence is never scored: in a row it follows
     the previous sequence, not its own prefix.
     """
-    pieces = [(p, c) for completions in (chosen_ids, rejected_ids) for p, c in zip(prompt_ids, completions)]
+    return collate_packed_sequences(list(prompt_ids) * 2, list(chosen_ids) + list(rejected_ids), pad_id, one_row)
+
+
+def collate_packed_sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                             pad_id: int = 0, one_row: bool = False) -> dict[str, torch.Tensor]:
+    """S sequences (prompt + completion each) -> padding-free rows as :func:`collate_packed`'s."""
+    pieces = list(zip(prompt_ids, completion_ids))
     lengths = [len(p) + len(c) for p, c in pieces]
     rows = [list(range(len(pieces)))] if one_row else pack_rows(lengths, max(lengths))
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -122,13 +134,28 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_free: bool = False,
-                 one_row: bool = False, pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
+                 one_row: bool = False, pad_to_multiple_of: Optional[int] = None,
+                 share_prompt_width: int = 0, kl_apart: bool = False) -> dict[str, torch.Tensor]:
     """Collate a Ray Data numpy batch (columns of id arrays), padded (to a width that is a multiple of
     ``pad_to_multiple_of`` when set) or ``padding_free`` (``one_row``: see :func:`collate_packed`);
-    carries ``ref_*_logps`` and unpaired examples' ``label`` when present."""
+    with ``share_prompt_width`` one unit per pair, its prompt once (:func:`raydpo.data.shared.collate_shared`),
+    when no pair is wider than that (a dense mask's limit; a wider batch goes as two rows per pair:
+    the same numbers). Carries ``ref_*_logps`` and unpaired examples' ``label`` when present.
+
+    ``kl_apart`` (unpaired examples): the B completions as the batch and the B KL sequences as its
+    own batch under ``kl``, so that they can be scored without gradient (as TRL's KTOTrainer)."""
+    from raydpo.data.shared import collate_shared
+
     cols = (batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
-    out = (collate_packed(*cols, pad_id, one_row) if padding_free
-           else collate_pairs(*cols, pad_id, padding_side, pad_to_multiple_of))
+    if kl_apart and "label" in batch:
+        apart = [(collate_packed_sequences(cols[0], c, pad_id, one_row) if padding_free
+                  else collate_sequences(cols[0], c, pad_id, padding_side, pad_to_multiple_of)) for c in cols[1:]]
+        out = apart[0] | {"kl": apart[1]}
+    elif share_prompt_width and max(len(p) + len(c) + len(r) for p, c, r in zip(*cols)) <= share_prompt_width:
+        out = collate_shared(*cols, pad_id, padding_free, pad_to_multiple_of)
+    else:
+        out = (collate_packed(*cols, pad_id, one_row) if padding_free
+               else collate_pairs(*cols, pad_id, padding_side, pad_to_multiple_of))
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in batch:
             # A copy: Ray hands read-only arrays (zero-copy from its object store), which torch warns about.
@@ -136,3 +163,24 @@ def collate_rows(batch: dict, pad_id: int, padding_side: str = "right", padding_
     if "label" in batch:  # unpaired examples: desirable (1) or not (0), [B]
         out["label"] = torch.tensor(batch["label"], dtype=torch.bool)
     return out
+
+
+def computed_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the forward computes, padding excluded (0-d float32): a padded batch's mask sum,
+    padding-free rows' tokens outside fillers (sequence id 2B), shared rows' tokens outside padding;
+    plus an unpaired batch's KL sequences, scored apart."""
+    from raydpo.data.shared import PAD
+
+    kl = computed_tokens(batch["kl"]) if "kl" in batch else 0.0
+    if "segments" in batch:
+        return (batch["segments"] != PAD).sum().float() + kl
+    if "sequence_ids" in batch:
+        return (batch["sequence_ids"] < batch["completion_tokens"].shape[0]).sum().float() + kl
+    return batch["attention_mask"].sum().float() + kl
+
+
+def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scored tokens of each of the batch's 2B sequences ([2B] float32): pairs' chosen then rejected,
+    or unpaired completions then their KL sequences (collated apart or not)."""
+    own = batch["completion_tokens"]
+    return torch.cat([own, batch["kl"]["completion_tokens"]]) if "kl" in batch else own

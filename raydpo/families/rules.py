@@ -4,15 +4,15 @@ Every family in :data:`raydpo.fixtures.families.FAMILIES` is checked end to end 
 (``tests/test_families.py``). Three things differ between families and matter to raydpo:
 
 - **Sliding windows** (Mistral, Mixtral, Phi-3 with ``sliding_window`` on every layer; Gemma 2/3 and
-  Qwen2 with ``layer_types`` mixing sliding and full layers). The packed reference row
-  (:mod:`raydpo.reference.packing`) hands the model its own 4D mask, which transformers uses as given
-  on every layer: the window has to be in it. :func:`packed_attention_mask` adds it, as a dict of one
-  mask per layer type where the model takes one (``layer_types``), else one windowed mask.
+  Qwen2 with ``layer_types`` mixing sliding and full layers). The shared-prompt layout
+  (:mod:`raydpo.data.shared`, the reference's and the policy's) hands the model its own mask, which
+  transformers uses as given on every layer: the window has to be in it. :func:`mask_windows` says
+  which, per layer type where the model takes one mask each (``layer_types``).
   Padded batches and padding-free rows leave the mask to transformers, which windows them itself.
 - **Positions computed from the attention mask** (OPT, BLOOM, Falcon, MPT, BioGPT, XGLM): their
   decoders build the causal mask without the position ids, so transformers cannot see where packed
   sequences restart; padding-free rows would attend across sequences. :func:`padding_free_issue`
-  refuses ``train.padding_free`` for them before any stage. (Their packed reference rows are exact:
+  refuses ``train.padding_free`` for them before any stage. (Their shared-prompt rows are exact:
   raydpo passes both the positions and the mask.)
 - **The final transform of the logits** (Gemma 2/3's soft-capping, Cohere's ``logit_scale``, Granite's
   ``logits_scaling``): applied inside the model's ``forward`` after ``lm_head``. The chunked log-probs
@@ -66,7 +66,7 @@ def padding_free_issue(model_type: str | None) -> str | None:
 
 
 def packed_mask_issue(config) -> str | None:
-    """Why a packed reference row cannot be masked exactly for this model config, or None."""
+    """Why a shared-prompt row (:mod:`raydpo.data.shared`) cannot be masked exactly for this model config, or None."""
     kinds = set(getattr(config, "layer_types", None) or ())
     unknown = kinds - PACKABLE_LAYER_TYPES
     if unknown:
@@ -74,23 +74,13 @@ def packed_mask_issue(config) -> str | None:
     return None
 
 
-def _windowed(allowed, positions, window: int):
-    """``allowed`` [B, 1, T, T] restricted to keys within ``window`` positions of the query, as
-    transformers' sliding-window mask (``kv > q - window``) on the position ids [B, T]."""
-    q, k = positions[:, None, :, None], positions[:, None, None, :]
-    # A padding query's self-attention (packing.pack_pairs) is kept: q - k = 0 is inside any window.
-    return allowed & ((q - k) < window)
-
-
-def packed_attention_mask(config, allowed, positions):
-    """The attention mask to pass the model for packed rows: ``allowed`` [B, 1, T, T] (bool) as is,
-    with the sliding window applied on the layers that slide, or a ``{layer_type: mask}`` dict for
-    models with ``config.layer_types`` (each mask [B, 1, T, T] bool)."""
+def mask_windows(config):
+    """The sliding window a custom mask must carry: ``{layer_type: window or None}`` for models with
+    ``config.layer_types`` (Gemma 2/3, Qwen2: only ``sliding_attention`` layers slide), else the one
+    window of every layer (Mistral, Mixtral, Phi-3, Starcoder2 slide wherever the config sets one) or
+    None. transformers' sliding mask keeps keys with ``q - k < window`` on the position ids."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
-        return {kind: (_windowed(allowed, positions, window) if kind == "sliding_attention" and window else allowed)
-                for kind in set(layer_types)}
-    if window:  # Mistral, Mixtral, Phi-3, Starcoder2: every layer slides when the config sets a window
-        return _windowed(allowed, positions, window)
-    return allowed
+        return {kind: (window if kind == "sliding_attention" else None) for kind in set(layer_types)}
+    return window

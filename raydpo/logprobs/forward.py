@@ -39,8 +39,13 @@ def scored_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]
     ``targets`` (the token it predicts) and ``seq`` (its sequence), each [N]; and S, the sequences.
 
     Position t predicts token t + 1, scored where ``completion_mask[:, t + 1]``; a padded batch's
-    sequences are its rows, padding-free rows name theirs in ``sequence_ids``."""
+    sequences are its rows, padding-free rows name theirs in ``sequence_ids``; a shared-prompt batch
+    names both the sequence and the predicting column of each token (:mod:`raydpo.data.shared`)."""
     ids = batch["input_ids"]
+    if "score_seq" in batch:  # row-major: each sequence's positions consecutive and in order
+        n = batch["completion_tokens"].shape[0]
+        rows, at = (batch["score_seq"] < n).nonzero(as_tuple=True)
+        return rows, batch["pred_cols"][rows, at], ids[rows, at], batch["score_seq"][rows, at], n
     rows, cols = batch["completion_mask"][:, 1:].bool().nonzero(as_tuple=True)
     targets = ids[:, 1:][rows, cols]
     if "sequence_ids" in batch:
@@ -86,15 +91,27 @@ def length_weights(completion_tokens: torch.Tensor, seq: torch.Tensor, n: int, l
     return torch.where(rank < shared[seq], 1.0, float(ld_alpha)).float()
 
 
+def attention_mask(model, batch: dict[str, torch.Tensor]):
+    """The mask the model is given: a padded batch's [2B, T] one, none for padding-free rows
+    (positions restart per sequence), the shared-prompt rule for shared rows."""
+    if "segments" in batch:
+        from raydpo.logprobs.chunked import unwrap
+        from raydpo.logprobs.masks import shared_attention_mask
+
+        return shared_attention_mask(model, unwrap(model).config, batch)
+    return None if "sequence_ids" in batch else batch["attention_mask"]
+
+
 def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[int] = None,
                    shard: Optional[SequenceShard] = None, ld_alpha: Optional[float] = None, sum_sq: bool = False,
                    router_logits: bool = False) -> SequenceScores:
     """One forward of a collated batch -> :class:`SequenceScores` of its 2B sequences.
 
-    A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]) or padding-free rows
-    (:func:`raydpo.data.collate.collate_packed`, [R, W] with ``sequence_ids``): there the attention
+    A padded batch (:func:`raydpo.data.collate.collate_pairs`, [2B, T]), padding-free rows
+    (:func:`raydpo.data.collate.collate_packed`, [R, W] with ``sequence_ids``: there the attention
     mask is left out so transformers builds a block-diagonal causal mask from the restarting
-    position ids.
+    position ids) or shared-prompt rows (:func:`raydpo.data.shared.collate_shared`, [R, W], each
+    pair's prompt computed once under the mask of :func:`raydpo.logprobs.masks.shared_attention_mask`).
 
     ``chunk_tokens`` (``model.logits_chunk_tokens``): None scores the completion positions through the
     output head in automatically sized chunks (:mod:`raydpo.logprobs.chunked`), N > 0 in chunks of N,
@@ -110,8 +127,10 @@ def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional
     # Before the shard's cut: a token's weight depends on its place in the whole sequence.
     weight = None if ld_alpha is None else length_weights(batch["completion_tokens"], seq, n, ld_alpha)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-              "attention_mask": None if packed else batch["attention_mask"], "use_cache": False}
+              "attention_mask": attention_mask(model, batch), "use_cache": False}
     if shard:
+        if "segments" in batch:  # config.rules.share_prompt_issue refuses this before any stage
+            raise ValueError("shared-prompt rows cannot be sharded for sequence parallelism")
         layout = sp_layout(batch, shard.size)
         width = layout["input_ids"].shape[1] // shard.size
         lo = shard.rank * width

@@ -20,16 +20,19 @@ def _quality(row: dict, prefix: str = "") -> str:
 
 
 def train_line(row: dict, total: int, eta: str, verbose: bool) -> str:
-    """One training row as a console line: step / total, loss, reward accuracy (KTO: KL), pairs/s and ETA."""
+    """One training row as a console line: step / total, loss, reward accuracy (KTO: KL), pairs/s, MFU
+    (where the device's peak is known) and ETA."""
     unit = "pairs" if "rewards/accuracies" in row else "examples"
     line = (f"train: step {row['step']}/{total} loss {row['loss']:.4f} {_quality(row)} "
-            f"{row['pairs_per_s']:.1f} {unit}/s {eta}")
+            f"{row['pairs_per_s']:.1f} {unit}/s" + (f" MFU {row['mfu']:.1%}" if "mfu" in row else "") + f" {eta}")
     if verbose:
         grad = row.get("grad_norm")
         line += (f" | epoch {row['epoch']} margin {row.get('rewards/margins', float('nan')):+.4f} chosen {row['rewards/chosen']:+.4f} "
                  f"rejected {row['rewards/rejected']:+.4f} logps {row['logps/chosen']:.2f}/{row['logps/rejected']:.2f} "
                  f"lr {row['learning_rate']:.2e}" + (f" grad_norm {grad:.3f}" if grad is not None else "")
-                 + f" {row['tokens_per_s']:,.0f} tokens/s")
+                 + f" {row['tokens_per_s']:,.0f} tokens/s"
+                 + (f" ({row['tokens_per_s_per_device']:,.0f}/device, {row['tflops_per_device']:.3g} TFLOP/s/device)"
+                    if "tflops_per_device" in row else ""))
     return line
 
 

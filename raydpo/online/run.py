@@ -90,12 +90,13 @@ def run_online(cfg: Config, prompts=None, eval_prompts=None, force: bool = False
     from raydpo.online.driver import OnlineRun
     from raydpo.pipeline.plan import plan_run
     from raydpo.pipeline.rundir import start
-    from raydpo.train.preflight import check_storage
+    from raydpo.train.preflight import check_share_prompt, check_storage
     from raydpo.train.resume import FinishedRun, prepare_run_dir
 
     preflight(cfg)
     check_storage(cfg)
     plan = plan_run(cfg)
+    check_share_prompt(cfg, plan.model_dir)
     paths = plan.paths
     try:
         status = prepare_run_dir(paths, to_dict(cfg), plan.run_storage, force)

@@ -5,7 +5,7 @@ times (hh-rlhf: 40 to 512 tokens) most of a random batch is padding, and a batch
 not fit in memory while a batch of short ones wastes the device. Instead, a bucket of pairs is sorted
 by length and cut into forward batches whose padded size, ``2 x rows x longest`` tokens (chosen and
 rejected go through together), stays within ``reference.max_tokens_per_batch``. Packed pairs
-(:mod:`raydpo.reference.packing`: one row of prompt + chosen + rejected) cost ``rows x longest``.
+(:mod:`raydpo.data.shared`: one row of prompt + chosen + rejected) cost ``rows x longest``.
 """
 
 from __future__ import annotations

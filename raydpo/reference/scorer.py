@@ -10,7 +10,7 @@ IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 class HfBackend:
     """transformers forward: weights in ``dtype`` (or bitsandbytes ``8bit`` / ``4bit``), log-softmax
     in float32. With ``share_prompt`` each pair is one packed row, its prompt computed once
-    (:mod:`raydpo.reference.packing`), if a probe at start shows the model honours the packed mask;
+    (:mod:`raydpo.data.shared`), if a probe at start shows the model honours the packed mask;
     otherwise chosen and rejected rows go through one concatenated forward. With ``max_tokens`` the
     pairs are sorted by length and cut into forward passes of at most that many padded tokens
     (:mod:`raydpo.reference.batching`); without it all pairs given go through together.
@@ -49,17 +49,15 @@ class HfBackend:
 
     def _forward(self, cols: list, packed: bool):
         from raydpo.data.collate import collate_pairs
+        from raydpo.data.shared import DENSE_MAX_WIDTH, collate_shared
         from raydpo.logprobs import forward_logps, split_pairs
-        from raydpo.reference.packing import PACKED_MAX_WIDTH, pack_pairs, packed_logps
 
-        # The packed row's mask is [T, T]: past PACKED_MAX_WIDTH the concatenated rows (causal
+        # The shared row's dense mask is [T, T]: past DENSE_MAX_WIDTH the concatenated rows (causal
         # attention without a materialized mask) take less memory than the shared prompt saves.
-        packed = packed and max(len(p) + len(c) + len(r) for p, c, r in zip(*cols)) <= PACKED_MAX_WIDTH
+        packed = packed and max(len(p) + len(c) + len(r) for p, c, r in zip(*cols)) <= DENSE_MAX_WIDTH
+        batch = (collate_shared(*cols, self.pad_id, pad_to_multiple_of=self.multiple) if packed
+                 else collate_pairs(*cols, self.pad_id, pad_to_multiple_of=self.multiple))
         with self.torch.inference_mode():
-            if packed:
-                batch = pack_pairs(*cols, self.pad_id, self.multiple)
-                return packed_logps(self.model, {k: v.to(self.device) for k, v in batch.items()}, self.chunk)
-            batch = collate_pairs(*cols, self.pad_id, pad_to_multiple_of=self.multiple)
             return split_pairs(forward_logps(self.model, {k: v.to(self.device) for k, v in batch.items()}, self.chunk,
                                              ld_alpha=self.ld_alpha))
 

@@ -154,6 +154,24 @@ def check_family(cfg: Config, model_path: str) -> None:
                          cfg.reference.mode == "streaming", config)
     if issue:
         raise ValueError(issue)
+    check_share_prompt(cfg, model_path)
+
+
+def check_share_prompt(cfg: Config, model_path: str) -> None:
+    """``train.share_prompt`` against the policy (:func:`raydpo.config.rules.share_prompt_issue`):
+    required where it cannot be exact is an error; left to raydpo, where it is off is said once."""
+    from transformers import AutoConfig
+
+    from raydpo.config.rules import share_prompt_issue
+    from raydpo.observability import console
+
+    if cfg.train.share_prompt is False:
+        return
+    issue = share_prompt_issue(cfg, AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code))
+    if issue and cfg.train.share_prompt:
+        raise ValueError(f"train.share_prompt is true, but {issue}: set train.share_prompt to null (automatic) or false")
+    if issue:
+        console.get().say(f"train: two rows per pair (the prompt computed for each), not one: {issue}")
 
 
 def preflight(cfg: Config, model_path: str) -> None:

@@ -11,9 +11,27 @@ import torch
 from raydpo.train.metrics import add_sums, global_sums
 
 
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """Every tensor of a collated batch on ``device`` (copies overlap compute where the device allows)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a collated batch (and of its nested batches) on ``device`` (copies overlap
+    compute where the device allows)."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def policy_scores(engine, batch: dict, loss_cfg, chunk_tokens, shard, router_logits: bool):
+    """The policy's :class:`raydpo.logprobs.SequenceScores` of a batch ([2B]): an unpaired batch's KL
+    sequences, collated apart (``kl``), go through a second forward without gradient (their term in
+    KTO's loss is detached: TRL's KTOTrainer scores them under ``no_grad`` too, and the MoE router
+    loss is the completions' alone there as well); the backward then covers the completions only."""
+    from raydpo.logprobs import SequenceScores, forward_scores
+
+    main = {k: v for k, v in batch.items() if k != "kl"}
+    scores = forward_scores(engine, main, chunk_tokens, shard, loss_cfg.ld_alpha, loss_cfg.use_weighting, router_logits)
+    if "kl" not in batch:
+        return scores
+    with torch.no_grad():
+        kl = forward_scores(engine, batch["kl"], chunk_tokens, shard, loss_cfg.ld_alpha).logps
+    logps = torch.cat([scores.logps, kl])
+    return SequenceScores(logps, torch.cat([scores.plain, kl]), None, scores.aux_loss)
 
 
 def rank_mean(value: torch.Tensor) -> torch.Tensor:
@@ -35,19 +53,18 @@ def step_metrics(engine, batch: dict, loss_cfg, chunk_tokens=None, shard=None, a
     ``shard`` this rank's sequence-parallel part; ``across_ranks``: KTO's KL estimate is averaged over
     the ranks (training, where every rank steps together), else this rank's batch alone (eval). With
     an MoE router loss (``loss.router_aux_loss_coef``, :func:`aux_coef`) the loss includes it."""
-    from raydpo.logprobs import forward_scores
+    from raydpo.data.collate import computed_tokens, sequence_tokens
     from raydpo.objectives import preference_loss, with_aux_loss
 
     coef = aux_coef(engine, loss_cfg)
-    scores = forward_scores(engine, batch, chunk_tokens, shard, loss_cfg.ld_alpha, loss_cfg.use_weighting, coef != 0)
+    scores = policy_scores(engine, batch, loss_cfg, chunk_tokens, shard, coef != 0)
     logps = scores.logps
+    tokens = sequence_tokens(batch)
     ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"]) if "ref_chosen_logps" in batch else None
-    _, (losses, _, _), sums = preference_loss(logps, batch["completion_tokens"], ref, loss_cfg, batch.get("label"),
+    _, (losses, _, _), sums = preference_loss(logps, tokens, ref, loss_cfg, batch.get("label"),
                                               rank_mean if across_ranks else None, scores.plain, scores.aligned)
     loss, sums = with_aux_loss(losses.mean(), sums, scores.aux_loss, coef)
-    # Real tokens: padding-free rows' fillers carry sequence id 2B and are not counted.
-    sums["tokens"] = (batch["attention_mask"].sum() if "attention_mask" in batch
-                      else (batch["sequence_ids"] < logps.shape[0]).sum()).float()
+    sums["tokens"] = computed_tokens(batch)
     if shard is not None and shard.rank:  # the group's ranks hold the same pairs: counted once
         sums = {k: v * 0 for k, v in sums.items()}
     return loss, sums, logps
@@ -62,14 +79,13 @@ def aux_coef(engine, loss_cfg) -> float:
     return router_aux_coef(loss_cfg, unwrap(engine).config)
 
 
-def evaluate(engine, rows: dict, mb: int, pad_id: int, loss_cfg, padding_free: bool = False, one_row: bool = False,
-             chunk_tokens=None, pad_to_multiple_of=None) -> dict[str, float]:
+def evaluate(engine, rows: dict, mb: int, collate, loss_cfg, chunk_tokens=None) -> dict[str, float]:
     """Metric means over this worker's whole eval split, reduced over all workers (each its own
     pairs, whole: sequence parallelism is off in eval).
 
     ``rows``: the split as numpy columns (:func:`raydpo.train.batches.load_rows`, loaded once per
-    run), read in micro-batches of ``mb`` pairs, the last one partial."""
-    from raydpo.data.collate import collate_rows
+    run), read in micro-batches of ``mb`` pairs, the last one partial; ``collate``: raw columns ->
+    the collated batch, in the trainer's layout."""
     from raydpo.objectives import mean_metrics, metric_keys
 
     engine.eval()
@@ -78,8 +94,7 @@ def evaluate(engine, rows: dict, mb: int, pad_id: int, loss_cfg, padding_free: b
     with torch.no_grad():
         for start in range(0, n, mb):
             raw = {k: v[start : start + mb] for k, v in rows.items()}
-            batch = collate_rows(raw, pad_id, padding_free=padding_free, one_row=one_row, pad_to_multiple_of=pad_to_multiple_of)
-            _, s, _ = step_metrics(engine, to_device(batch, engine.device), loss_cfg, chunk_tokens, across_ranks=False)
+            _, s, _ = step_metrics(engine, to_device(collate(raw), engine.device), loss_cfg, chunk_tokens, across_ranks=False)
             sums = add_sums(sums, s)
     engine.train()
     if not sums:  # an empty shard still joins the collective with zeros

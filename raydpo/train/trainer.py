@@ -43,6 +43,7 @@ class Trainer:
         from raydpo.models import hidden_size, weights_bytes
         from raydpo.train.devices import lean_host_allocator, release_host_memory, worker_device
         from raydpo.train.engine import build_engine, deepspeed_config
+        from raydpo.train.flops import model_shape, peak_flops
         from raydpo.train.policy import build_policy, trainable_summary
         from raydpo.train.sequence_parallel import setup as setup_sp
 
@@ -51,11 +52,14 @@ class Trainer:
         torch.manual_seed(self.t.seed + self.rank)
         # Flash-attention varlen skips the masked blocks of one long packed row; sdpa / eager compute them.
         self.one_row = (cfg.model.attn_implementation or "").startswith("flash_attention")
+        self.share_width = share_prompt_width(cfg, model_path)
         device = worker_device(self.t.use_gpu, self.t.cpus_per_worker)
         lean_host_allocator(device, weights_bytes(model_path))
         ds_config = deepspeed_config(self.t, cfg.model.dtype, hidden_size(model_path, cfg.model.trust_remote_code))
         model = build_policy(cfg.model, model_path, device, sequence_parallel=self.t.sequence_parallel_size > 1, ds_config=ds_config)
         self.params = trainable_summary(model)
+        self.shape, self.peak = model_shape(model), peak_flops(device, self.t.peak_tflops_per_device)
+        self.devices = ray.train.get_context().get_world_size()
         rows = 1 if self.t.padding_free else 2 * self.t.micro_batch_size
         mpu, sp = setup_sp(model, self.t.sequence_parallel_size, self.t.zero_stage, rows)
         self.shard = sp.shard() if sp else None
@@ -70,13 +74,19 @@ class Trainer:
         # (gradient checkpointing and any dropout kept on act only there).
         self.engine.train()
 
+    def collate(self, raw: dict) -> dict[str, torch.Tensor]:
+        """A micro-batch of numpy columns -> the collated batch (on the host), in this trainer's layout."""
+        from raydpo.data.collate import collate_rows
+
+        return collate_rows(raw, self.pad_id, padding_free=self.t.padding_free, one_row=self.one_row,
+                            pad_to_multiple_of=self.t.pad_to_multiple_of, share_prompt_width=self.share_width,
+                            kl_apart=self.shard is None)
+
     def batch(self, raw: dict) -> dict[str, torch.Tensor]:
         """A micro-batch of numpy columns -> the collated batch on the engine's device."""
-        from raydpo.data.collate import collate_rows
         from raydpo.train.step import to_device
 
-        return to_device(collate_rows(raw, self.pad_id, padding_free=self.t.padding_free, one_row=self.one_row,
-                                      pad_to_multiple_of=self.t.pad_to_multiple_of), self.engine.device)
+        return to_device(self.collate(raw), self.engine.device)
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over ``gradient_accumulation_steps`` raw micro-batches; returns its
@@ -85,6 +95,7 @@ class Trainer:
         from raydpo.objectives import mean_metrics
         from raydpo.train.metrics import add_sums, float_or_none, global_sums
         from raydpo.train.policy import activations
+        from raydpo.train.flops import step_flops
         from raydpo.train.step import step_metrics
 
         sums, start, lr = {}, time.perf_counter(), None
@@ -92,6 +103,9 @@ class Trainer:
             batch = self.batch(raw)
             with activations(self.cfg.model, self.engine.device):
                 loss, s, logps = step_metrics(self.engine, batch, self.cfg.loss, self.cfg.model.logits_chunk_tokens, self.shard)
+            # A sequence-parallel group computes one batch together: its FLOPs count once.
+            s["flops"] = step_flops(self.shape, batch, self.cfg.model.logits_chunk_tokens != 0).float() * (
+                0.0 if self.shard is not None and self.shard.rank else 1.0)
             if self.guard is not None and self.step == 0 and self.guard_drift is None:
                 self._check_guard(batch, logps)  # before the first update the policy is the reference
             self.engine.backward(loss)
@@ -101,19 +115,28 @@ class Trainer:
         self.step += 1
         totals = self.totals = global_sums(sums)
         elapsed = time.perf_counter() - start
-        return {**{k: v for k, v in mean_metrics(totals).items() if k != "tokens"}, "learning_rate": lr,
+        return {**{k: v for k, v in mean_metrics(totals).items() if k not in ("tokens", "flops")}, "learning_rate": lr,
                 "grad_norm": float_or_none(self.engine.get_global_grad_norm()), "pairs_per_s": totals["count"] / elapsed,
-                "tokens_per_s": totals["tokens"] / elapsed, "step_time_s": elapsed, "time": time.time()}
+                **self.throughput(totals, elapsed), "step_time_s": elapsed, "time": time.time()}
+
+    def throughput(self, totals: dict, elapsed: float) -> dict[str, float]:
+        """Tokens/s (all devices and per device), model TFLOP/s per device and, where the device's peak
+        is known (:func:`raydpo.train.flops.peak_flops`), MFU, of a step of ``elapsed`` seconds."""
+        per_device = totals["flops"] / elapsed / self.devices
+        row = {"tokens_per_s": totals["tokens"] / elapsed, "tokens_per_s_per_device": totals["tokens"] / elapsed / self.devices,
+               "tflops_per_device": per_device / 1e12}
+        return row | ({"mfu": per_device / self.peak} if self.peak else {})
 
     def _check_guard(self, batch: dict, logps: torch.Tensor) -> None:
         """Compare the policy's log-probs at step 0 with the cached ones (every rank; MAX-reduced)."""
+        from raydpo.data.collate import sequence_tokens
         from raydpo.train.guard import check, token_drift
 
         if "ref_chosen_logps" not in batch:  # reference-free loss: nothing cached to check
             self.guard = None
             return
         cached = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-        drift = token_drift(logps, cached, batch["completion_tokens"])
+        drift = token_drift(logps, cached, sequence_tokens(batch))
         self.guard_drift = check(drift, self.guard.tolerance, self.relay, self.rank == 0, self.guard.entry)
 
     def evaluate(self, rows: dict | None) -> dict[str, float]:
@@ -121,9 +144,8 @@ class Trainer:
         once; None or empty still joins the reduction)."""
         from raydpo.train.step import evaluate
 
-        t = self.t
-        return evaluate(self.engine, rows, t.micro_batch_size, self.pad_id, self.cfg.loss, t.padding_free, self.one_row,
-                        self.cfg.model.logits_chunk_tokens, t.pad_to_multiple_of)
+        return evaluate(self.engine, rows, self.t.micro_batch_size, self.collate, self.cfg.loss,
+                        self.cfg.model.logits_chunk_tokens)
 
     def restore(self):
         """Load the latest Ray Train checkpoint, if any; returns its Position (None: a fresh start).
@@ -154,3 +176,23 @@ class Trainer:
 
         export_model(settled(self.engine), model_dir, self.rank == 0, self.cfg.model, self.model_path,
                      self.cfg.output.save_adapter_only)
+
+
+def share_prompt_width(cfg: Config, model_path: str) -> int:
+    """Widest pair the trainer computes as one shared-prompt unit (:mod:`raydpo.data.shared`); 0: off
+    (``train.share_prompt`` false, or :func:`raydpo.config.rules.share_prompt_issue`, which the
+    driver's preflight has already said or refused). A dense mask bounds it; a block mask does not."""
+    import sys
+
+    from transformers import AutoConfig
+
+    from raydpo.config.rules import share_prompt_issue
+    from raydpo.data.shared import DENSE_MAX_WIDTH
+    from raydpo.models import resolve_local
+
+    if cfg.train.share_prompt is False:
+        return 0
+    config = AutoConfig.from_pretrained(resolve_local(model_path), trust_remote_code=cfg.model.trust_remote_code)
+    if share_prompt_issue(cfg, config):
+        return 0
+    return sys.maxsize if cfg.model.attn_implementation == "flex_attention" else DENSE_MAX_WIDTH

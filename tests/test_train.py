@@ -142,3 +142,35 @@ def test_streaming_longer_than_one_epoch_is_refused_before_scoring(tiny_model_di
     raw["train"]["max_steps"] = 9
     with pytest.raises(ValueError, match=r"train.max_steps=9 is more than one epoch \(8 steps of 64 pairs\).*reference.mode=precompute"):
         plan_steps(from_dict(raw), 64)
+
+
+def test_share_prompt_is_off_with_its_reason_and_refused_when_required(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    """train.share_prompt left to raydpo: on for the tiny Llama on CPU, off (said) where it cannot be
+    exact or would need a dense mask on a GPU; required there: an error before any stage."""
+    from transformers import AutoConfig
+
+    from raydpo.config import from_dict
+    from raydpo.config.rules import share_prompt_issue
+    from raydpo.train.preflight import check_share_prompt
+    from raydpo.train.trainer import share_prompt_width
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    raw = _run_config(tiny_model_dir, synthetic_dir, tmp_path, 0)
+    assert share_prompt_issue(from_dict(raw), config) is None and share_prompt_width(from_dict(raw), tiny_model_dir) == 4096
+    flex = from_dict(raw | {"model": raw["model"] | {"attn_implementation": "flex_attention"}})
+    assert share_prompt_width(flex, tiny_model_dir) > 1 << 20  # a block mask: no width limit
+    off = {
+        "sequence parallelism": {"train": raw["train"] | {"sequence_parallel_size": 2}},
+        "takes no custom attention mask": {"model": raw["model"] | {"attn_implementation": "flash_attention_2"}},
+        "flex_attention": {"train": raw["train"] | {"use_gpu": True}},
+        "unpaired losses": {"loss": {"type": ["kto"], "beta": 0.1}},
+    }
+    for reason, change in off.items():
+        cfg = from_dict(raw | change)
+        assert reason in share_prompt_issue(cfg, config) and share_prompt_width(cfg, tiny_model_dir) == 0
+        check_share_prompt(cfg, tiny_model_dir)  # automatic: said, not refused
+        assert reason in capsys.readouterr().out
+        required = from_dict(raw | change | {"train": (raw | change)["train"] | {"share_prompt": True}})
+        with pytest.raises(ValueError, match="train.share_prompt is true, but .*" + reason):
+            check_share_prompt(required, tiny_model_dir)
+    assert share_prompt_width(from_dict(raw | {"train": raw["train"] | {"share_prompt": False}}), tiny_model_dir) == 0

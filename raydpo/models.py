@@ -93,11 +93,22 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     has none, as TRL does). Cached per directory and file times: the driver asks for it in several
     stages, and some classes rebuild a large vocabulary's pipeline on every load."""
     path = resolve_local(name_or_path)
-    return _load_tokenizer(path, trust_remote_code, _files_stamp(path))
+    return _load_tokenizer(path, trust_remote_code, files_stamp(path))
 
 
-def _files_stamp(path: str) -> tuple:
-    return tuple(sorted((f, os.stat(os.path.join(path, f)).st_mtime_ns) for f in os.listdir(path) if "token" in f))
+def files_stamp(path: str) -> tuple:
+    """(name, size, mtime) of every file in a model directory but its weights: what ``AutoTokenizer``
+    may read (the tokenizer files, ``config.json`` whose ``model_type`` picks the class, remote code),
+    so a memo keyed on it never outlives an edit of any of them."""
+    from raydpo.reference.cache import WEIGHT_FILES
+
+    found = []
+    for f in sorted(os.listdir(path)):
+        full = os.path.join(path, f)
+        if not f.endswith(WEIGHT_FILES) and os.path.isfile(full):
+            st = os.stat(full)
+            found.append((f, st.st_size, st.st_mtime_ns))
+    return tuple(found)
 
 
 @functools.lru_cache(maxsize=8)

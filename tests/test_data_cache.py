@@ -124,3 +124,69 @@ def test_cache_cli_lists_and_prunes_tokenized_entries(ray_cluster, tiny_model_di
                  "--min-age-minutes", "0"]) == 0
     assert os.listdir(tmp_path / "tokenized") == []
     shutil.rmtree(tmp_path / "tokenized")
+
+
+NUMBER_ROWS = [{"prompt": f"Human: Call {n} now, or {n + 7} at {n % 24}:30?\n\nAssistant:",
+                "chosen": f" Calling {n * 3} in 1999.", "rejected": f" No, {n + 11} instead."} for n in range(12345, 12357)]
+#: What AutoTokenizer reads from a model directory besides config.json: copied, the files are identical.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def family_pair(root, first: str, second: str) -> tuple[str, str]:
+    """Two tiny models whose tokenizer files are byte for byte the same (``first``'s)."""
+    from raydpo.fixtures.families import write_family_model
+
+    a, b = write_family_model(root / first, first), write_family_model(root / second, second, seed=1)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(a, f), os.path.join(b, f))
+    return a, b
+
+
+def test_the_tokenizer_class_is_keyed_not_only_its_files(ray_cluster, tmp_path):
+    """The issue's case: the same tokenizer files under a qwen2 and a qwen3 config, one cache. AutoTokenizer
+    picks Qwen2Tokenizer (digits split) for the first and the generic class for the second: a miss, and
+    each run's ids are its own AutoTokenizer's. The same class on the same files (llama, gemma2) hits."""
+    from transformers import AutoTokenizer
+
+    from raydpo.reference.cache import fingerprint_tokenizer
+
+    data = tmp_path / "numbers.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in NUMBER_ROWS))
+    qwen2, qwen3 = family_pair(tmp_path / "models", "qwen2", "qwen3")
+    assert fingerprint_tokenizer(qwen2) == fingerprint_tokenizer(qwen3)
+    runs = {}
+    for path in (qwen2, qwen3):
+        out, _ = prepared(make_config(path, [str(data)], tmp_path, data={"max_length": 128}), tmp_path, os.path.basename(path))
+        assert out.cache["hit"] is False and out.cache["status"] == "written", out.cache
+        auto = AutoTokenizer.from_pretrained(path)
+        got = columns(out.processed)
+        assert got["index"] == sorted(got["index"]) and got["status"] == ["ok"] * len(NUMBER_ROWS)
+        want = [[auto(r["prompt"] + r["chosen"] + auto.eos_token)["input_ids"], auto(r["prompt"] + r["rejected"] + auto.eos_token)["input_ids"]]
+                for r in NUMBER_ROWS]
+        assert [[p + c, p + r] for p, c, r in zip(got["prompt_ids"], got["chosen_ids"], got["rejected_ids"])] == want
+        manifest = json.load(open(os.path.join(out.cache["entry"], "manifest.json")))
+        assert manifest["inputs"]["tokenizer"]["class"] == type(auto).__name__
+        runs[path] = (out.cache["key"], got["chosen_ids"])
+    assert runs[qwen2][0] != runs[qwen3][0]
+    assert runs[qwen2][1] != runs[qwen3][1], "the fixture must make the two classes' ids differ"
+
+    llama, gemma2 = family_pair(tmp_path / "models", "llama", "gemma2")
+    assert type(AutoTokenizer.from_pretrained(gemma2)).__name__ == "LlamaTokenizer"
+    first, _ = prepared(make_config(llama, [str(data)], tmp_path, data={"max_length": 128}), tmp_path, "llama")
+    again, _ = prepared(make_config(gemma2, [str(data)], tmp_path, data={"max_length": 128}), tmp_path, "gemma2")
+    assert first.cache["status"] == "written" and again.cache == {"hit": True, "key": first.cache["key"], "entry": first.cache["entry"]}
+
+
+def test_an_entry_of_the_previous_format_is_never_a_hit(ray_cluster, tiny_model_dir, data_file, tmp_path):
+    """An entry written under the files-only tokenizer key (format 2) is not read, even at the new key."""
+    from raydpo.data import cache
+
+    cfg = make_config(tiny_model_dir, [data_file], tmp_path, data={"max_bad_fraction": 0.5})
+    first, _ = prepared(cfg, tmp_path, "first")
+    path = os.path.join(first.cache["entry"], "manifest.json")
+    manifest = json.load(open(path))
+    assert manifest["format"] == cache.FORMAT == 3 and set(manifest["inputs"]["tokenizer"]) == {"class", "spec", "files"}
+    with open(path, "w") as f:
+        json.dump(manifest | {"format": 2}, f)
+    found, _, problems = cache.load(os.path.dirname(first.cache["entry"]), first.cache["key"])
+    assert found is None and problems[0].startswith("format 2 with") and problems[0].endswith("this raydpo writes 3")

@@ -146,3 +146,27 @@ def test_a_tokenizer_without_chat_template_quarantines_chat_rows(family_dirs):
     bad, good = tokenize_normalized(tok, [chat, text], TokenizeSettings(64), special_prefix(tok)[0])
     assert bad["error"].startswith("template_error: ValueError") and "chat_template is not set" in bad["error"]
     assert good["error"] is None and good["chosen_ids"]
+
+
+def test_both_caches_key_the_class_autotokenizer_picks(family_dirs, tmp_path):
+    """What stands for "the tokenizer" in the tokenized-data and reference cache keys: the class and
+    pipeline AutoTokenizer built, not the files alone. A qwen2 directory whose config.json is edited to
+    qwen3 keeps its tokenizer files but gets the generic class: another key, at once (the driver's
+    tokenizer memo follows config.json too)."""
+    import shutil
+
+    from raydpo.data.tokenizer import tokenizer_key
+    from raydpo.reference.stage import cache_inputs
+
+    path = str(tmp_path / "qwen2")
+    shutil.copytree(family_dirs["qwen2"], path)
+    cfg = make_config(path, [], tmp_path)
+    before = tokenizer_key(path, False)
+    assert before["class"] == "Qwen2Tokenizer" and cache_inputs(cfg, [], {})["tokenizer"] == before
+    config = json.load(open(os.path.join(path, "config.json")))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config | {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, f)
+    after = tokenizer_key(path, False)
+    assert after["class"] == "TokenizersBackend" and after["files"] == before["files"] and after["spec"] != before["spec"]
+    assert cache_inputs(cfg, [], {})["tokenizer"] == after
+    assert tokenizer_key(family_dirs["qwen2"], False) == tokenizer_key(family_dirs["qwen2"], False)

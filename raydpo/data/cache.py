@@ -7,8 +7,9 @@ de-duplication and KL pairing, in the stage's block order. A hit rebuilds the sa
 kept pairs, the quarantine file and the counts are those of the run that wrote it.
 
 The key covers what the table depends on: each source file's path and bytes (paths are in the rows
-and the quarantine file), the tokenizer's files, every tokenization and parsing setting, the KL group
-size of unpaired losses, and raydpo's version plus a digest of ``raydpo/data``'s own code (so a
+and the quarantine file), the tokenizer (:func:`raydpo.data.tokenizer.tokenizer_key`: the class
+``AutoTokenizer`` picked, its serialized pipeline, special tokens and chat template, and its files),
+every tokenization and parsing setting, the KL group size of unpaired losses, and raydpo's version plus a digest of ``raydpo/data``'s own code (so a
 changed tokenizing rule never serves old ids). Hub data set ids and ``ray.data.Dataset`` inputs are
 not cached: they have no file bytes to address. Entries live in the same kind of store as the
 reference cache's (:mod:`raydpo.storage.entries`: safe for concurrent writers on a local disk, NFS or
@@ -28,7 +29,9 @@ import time
 from raydpo import storage
 from raydpo.storage import entries
 
-FORMAT = 2
+#: 3: the key holds the tokenizer's class and pipeline, not its files alone (2 served one class's
+#: ids to another reading the same files); an entry of another format is never a hit.
+FORMAT = 3
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -77,8 +80,7 @@ def key_inputs(cfg, sources: dict[str, list[str]], settings: dict, kl: bool) -> 
 
     from raydpo import __version__
     from raydpo.config.rules import unpaired
-    from raydpo.models import resolve_local
-    from raydpo.reference.cache import fingerprint_tokenizer
+    from raydpo.data.tokenizer import tokenizer_key
     from raydpo.storage.fingerprint import host_memo
 
     names = [n for split in sources.values() for n in split]
@@ -95,8 +97,7 @@ def key_inputs(cfg, sources: dict[str, list[str]], settings: dict, kl: bool) -> 
         "raydpo": {"version": __version__, "data_code": code_digest()},
         "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
         "sources": sources_digests,
-        "tokenizer": {"fingerprint": fingerprint_tokenizer(resolve_local(cfg.model.name_or_path), memo),
-                      "trust_remote_code": cfg.model.trust_remote_code},
+        "tokenizer": tokenizer_key(cfg.model.name_or_path, cfg.model.trust_remote_code, memo),
         "tokenization": settings,
         "parsing": {"format": d.format, "columns": d.columns, "prompt_marker": d.prompt_marker,
                     "shared_prompt": d.shared_prompt, "deduplicate": d.deduplicate,

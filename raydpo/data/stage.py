@@ -20,7 +20,7 @@ from raydpo.observability import console
 from raydpo.data.blocks import block_metadata, collect, materialized, reduce_blocks
 from raydpo.data.passes import first_reason, mark_duplicates, pick, rows_with, status_counts, write_quarantine
 from raydpo.data.summary import DataSummary, describe, summarize
-from raydpo.data.tokenizer import TokenizerSpec, tokenizer_spec
+from raydpo.data.tokenizer import TokenizerSpec, driver_tokenizer_spec
 from raydpo.data.tokenize import TokenizeSettings, pair_id, pair_key, token_digest, tokenize_normalized
 from raydpo.config.rules import loss_names, unpaired
 from raydpo.data.unpaired import UNPAIRED_ROW, example_key, example_order, parse_examples, with_kl_sequences
@@ -208,14 +208,6 @@ def tokenize_settings(cfg) -> TokenizeSettings:
     )
 
 
-def driver_tokenizer_spec(cfg) -> TokenizerSpec:
-    """What the tokenizer actors load: the driver's ``AutoTokenizer`` of ``model.name_or_path``."""
-    from raydpo.models import load_tokenizer, pin
-
-    path, trust = pin(cfg.model.name_or_path), cfg.model.trust_remote_code
-    return tokenizer_spec(path, trust, load_tokenizer(path, trust))
-
-
 def add_kl_sequences(processed, files: list[str], group: int, settings: TokenizeSettings, kl: bool = True):
     """Every kept unpaired example with its KL sequence (:func:`raydpo.data.unpaired.with_kl_sequences`),
     per split in input order; the other rows unchanged. Group ids are unique across splits."""
@@ -255,7 +247,7 @@ def _process(raw_rows, eval_sources: list[str], cfg, eval_fraction: float, pool:
     return raw_rows.map_batches(
         Preprocess,
         fn_constructor_kwargs={
-            "tokenizer": driver_tokenizer_spec(cfg),
+            "tokenizer": driver_tokenizer_spec(cfg.model.name_or_path, cfg.model.trust_remote_code),
             "settings": tokenize_settings(cfg),
             "eval_sources": eval_sources,
             "eval_fraction": eval_fraction,

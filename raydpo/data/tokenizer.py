@@ -21,7 +21,10 @@ pipeline actually used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 
 #: Encoding entry points of TokenizersBackend: a class overriding any of them encodes differently
 #: from its Rust pipeline alone, and is loaded whole in each actor instead.
@@ -92,6 +95,48 @@ def tokenizer_spec(path: str, trust_remote_code: bool = False, tokenizer=None) -
         split_special_tokens=bool(getattr(tok, "split_special_tokens", False)),
         special_tokens=dict(tok.special_tokens_map), chat_template=tok.chat_template, probes=probes,
     )
+
+
+def tokenizer_identity(spec: TokenizerSpec, files: str) -> dict:
+    """What a cache keyed on "the tokenizer" must key on: everything that decides the ids.
+
+    The files alone are not it: ``AutoTokenizer`` picks the class from ``tokenizer_config.json`` and
+    ``config.json`` (``model_type``), and many classes rebuild the pipeline from the vocabulary, so the
+    same tokenizer files under a ``qwen2`` and a ``qwen3`` config give other ids. Hence the spec the
+    driver built (its class, serialized pipeline, ``split_special_tokens``, special tokens, chat
+    template, ``trust_remote_code`` and the probes' ids) as a digest, its class spelled out for the
+    manifest, plus ``files`` (:func:`raydpo.reference.cache.fingerprint_tokenizer`: what a class loaded
+    whole in each actor reads). The spec's ``path`` is left out: the same files elsewhere hit."""
+    fields = {k: v for k, v in asdict(spec).items() if k != "path"}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()
+    return {"class": spec.class_name, "spec": digest, "files": files}
+
+
+def tokenizer_key(name_or_path: str, trust_remote_code: bool, memo=None) -> dict:
+    """:func:`tokenizer_identity` of the driver's tokenizer for a model setting (``memo``: the
+    :class:`raydpo.storage.fingerprint.StatMemo` the files are hashed through)."""
+    from raydpo.models import resolve_local
+    from raydpo.reference.cache import fingerprint_tokenizer
+
+    files = fingerprint_tokenizer(resolve_local(name_or_path), memo, trust_remote_code)
+    return tokenizer_identity(driver_tokenizer_spec(name_or_path, trust_remote_code), files)
+
+
+def driver_tokenizer_spec(name_or_path: str, trust_remote_code: bool = False) -> TokenizerSpec:
+    """What the tokenizer actors load: the driver's ``AutoTokenizer`` of ``name_or_path`` (a hub id
+    pinned to the revision resolved here). Built once per directory and file times in a process:
+    both caches' keys and the data stage ask for it."""
+    from raydpo.models import files_stamp, pin, resolve_local
+
+    path = pin(name_or_path)
+    return _driver_spec(path, trust_remote_code, files_stamp(resolve_local(path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _driver_spec(path: str, trust_remote_code: bool, _stamp: tuple) -> TokenizerSpec:
+    from raydpo.models import load_tokenizer
+
+    return tokenizer_spec(path, trust_remote_code, load_tokenizer(path, trust_remote_code))
 
 
 class ShippedTokenizer:

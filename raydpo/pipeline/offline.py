@@ -47,7 +47,7 @@ def score_reference(data, cfg: Config, stream: bool = False) -> dict:
     if not config_mod.uses_reference(cfg):
         return {}
 
-    pad_id = None  # the tokenizer is loaded on a miss only: a hit imports no transformers into the driver
+    pad_id = None  # looked up on a miss only (the cache key already loaded the tokenizer: a memo hit)
     settings = data.settings.__dict__
     results = {}
     if data.eval is not None:

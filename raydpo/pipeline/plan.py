@@ -2,8 +2,8 @@
 
 ``raydpo train``, ``raydpo online`` and the Dataset API resolve the policy and reference once (a
 local directory, or a hub id pinned at the revision this driver downloaded), the run directory and
-Ray Train's storage, and load the tokenizer at most once, on first use (a cache-hit run never needs
-it on the driver). The stages receive this object instead of re-deriving each part from ``cfg``.
+Ray Train's storage, and load the tokenizer at most once, on first use (the caches' keys hold the
+class and pipeline it builds: :func:`raydpo.data.tokenizer.tokenizer_key`). The stages receive this object instead of re-deriving each part from ``cfg``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class RunPlan:
 
     @cached_property
     def tokenizer(self):
-        """The policy's tokenizer, loaded on first use (a cache-hit run never loads it on the driver)."""
+        """The policy's tokenizer, loaded on first use (:func:`raydpo.models.load_tokenizer`, memoized)."""
         from raydpo.models import load_tokenizer
 
         return load_tokenizer(self.model, self.cfg.model.trust_remote_code)

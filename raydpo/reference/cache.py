@@ -3,7 +3,8 @@
 An entry ``<cache_dir>/<key>/`` (a local directory or a URI) holds ``manifest.json`` (every key input
 spelled out) and its writers' ``w-<time>-<id>/shard-*.parquet`` (the scored pairs: token ids plus
 ``ref_chosen_logps`` / ``ref_rejected_logps``). The key is a hash of the manifest's inputs: reference
-weights, tokenizer files (chat template included), tokenization settings, the exact token ids
+weights, the tokenizer (:func:`raydpo.data.tokenizer.tokenizer_key`: the class ``AutoTokenizer``
+picked and its pipeline, and its files), tokenization settings, the exact token ids
 scored, dtype and backend. How entries are written, resumed, shared by concurrent writers and
 verified: :mod:`raydpo.reference.store` and :mod:`raydpo.storage.entries`.
 """
@@ -56,10 +57,14 @@ def fingerprint_model(model_dir: str, memo=None) -> str:
     return _hash_files(files, model_dir, memo)
 
 
-def fingerprint_tokenizer(model_dir: str, memo=None) -> str:
-    """sha256 of the tokenizer files' names and digests, chat template included."""
-    files = [os.path.join(model_dir, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, f))]
-    return _hash_files(files, model_dir, memo)
+def fingerprint_tokenizer(model_dir: str, memo=None, remote_code: bool = False) -> str:
+    """sha256 of the tokenizer files' names and digests, chat template included, and with
+    ``remote_code`` (``trust_remote_code``) the directory's ``.py`` files, a remote tokenizer class's
+    code. Not the class ``AutoTokenizer`` picks from them: :func:`raydpo.data.tokenizer.tokenizer_key`."""
+    names = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(model_dir, f))]
+    if remote_code:
+        names += sorted(f for f in os.listdir(model_dir) if f.endswith(".py"))
+    return _hash_files([os.path.join(model_dir, f) for f in names], model_dir, memo)
 
 
 def data_digest(digests) -> str:

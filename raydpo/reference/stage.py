@@ -47,17 +47,16 @@ def cache_inputs(cfg: Config, digests, tokenize_settings: dict) -> dict:
     """
     from importlib.metadata import version
 
+    from raydpo.data.tokenizer import tokenizer_key
     from raydpo.models import resolve_local
+    from raydpo.storage.fingerprint import host_memo
     from raydpo.storage.remote import on_cluster
 
-    from raydpo.storage.fingerprint import host_memo
-
     ref_dir = resolve_local(reference_path(cfg))
-    tok_dir = resolve_local(cfg.model.name_or_path)
     memo = host_memo()  # weights hashed once per file and stat, not per run
     return {
         "reference": {"fingerprint": cache.fingerprint_model(ref_dir, memo), "trust_remote_code": reference_trusts_code(cfg)},
-        "tokenizer": {"fingerprint": cache.fingerprint_tokenizer(tok_dir, memo)},
+        "tokenizer": tokenizer_key(cfg.model.name_or_path, cfg.model.trust_remote_code, memo),
         "tokenization": tokenize_settings,
         "data": on_cluster(cache.data_digest, digests) if digests else cache.data_digest([]),
         "dtype": reference_dtype(cfg),
@@ -66,7 +65,7 @@ def cache_inputs(cfg: Config, digests, tokenize_settings: dict) -> dict:
         # LD-DPO-weighted sums are other numbers: never served from (or as) a cache of plain sums.
         "logps": "sum_completion_float32" + ("" if cfg.loss.ld_alpha is None else f"_ld_alpha={cfg.loss.ld_alpha!r}"),
         # From the installed packages' metadata (the same strings as torch.__version__ and
-        # transformers.__version__): a cache hit imports neither into the driver (about 2 s).
+        # transformers.__version__): a cache hit imports no torch into the driver (about 2 s).
         "versions": {"torch": version("torch"), "transformers": version("transformers")},
     }
 

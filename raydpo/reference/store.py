@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 
 from raydpo.storage import entries, uri
 
-FORMAT_VERSION = 4
+#: 5: the key's tokenizer is its class and pipeline plus its files (4: the files alone); an entry of
+#: another format is never a hit.
+FORMAT_VERSION = 5
 MANIFEST = entries.MANIFEST
 LOGP_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 

@@ -58,11 +58,13 @@ def main(rank: int, world: int, sp: int, model_dir: str, out: str, zero: int, la
     shard = group.shard() if group else None
     initial = gathered_state_dict(engine.module, rank == 0, trainable_only=bool(lora))
     losses = []
+    # An MoE model's router loss weighted up, so a shard's tokens counted wrong would move the weights.
+    loss_cfg = LossConfig(router_aux_loss_coef=1.0 if hasattr(engine.module.config, "output_router_logits") else None)
     for cols in batches():
         batch = collate_packed(*cols, 0) if layout == "padding_free" else collate_pairs(*cols, 0)
         batch["ref_chosen_logps"] = torch.full((2,), -60.0)
         batch["ref_rejected_logps"] = torch.full((2,), -55.0)
-        loss, _, _ = step_metrics(engine, batch, LossConfig(), 5, shard)  # chunks of 5: recomputed in backward
+        loss, _, _ = step_metrics(engine, batch, loss_cfg, 5, shard)  # chunks of 5: recomputed in backward
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))

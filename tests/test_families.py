@@ -224,7 +224,7 @@ def test_layouts_equal_padded(fam, layout):
     """Log-probs, DPO loss and every gradient of each trainer layout equal the padded batch's (1e-5):
     padding-free rows, and one shared-prompt unit per pair (train.share_prompt), alone or several a
     row, with chunked or full logits."""
-    from raydpo.config import Config, LossConfig
+    from raydpo.config import Config
     from raydpo.config.rules import share_prompt_issue
     from raydpo.data.collate import collate_pairs, collate_rows
     from raydpo.logprobs import forward_logps, split_pairs
@@ -232,9 +232,9 @@ def test_layouts_equal_padded(fam, layout):
 
     padding_free, share, chunk = LAYOUTS[layout]
     issue = padding_free_issue(fam.model.config.model_type) if padding_free else None
-    # Every family of the matrix shares the prompt (MoE ones without the router loss, whose token
-    # mean would count a shared prompt once: share_prompt_issue says so).
-    assert share_prompt_issue(Config(loss=LossConfig(router_aux_loss_coef=0.0)), fam.model.config) is None
+    # Every family of the matrix shares the prompt (MoE ones with their router loss too: it weighs a
+    # shared prompt twice, as the padded batch computes it, tests/test_router.py).
+    assert share_prompt_issue(Config(), fam.model.config) is None
     # Train mode, as the trainer runs it (dropout is off: test_dropout_is_off_in_train_mode); eval mode
     # where padding-free is refused, so the difference shown is the packing's alone.
     model = load_causal_lm(fam.path).train(not issue)

@@ -23,7 +23,8 @@ def family_dirs(tmp_path_factory):
     from raydpo.fixtures.families import write_family_model
 
     root = tmp_path_factory.mktemp("long")
-    return {name: write_family_model(str(root / name), name) or str(root / name) for name in ("llama", "gemma2", "gpt2", "mistral")}
+    return {name: write_family_model(str(root / name), name) or str(root / name)
+            for name in ("llama", "gemma2", "gpt2", "mistral", "qwen2_moe", "mixtral")}
 
 
 def pairs(seed: int = 1, n: int = 3):
@@ -130,12 +131,14 @@ def finish_ranks(group: tuple[list, str]) -> dict:
 
 @pytest.mark.parametrize("family,zero,layout,lora", [("llama", 0, "padded", 0), ("llama", 2, "padding_free", 1),
                                                      ("llama", 3, "padding_free", 0), ("gemma2", 1, "padded", 0),
-                                                     ("mistral", 1, "padding_free", 0)])
+                                                     ("mistral", 1, "padding_free", 0), ("qwen2_moe", 2, "padding_free", 0),
+                                                     ("mixtral", 1, "padded", 0)])
 def test_sequence_parallel_trains_to_the_same_weights(family_dirs, tmp_path, family, zero, layout, lora):
     """SP=2 on 2 ranks against 1 rank: the same loss at every step and the same weights after 3 SGD
     steps (gradient checkpointing on; LoRA on one case; Gemma 2's 24-token windows on rows of up to
-    ~85 tokens; Mistral's, which it passes as an argument, not an attribute, on packed sequences; a
-    gradient off by any factor would show)."""
+    ~85 tokens; Mistral's, which it passes as an argument, not an attribute, on packed sequences; the
+    MoE router loss, weight 1, whose sums each rank takes over its own columns; a gradient off by any
+    factor would show)."""
     # Both groups at once (their own ports): most of each process's time is its imports.
     groups = [start_ranks(n, n, family_dirs[family], str(tmp_path / f"sp{n}.pt"), zero, layout, lora) for n in (1, 2)]
     one, two = map(finish_ranks, groups)

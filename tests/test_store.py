@@ -150,13 +150,25 @@ def test_an_entry_of_an_older_format_is_rebuilt_never_read(root):
                          "sha256": hashlib.sha256(data).hexdigest()}]}
     storage.write_json(storage.join(root, key, "manifest.json"), stale)
     manifest, logps, problems, _, damaged = store.lookup(root, key)
-    assert manifest is None and logps is None and problems == ["format 3, this raydpo writes 4"] and damaged == stale
+    assert manifest is None and logps is None and problems == [f"format 3, this raydpo writes {store.FORMAT_VERSION}"]
+    assert damaged == stale
     adopted, done, unreadable = store.scan_and_adopt(root, key, digests(everything))
     assert adopted == [] and not done and unreadable == []
     rebuilt = fill(root, key, everything, replacing=damaged)
     hit, logps, *_ = store.lookup(root, key)
     assert hit == rebuilt and sorted(logps["ref_chosen_logps"].to_pylist()) == sorted(-float(i) for i in range(6))
     assert storage.exists(old_shard)  # left for `raydpo cache prune`
+
+
+def test_an_entry_keyed_on_the_tokenizer_files_alone_is_never_a_hit(root):
+    """Format 4 keyed the tokenizer by its files only (issue 39): such an entry, complete and sound,
+    is not read even under the new key."""
+    everything = scored(range(6))
+    published = fill(root, "k8", everything)
+    assert store.FORMAT_VERSION == 5 and published["format"] == 5
+    storage.write_json(storage.join(root, "k8", "manifest.json"), published | {"format": 4})
+    manifest, logps, problems, _, damaged = store.lookup(root, "k8")
+    assert manifest is None and logps is None and problems == ["format 4, this raydpo writes 5"] and damaged["format"] == 4
 
 
 def _race(root: str, key: str, n: int, start_at: float, out) -> None:

@@ -218,7 +218,11 @@ def share_prompt_issue(cfg: "Config", model_config) -> Optional[str]:
     if (attn or "").startswith("flash_attention"):
         return f"model.attn_implementation {attn} takes no custom attention mask"
     if router_aux_coef(cfg.loss, model_config):
-        return "the MoE router loss (loss.router_aux_loss_coef) averages over rows; one row per pair changes it"
+        from raydpo.logprobs.router import router_loss_issue
+
+        issue = router_loss_issue(model_config)
+        if issue:
+            return f"the MoE router loss (loss.router_aux_loss_coef) is the model's own there: {issue}"
     if t.use_gpu and attn != "flex_attention":
         return ("on GPUs it runs with model.attn_implementation flex_attention (a block mask; sdpa and eager would "
                 "need a dense [T, T] mask per row)")

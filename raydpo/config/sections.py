@@ -228,7 +228,10 @@ class LossConfig:
     exp(mean over tokens of log p - log sum_v p_v^2) under the policy, without gradient."""
     router_aux_loss_coef: Optional[float] = None
     """MoE load-balancing loss weight added to the loss (TRL's ``router_aux_loss_coef``); None: the model
-    config's own (0 where it has none), 0 turns it off; set on a non-MoE model it is an error."""
+    config's own (0 where it has none), 0 turns it off; set on a non-MoE model it is an error. The loss
+    counts the tokens TRL's padded two-row batch does in every layout (padding-free, shared prompt,
+    sequence parallelism) for models with transformers' standard loss (Mixtral, Qwen2/3-MoE, OLMoE,
+    GPT-OSS, ...); a model with a loss of its own trains on padded rows only."""
 
 
 @dataclass
@@ -283,7 +286,7 @@ class TrainConfig:
     so log-probs and gradients equal two rows per pair for ``p + c + r`` tokens instead of
     ``2p + c + r`` (padded, or several pairs a row with ``padding_free``). None: on wherever it is
     exact and needs no dense mask on a GPU, off with the reason on the console elsewhere (sequence
-    parallelism, flash-attention, the MoE router loss, unpaired losses; on GPUs it needs
+    parallelism, flash-attention, an MoE model's own router loss, unpaired losses; on GPUs it needs
     ``model.attn_implementation: flex_attention``); true: required (an error where it is off);
     false: two rows per pair."""
     peak_tflops_per_device: Optional[float] = None

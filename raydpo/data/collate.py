@@ -179,6 +179,21 @@ def computed_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["attention_mask"].sum().float() + kl
 
 
+def token_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many times the padded two-row batch (:func:`collate_pairs`) computes each token of this
+    layout ([R, W] float32, the layout's rows): a padded batch's attention mask; padding-free rows'
+    1 outside fillers; shared rows' 2 on a prompt (before each completion there), 1 on completions,
+    0 on padding. What the MoE router loss weighs tokens by (:mod:`raydpo.logprobs.router`)."""
+    from raydpo.data.shared import PAD, PROMPT
+
+    if "segments" in batch:
+        seg = batch["segments"]
+        return (seg != PAD).float() + (seg == PROMPT).float()
+    if "sequence_ids" in batch:
+        return (batch["sequence_ids"] < batch["completion_tokens"].shape[0]).float()
+    return batch["attention_mask"].float()
+
+
 def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Scored tokens of each of the batch's 2B sequences ([2B] float32): pairs' chosen then rejected,
     or unpaired completions then their KL sequences (collated apart or not)."""

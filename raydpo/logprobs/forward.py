@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -9,6 +10,7 @@ import torch
 
 from raydpo.logprobs.chunked import chunked_token_logps
 from raydpo.logprobs.full import log_sum_sq_probs, target_logps
+from raydpo.logprobs.router import RouterLoss
 
 
 @dataclass(frozen=True)
@@ -23,15 +25,15 @@ class SequenceShard:
     """Sums per-sequence partial log-probs [S] over the sequence-parallel group (differentiable)."""
 
 
-def sp_layout(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``position_ids`` as the sequence-parallel group computes them, right-padded
-    (position 0) to a width that is a multiple of ``multiple``: a padded batch keeps its [2B, T] rows
-    (a fixed row count, as Ulysses needs); padding-free rows [R, W], R varying, are laid end to end as
-    [1, R * W] (each starts at position 0, so they stay separate sequences for attention that reads
-    sequence starts from the positions)."""
+def sp_layout(batch: dict[str, torch.Tensor], multiple: int, keys=("input_ids", "position_ids")) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``position_ids`` (or other [R, W] ``keys``) as the sequence-parallel group
+    computes them, right-padded with 0 (position 0, weight 0) to a width that is a multiple of
+    ``multiple``: a padded batch keeps its [2B, T] rows (a fixed row count, as Ulysses needs);
+    padding-free rows [R, W], R varying, are laid end to end as [1, R * W] (each starts at position 0,
+    so they stay separate sequences for attention that reads sequence starts from the positions)."""
     flat = "sequence_ids" in batch
     return {key: torch.nn.functional.pad(v, (0, -v.shape[1] % multiple))
-            for key, v in ((k, batch[k].reshape(1, -1) if flat else batch[k]) for k in ("input_ids", "position_ids"))}
+            for key, v in ((k, batch[k].reshape(1, -1) if flat else batch[k]) for k in keys)}
 
 
 def scored_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -73,7 +75,8 @@ class SequenceScores:
     """With ``sum_sq``: sum over the completion tokens of ``log p(token) - log sum_v p_v^2``, without
     gradient (WPO's weight is the exp of its per-token mean)."""
     aux_loss: Optional[torch.Tensor] = None
-    """With ``router_logits``: the MoE load-balancing loss (0-d) as the model's own forward computes it."""
+    """With ``router_logits``: the MoE load-balancing loss (0-d) the model's own forward computes on the
+    padded two-row batch, in any layout (:mod:`raydpo.logprobs.router`)."""
 
 
 def length_weights(completion_tokens: torch.Tensor, seq: torch.Tensor, n: int, ld_alpha: float) -> torch.Tensor:
@@ -120,44 +123,52 @@ def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional
     the per-sequence sums are reduced over the group, so every rank returns the whole batch's sums.
     ``ld_alpha`` (``loss.ld_alpha``): weights as :func:`length_weights`, the same on every path;
     ``sum_sq`` (``loss.use_weighting``): also the WPO sums, from the same logits (chunk by chunk, no
-    second head pass); ``router_logits``: the forward runs with ``output_router_logits``.
+    second head pass); ``router_logits``: the forward runs with ``output_router_logits`` and the
+    router loss counts exactly the padded batch's tokens (:func:`raydpo.data.collate.token_weights`).
     """
+    from raydpo.data.collate import token_weights  # data.collate builds on this package
+
     packed = "sequence_ids" in batch
     rows, cols, targets, seq, n = scored_positions(batch)
     # Before the shard's cut: a token's weight depends on its place in the whole sequence.
     weight = None if ld_alpha is None else length_weights(batch["completion_tokens"], seq, n, ld_alpha)
+    routed = token_weights(batch) if router_logits else None  # [R, W]: the router loss's token counts
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
               "attention_mask": attention_mask(model, batch), "use_cache": False}
     if shard:
         if "segments" in batch:  # config.rules.share_prompt_issue refuses this before any stage
             raise ValueError("shared-prompt rows cannot be sharded for sequence parallelism")
-        layout = sp_layout(batch, shard.size)
+        keys = ("input_ids", "position_ids") + (("routed",) if routed is not None else ())
+        layout = sp_layout(batch | {"routed": routed}, shard.size, keys)
         width = layout["input_ids"].shape[1] // shard.size
         lo = shard.rank * width
-        inputs = {k: v[:, lo:lo + width] for k, v in layout.items()} | {"attention_mask": None, "use_cache": False}
+        cut = {k: v[:, lo:lo + width] for k, v in layout.items()}
+        routed = cut.pop("routed", None)
+        inputs = cut | {"attention_mask": None, "use_cache": False}
         if packed:  # rows end to end: position (r, c) is column r * W + c of the one row
             rows, cols = torch.zeros_like(rows), rows * batch["input_ids"].shape[1] + cols
         cols = cols - lo
         keep = (cols >= 0) & (cols < width)
         rows, cols, targets, seq = rows[keep], cols[keep], targets[keep], seq[keep]
         weight = None if weight is None else weight[keep]
-    if router_logits:
-        inputs["output_router_logits"] = True
-    scored = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens, sum_sq)
-    if scored is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
-        out = model(**inputs)
-        logits = out.logits[rows, cols]  # [N, V]: the scored positions only
-        token, sq = target_logps(logits, targets), log_sum_sq_probs(logits) if sum_sq else None
-    else:
-        token, sq, out = scored
+    router = RouterLoss(model) if router_logits else None
+    inputs |= router.forward_kwargs() if router else {}
+    with router.recording() if router else contextlib.nullcontext():
+        scored = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens, sum_sq)
+        if scored is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
+            out = model(**inputs)
+            logits = out.logits[rows, cols]  # [N, V]: the scored positions only
+            token, sq = target_logps(logits, targets), log_sum_sq_probs(logits) if sum_sq else None
+        else:
+            token, sq, out = scored
     parts = [token] + ([token * weight] if weight is not None else []) + ([token.detach() - sq] if sum_sq else [])
     sums = torch.stack([sum_by_sequence(p, seq, n) for p in parts])  # [parts, n]
     if shard:
         sums = shard.reduce(sums)  # one collective for all the sums
     plain, rest = sums[0], list(sums[1:])
     # WPO's sums leave the stack detached: stacked with the log-probs they would seem to carry a gradient.
-    return SequenceScores(rest.pop(0) if weight is not None else plain, plain, rest.pop(0).detach() if sum_sq else None,
-                          out.aux_loss if router_logits else None)
+    aux = router.loss(out, routed, shard.reduce if shard else None) if router else None
+    return SequenceScores(rest.pop(0) if weight is not None else plain, plain, rest.pop(0).detach() if sum_sq else None, aux)
 
 
 def forward_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[int] = None,

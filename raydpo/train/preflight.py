@@ -126,17 +126,23 @@ def model_type(model_path: str) -> str | None:
 
 def check_router_aux(cfg: Config, model_path: str) -> None:
     """``loss.router_aux_loss_coef`` against the policy's config, as TRL's DPOTrainer checks it at start
-    (a coefficient for a non-MoE model is an error); with sequence parallelism each rank would see
-    only its columns' router logits, so the MoE router loss is refused there."""
+    (a coefficient for a non-MoE model is an error). raydpo computes transformers' standard router
+    loss over the padded batch's tokens in every layout (:mod:`raydpo.logprobs.router`); a model with
+    its own loss has only its own, right on padded batches alone, so padding-free rows and sequence
+    parallelism are refused with it."""
     from transformers import AutoConfig
 
     from raydpo.config.rules import router_aux_coef
+    from raydpo.logprobs.router import router_loss_issue
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    if router_aux_coef(cfg.loss, config) and cfg.train.sequence_parallel_size > 1:
-        raise ValueError("the MoE router loss (loss.router_aux_loss_coef, by default the model config's) is computed per "
-                         "sequence-parallel shard, not the whole sequence: set loss.router_aux_loss_coef=0 or "
-                         "train.sequence_parallel_size=1")
+    issue = router_aux_coef(cfg.loss, config) and router_loss_issue(config)
+    t = cfg.train
+    if issue and (t.sequence_parallel_size > 1 or t.padding_free):
+        raise ValueError(f"the MoE router loss (loss.router_aux_loss_coef, by default the model config's) is computed "
+                         f"by the model over every token it is given ({issue}); padding-free rows and sequence parallelism "
+                         "would count filler tokens or one shard's: set loss.router_aux_loss_coef=0, or "
+                         "train.padding_free=false and train.sequence_parallel_size=1")
 
 
 def check_family(cfg: Config, model_path: str) -> None:

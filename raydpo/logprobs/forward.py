@@ -105,6 +105,28 @@ def attention_mask(model, batch: dict[str, torch.Tensor]):
     return None if "sequence_ids" in batch else batch["attention_mask"]
 
 
+def shard_inputs(batch: dict[str, torch.Tensor], shard: SequenceShard, routed: Optional[torch.Tensor],
+                 scored: tuple[torch.Tensor, ...]) -> tuple[dict, Optional[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """This rank's part of a batch under sequence parallelism: (the model's inputs, its columns of the
+    [R, W] router weights ``routed``, the scored positions ``(rows, cols, targets, seq, weight)`` it
+    holds, in its own columns). Masks are left to the SP attention."""
+    if "segments" in batch:  # config.rules.share_prompt_issue refuses this before any stage
+        raise ValueError("shared-prompt rows cannot be sharded for sequence parallelism")
+    keys = ("input_ids", "position_ids") + (("routed",) if routed is not None else ())
+    layout = sp_layout(batch | {"routed": routed}, shard.size, keys)
+    width = layout["input_ids"].shape[1] // shard.size
+    lo = shard.rank * width
+    cut = {k: v[:, lo:lo + width] for k, v in layout.items()}
+    routed = cut.pop("routed", None)
+    rows, cols, targets, seq, weight = scored
+    if "sequence_ids" in batch:  # rows end to end: position (r, c) is column r * W + c of the one row
+        rows, cols = torch.zeros_like(rows), rows * batch["input_ids"].shape[1] + cols
+    cols = cols - lo
+    keep = (cols >= 0) & (cols < width)
+    kept = (rows[keep], cols[keep], targets[keep], seq[keep], None if weight is None else weight[keep])
+    return cut | {"attention_mask": None, "use_cache": False}, routed, kept
+
+
 def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional[int] = None,
                    shard: Optional[SequenceShard] = None, ld_alpha: Optional[float] = None, sum_sq: bool = False,
                    router_logits: bool = False) -> SequenceScores:
@@ -119,16 +141,15 @@ def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional
     ``chunk_tokens`` (``model.logits_chunk_tokens``): None scores the completion positions through the
     output head in automatically sized chunks (:mod:`raydpo.logprobs.chunked`), N > 0 in chunks of N,
     0 from the model's full ``[B, T, V]`` logits. With ``shard`` the model sees only its columns of
-    the batch as the group lays it out (:func:`sp_layout`; masks are left to the SP attention) and
-    the per-sequence sums are reduced over the group, so every rank returns the whole batch's sums.
+    the batch as the group lays it out (:func:`shard_inputs`) and the per-sequence sums are reduced
+    over the group, so every rank returns the whole batch's sums.
     ``ld_alpha`` (``loss.ld_alpha``): weights as :func:`length_weights`, the same on every path;
     ``sum_sq`` (``loss.use_weighting``): also the WPO sums, from the same logits (chunk by chunk, no
-    second head pass); ``router_logits``: the forward runs with ``output_router_logits`` and the
-    router loss counts exactly the padded batch's tokens (:func:`raydpo.data.collate.token_weights`).
+    second head pass); ``router_logits``: also the MoE router loss, over exactly the tokens of the
+    padded batch (:mod:`raydpo.logprobs.router`, :func:`raydpo.data.collate.token_weights`).
     """
     from raydpo.data.collate import token_weights  # data.collate builds on this package
 
-    packed = "sequence_ids" in batch
     rows, cols, targets, seq, n = scored_positions(batch)
     # Before the shard's cut: a token's weight depends on its place in the whole sequence.
     weight = None if ld_alpha is None else length_weights(batch["completion_tokens"], seq, n, ld_alpha)
@@ -136,24 +157,10 @@ def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
               "attention_mask": attention_mask(model, batch), "use_cache": False}
     if shard:
-        if "segments" in batch:  # config.rules.share_prompt_issue refuses this before any stage
-            raise ValueError("shared-prompt rows cannot be sharded for sequence parallelism")
-        keys = ("input_ids", "position_ids") + (("routed",) if routed is not None else ())
-        layout = sp_layout(batch | {"routed": routed}, shard.size, keys)
-        width = layout["input_ids"].shape[1] // shard.size
-        lo = shard.rank * width
-        cut = {k: v[:, lo:lo + width] for k, v in layout.items()}
-        routed = cut.pop("routed", None)
-        inputs = cut | {"attention_mask": None, "use_cache": False}
-        if packed:  # rows end to end: position (r, c) is column r * W + c of the one row
-            rows, cols = torch.zeros_like(rows), rows * batch["input_ids"].shape[1] + cols
-        cols = cols - lo
-        keep = (cols >= 0) & (cols < width)
-        rows, cols, targets, seq = rows[keep], cols[keep], targets[keep], seq[keep]
-        weight = None if weight is None else weight[keep]
+        inputs, routed, (rows, cols, targets, seq, weight) = shard_inputs(batch, shard, routed, (rows, cols, targets, seq, weight))
     router = RouterLoss(model) if router_logits else None
-    inputs |= router.forward_kwargs() if router else {}
     with router.recording() if router else contextlib.nullcontext():
+        inputs |= router.forward_kwargs() if router else {}
         scored = None if chunk_tokens == 0 else chunked_token_logps(model, inputs, rows, cols, targets, chunk_tokens, sum_sq)
         if scored is None:  # full logits: the head is not cut (chunk_tokens 0, or no head to cut)
             out = model(**inputs)
@@ -166,8 +173,8 @@ def forward_scores(model, batch: dict[str, torch.Tensor], chunk_tokens: Optional
     if shard:
         sums = shard.reduce(sums)  # one collective for all the sums
     plain, rest = sums[0], list(sums[1:])
-    # WPO's sums leave the stack detached: stacked with the log-probs they would seem to carry a gradient.
     aux = router.loss(out, routed, shard.reduce if shard else None) if router else None
+    # WPO's sums leave the stack detached: stacked with the log-probs they would seem to carry a gradient.
     return SequenceScores(rest.pop(0) if weight is not None else plain, plain, rest.pop(0).detach() if sum_sq else None, aux)
 
 

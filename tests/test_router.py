@@ -100,6 +100,20 @@ def test_every_layout_gives_the_padded_loss_and_gradients(moe, layout):
     assert not bad, f"{name} {layout}: gradients differ: {bad}"
 
 
+def test_a_config_saved_with_router_logits_on_still_shares_the_prompt(moe):
+    """``output_router_logits: true`` in a saved config would make the model compute its own loss,
+    which reads the shared rows' [R, T, T] mask as [R, T] and fails: raydpo turns it off there."""
+    name, model = moe
+    raw = random_pairs()
+    want, _, _ = step(model, collate_pairs(raw["prompt_ids"], raw["chosen_ids"], raw["rejected_ids"], 0), None)
+    model.config.output_router_logits = True
+    try:
+        got, _, _ = step(model, collate_rows(raw, 0, share_prompt_width=4096), None)
+    finally:
+        model.config.output_router_logits = False
+    assert abs(got - want) < 1e-6, (name, got, want)
+
+
 def test_a_lora_policy_has_the_standard_loss(moe, tmp_path):
     """A LoRA policy (a PeftModel around the MoE model) is recognised as the model it wraps: the
     padding-free step gives the padded router loss, not the fillers' (nor a failure)."""

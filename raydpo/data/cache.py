@@ -9,8 +9,8 @@ kept pairs, the quarantine file and the counts are those of the run that wrote i
 The key covers what the table depends on: each source file's path and bytes (paths are in the rows
 and the quarantine file), the tokenizer (:func:`raydpo.data.tokenizer.tokenizer_key`: the class
 ``AutoTokenizer`` picked, its serialized pipeline, special tokens and chat template, and its files),
-every tokenization and parsing setting, the KL group size of unpaired losses, and raydpo's version plus a digest of ``raydpo/data``'s own code (so a
-changed tokenizing rule never serves old ids). Hub data set ids and ``ray.data.Dataset`` inputs are
+every tokenization and parsing setting, the KL group size of unpaired losses, and raydpo's version
+plus a digest of ``raydpo/data``'s own code (so a changed tokenizing rule never serves old ids). Hub data set ids and ``ray.data.Dataset`` inputs are
 not cached: they have no file bytes to address. Entries live in the same kind of store as the
 reference cache's (:mod:`raydpo.storage.entries`: safe for concurrent writers on a local disk, NFS or
 an object store; checked shard by shard; listed and pruned by ``raydpo cache``). The shards are

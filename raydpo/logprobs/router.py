@@ -120,8 +120,9 @@ class RouterLoss:
         self.logits: list[torch.Tensor] = []
 
     def forward_kwargs(self) -> dict:
-        """What the forward is called with besides the batch."""
-        return {} if self.standard else {"output_router_logits": True}
+        """What the forward is called with besides the batch: the model's own loss off where the hooks
+        serve (a config saved with ``output_router_logits: true`` would compute it anyway), on where not."""
+        return {"output_router_logits": not self.standard}
 
     @contextlib.contextmanager
     def recording(self):

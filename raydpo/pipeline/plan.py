@@ -3,7 +3,8 @@
 ``raydpo train``, ``raydpo online`` and the Dataset API resolve the policy and reference once (a
 local directory, or a hub id pinned at the revision this driver downloaded), the run directory and
 Ray Train's storage, and load the tokenizer at most once, on first use (the caches' keys hold the
-class and pipeline it builds: :func:`raydpo.data.tokenizer.tokenizer_key`). The stages receive this object instead of re-deriving each part from ``cfg``.
+class and pipeline it builds: :func:`raydpo.data.tokenizer.tokenizer_key`). The stages receive
+this object instead of re-deriving each part from ``cfg``.
 """
 
 from __future__ import annotations
